@@ -1,0 +1,76 @@
+"""Options of `target onnx { ... }`, importable without torch or onnxruntime."""
+
+from __future__ import annotations
+
+import re
+from typing import ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+_GOAL = re.compile(r"^\s*(>=|<=|>|<|==)\s*(-?\d+(\.\d*)?([eE][-+]?\d+)?)\s*$")
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Verify(_Frozen):
+    """How the artifact is checked against the eager model before it is published."""
+
+    metric: Literal["cosine", "max_abs", "top1", "perplexity_delta"] = "cosine"
+    #: A comparison such as ">= 0.99"; a failing goal fails the compile.
+    goal: str | None = None
+    #: Text file, one sample per line (tokenized with the model's tokenizer); None = random ids
+    #: from the declared input shapes.
+    data: str | None = None
+    samples: int = Field(16, ge=1)
+
+    @field_validator("goal")
+    @classmethod
+    def _goal_is_comparison(cls, goal: str | None) -> str | None:
+        if goal is not None and not _GOAL.match(goal):
+            raise ValueError(f"goal must look like '>= 0.99', got {goal!r}")
+        return goal
+
+    def goal_parts(self) -> tuple[str, float] | None:
+        """The goal split into (operator, threshold)."""
+        if self.goal is None:
+            return None
+        match = _GOAL.match(self.goal)
+        assert match is not None
+        return match.group(1), float(match.group(2))
+
+
+class Bench(_Frozen):
+    """Shape and protocol of the latency measurement in the report."""
+
+    batch: int = Field(1, ge=1)
+    seq: int = Field(128, ge=1)
+    threads: int = Field(2, ge=1)
+    runs: int = Field(30, ge=3)
+
+
+class Decode(_Frozen):
+    """Serve a decoder LM: export with a key/value cache and check generation."""
+
+    prompts: list[str] = Field(default_factory=lambda: ["def main(", "import os\n"])
+    max_new_tokens: int = Field(16, ge=1)
+    #: Held-out text for perplexity, one document per file; None = skip perplexity.
+    heldout: str | None = None
+
+
+class OnnxTarget(_Frozen):
+    """`target onnx`: export the optimized graph and run it on ONNX Runtime."""
+
+    kind: ClassVar[str] = "onnx"
+    opset: int = Field(18, ge=17, le=23)
+    #: Execution providers in order of preference; `auto` = CUDA when present, else CPU.
+    providers: list[Literal["auto", "cuda", "tensorrt", "cpu"]] = Field(default_factory=lambda: ["auto"])
+    optimization: Literal["disabled", "basic", "extended", "all"] = "all"
+    #: Apply ONNX Runtime's transformer fusions (Attention, SkipLayerNorm, BiasGelu, ...).
+    fusions: bool = True
+    #: Store the quantized embedding table too (int8, or int4 when the plan quantizes to int4).
+    quantize_embeddings: bool = False
+    verify: Verify = Field(default_factory=Verify)
+    bench: Bench = Field(default_factory=Bench)
+    decode: Decode | None = None

@@ -1,0 +1,329 @@
+"""The `planc` command line.
+
+Exit codes: 0 success, 1 the plan (or an input) is wrong, 2 the command line is wrong,
+3 planc itself failed (a bug: rerun with --debug for the traceback). No input prints a
+Python traceback unless --debug is given.
+
+`check`, `fmt`, `schema` and `explain` never import torch, so they answer in a blink.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from dsl.source import Diagnostic, PlanError, Source, Span
+
+EXIT_PLAN, EXIT_USAGE, EXIT_INTERNAL = 1, 2, 3
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # usage errors exit 2, without a traceback
+        self.print_usage(sys.stderr)
+        print(f"planc: error: {message}", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE)
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(stderr=True, highlight=False)
+
+
+def render(diagnostics: list[Diagnostic], sources: dict[str, Source] | None = None) -> str:
+    """All diagnostics, each with its source line, in file order."""
+    sources = dict(sources or {})
+    rendered = []
+    for diagnostic in diagnostics:
+        name = diagnostic.span.file
+        if name not in sources and Path(name).is_file():
+            try:
+                sources[name] = Source(name, Path(name).read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError):
+                pass
+        rendered.append(diagnostic.render(sources.get(name)))
+    return "\n".join(rendered)
+
+
+# ----------------------------------------------------------------------------- commands
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from compiler.validate import check_file
+
+    failed = 0
+    for path in args.files:
+        checked = check_file(path)
+        if checked.diagnostics:
+            print(render(checked.diagnostics, checked.sources), file=sys.stderr)
+        errors = sum(d.severity == "error" for d in checked.diagnostics)
+        failed += errors > 0
+        if not args.quiet:
+            print(f"{path}: {'ok' if not errors else f'{errors} error(s)'}")
+    return EXIT_PLAN if failed else 0
+
+
+def cmd_fmt(args: argparse.Namespace) -> int:
+    from compiler.driver import atomic_write_text
+    from dsl.format import format_document
+    from dsl.parser import parse_file
+
+    changed, broken = [], 0
+    for path in map(Path, args.files):
+        try:
+            document = parse_file(path)
+        except PlanError as error:
+            print(render(error.diagnostics), file=sys.stderr)
+            broken += 1
+            continue
+        formatted = format_document(document)
+        if formatted != document.source.text:
+            changed.append(path)
+            if not args.check:
+                atomic_write_text(path, formatted)
+    verb = "would reformat" if args.check else "reformatted"
+    for path in changed:
+        print(f"{verb} {path}")
+    if broken or (args.check and changed):
+        return EXIT_PLAN
+    return 0
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    from backends.onnx.options import OnnxTarget
+    from backends.train.options import TrainTarget
+    from passes.options import PASS_OPTIONS
+
+    schema = {
+        "$comment": "planc plan options: each pass and target block is validated against these schemas",
+        "passes": {name: model.model_json_schema() for name, model in PASS_OPTIONS.items()},
+        "targets": {"onnx": OnnxTarget.model_json_schema(), "train": TrainTarget.model_json_schema()},
+    }
+    print(json.dumps(schema, indent=2))
+    return 0
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from compiler.explain import explain
+    from compiler.validate import load_plan
+
+    plan, _ = load_plan(args.file)
+    print(explain(plan), end="")
+    if args.passes:
+        from compiler.driver import capture_model, run_pipeline
+
+        with _console().status("capturing the model and running the passes"):
+            _, records, _ = run_pipeline(plan, capture_model(plan))
+        _print_records(records)
+    return 0
+
+
+def _print_records(records: list) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="passes")
+    for column in ("pass", "summary", "nodes", "params", "bytes"):
+        table.add_column(column)
+    for record in records:
+        table.add_row(
+            record.name,
+            record.summary,
+            f"{record.before.nodes} -> {record.after.nodes}",
+            f"{record.before.params:,} -> {record.after.params:,}",
+            f"{record.before.bytes:,} -> {record.after.bytes:,}",
+        )
+    Console().print(table)
+
+
+def cmd_compile(args: argparse.Namespace) -> int:
+    from compiler.driver import compile_plan
+
+    console = _console()
+    with console.status("compiling") as status:
+        result = compile_plan(args.file, args.output, emit=args.emit, progress=lambda m: status.update(m))
+    if result.text is not None:
+        print(result.text, end="" if result.text.endswith("\n") else "\n")
+        return 0
+    if result.records:
+        _print_records(result.records)
+    if result.report:
+        _print_report(result.report)
+    console.print(f"[green]wrote[/] {result.artifact}")
+    return 0
+
+
+def _print_report(report: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="artifact")
+    table.add_column("measure")
+    table.add_column("value")
+    sizes, latency, accuracy = report.get("size_bytes", {}), report.get("latency_ms", {}), report.get("accuracy", {})
+    if sizes:
+        table.add_row("size (original -> optimized)", f"{sizes.get('original', 0):,} -> {sizes.get('optimized', 0):,} bytes")
+    if latency:
+        table.add_row("latency (eager -> optimized)", f"{latency.get('original_eager', 0):.2f} -> {latency.get('optimized', 0):.2f} ms")
+    if accuracy:
+        table.add_row(f"accuracy ({accuracy.get('metric')})", f"{accuracy.get('value'):.4f} (goal {accuracy.get('goal')})")
+    table.add_row("provider", str(report.get("provider")))
+    Console().print(table)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from backends.onnx.artifact import run_artifact
+
+    outputs = run_artifact(Path(args.dir), args.input)
+    print(json.dumps(outputs, indent=None if args.compact else 2))
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from backends.onnx.artifact import bench_rows
+
+    target = Path(args.target)
+    if target.suffix == ".plan":
+        from compiler.driver import compile_plan
+
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="planc-bench-") as scratch:
+            with _console().status("compiling"):
+                result = compile_plan(target, Path(scratch) / "artifact", emit="onnx")
+            rows = bench_rows(result.artifact, runs=args.runs)
+    else:
+        rows = bench_rows(target, runs=args.runs)
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"bench {target}")
+    for column in rows[0]:
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*(str(value) for value in row.values()))
+    Console().print(table)
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from backends.onnx.generate import generate_cli
+
+    prompts = list(args.prompt or [])
+    if args.batch_file:
+        prompts += [line.rstrip("\n") for line in Path(args.batch_file).read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not prompts:
+        raise _UsageError("give at least one --prompt or a --batch-file")
+    generate_cli(
+        Path(args.dir), prompts, max_new_tokens=args.max_new_tokens, strategy="sample" if args.temperature else "greedy",
+        temperature=args.temperature or 1.0, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+    )
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from backends.train.emit import launch
+    from compiler.driver import compile_plan
+
+    output = Path(args.output or Path(args.file).with_suffix("").name + "-train")
+    with _console().status("compiling the training program"):
+        result = compile_plan(args.file, output, emit="train")
+    _console().print(f"[green]wrote[/] {result.artifact}; launching torchrun")
+    return launch(result.artifact)
+
+
+class _UsageError(Exception):
+    pass
+
+
+# ----------------------------------------------------------------------------- entry point
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="planc", description="Compile optimization plans for PyTorch language models.")
+    parser.add_argument("--debug", action="store_true", help="show Python tracebacks for internal errors")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what each stage does")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    check = commands.add_parser("check", help="validate plans (fast; does not load torch)")
+    check.add_argument("files", nargs="+")
+    check.add_argument("-q", "--quiet", action="store_true", help="print only diagnostics")
+    check.set_defaults(run=cmd_check)
+
+    fmt = commands.add_parser("fmt", help="rewrite plans in canonical layout")
+    fmt.add_argument("files", nargs="+")
+    fmt.add_argument("--check", action="store_true", help="only report files that would change (exit 1 if any)")
+    fmt.set_defaults(run=cmd_fmt)
+
+    schema = commands.add_parser("schema", help="print the JSON schema of pass and target options")
+    schema.set_defaults(run=cmd_schema)
+
+    explain = commands.add_parser("explain", help="print the resolved plan with every default filled in")
+    explain.add_argument("file")
+    explain.add_argument("--passes", action="store_true", help="also run the passes and print their report")
+    explain.set_defaults(run=cmd_explain)
+
+    compile_ = commands.add_parser("compile", help="compile a plan into an ONNX model or a training program")
+    compile_.add_argument("file")
+    compile_.add_argument("-o", "--output", help="artifact directory (written atomically)")
+    compile_.add_argument("--emit", help="stop after a stage and print it: ast, ir, resolved, fx, fx-after:<pass>; or build only onnx/train")
+    compile_.set_defaults(run=cmd_compile)
+
+    run = commands.add_parser("run", help="run an ONNX artifact on text inputs")
+    run.add_argument("dir")
+    run.add_argument("--input", nargs="+", required=True, help="input texts (tokenized with the model's tokenizer)")
+    run.add_argument("--compact", action="store_true")
+    run.set_defaults(run=cmd_run)
+
+    bench = commands.add_parser("bench", help="benchmark an artifact directory or a plan")
+    bench.add_argument("target")
+    bench.add_argument("--runs", type=int, default=30)
+    bench.set_defaults(run=cmd_bench)
+
+    generate = commands.add_parser("generate", help="generate text with a decoder ONNX artifact")
+    generate.add_argument("dir")
+    generate.add_argument("--prompt", action="append")
+    generate.add_argument("--batch-file")
+    generate.add_argument("--max-new-tokens", type=int, default=32)
+    generate.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    generate.add_argument("--top-k", type=int, default=0)
+    generate.add_argument("--top-p", type=float, default=1.0)
+    generate.add_argument("--seed", type=int, default=0)
+    generate.set_defaults(run=cmd_generate)
+
+    train = commands.add_parser("train", help="compile a plan's training program and launch it with torchrun")
+    train.add_argument("file")
+    train.add_argument("-o", "--output")
+    train.set_defaults(run=cmd_train)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.run(args)
+    except PlanError as error:
+        print(render(error.diagnostics), file=sys.stderr)
+        return EXIT_PLAN
+    except _UsageError as error:
+        print(f"planc: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except FileNotFoundError as error:
+        print(f"planc: error: no such file: {error.filename or error}", file=sys.stderr)
+        return EXIT_PLAN
+    except KeyboardInterrupt:
+        print("planc: interrupted; nothing was published", file=sys.stderr)
+        return 130
+    except Exception as error:  # noqa: BLE001 - the last line of defence against tracebacks
+        if args.debug:
+            raise
+        print(f"planc: internal error: {type(error).__name__}: {error}\n(rerun with --debug for the traceback)", file=sys.stderr)
+        return EXIT_INTERNAL
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,230 @@
+"""The compiler driver: runs a plan through its stages and can stop after any of them.
+
+    parse -> ir -> capture (fx) -> passes (fx-after:<pass>) -> onnx | train
+
+Every failure of a later stage (a model that cannot be captured, a selector that matches
+nothing, a pass that cannot run, a verification goal that is missed) is turned into a
+diagnostic at the plan line responsible, so the CLI prints it like a syntax error.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from compiler import ir
+from compiler.explain import explain
+from compiler.irdump import dump_ir
+from compiler.validate import Checked, load_plan
+from dsl.parser import parse_file
+from dsl.source import Diagnostic, PlanError, Span
+
+log = logging.getLogger(__name__)
+
+EMIT_STAGES = ("ast", "ir", "resolved", "fx", "fx-after:<pass>", "onnx", "train")
+
+#: Called with a short description of the stage being entered (the CLI shows it as progress).
+Progress = Callable[[str], None]
+
+
+@dataclass
+class Result:
+    """What a compile produced: the artifact directory, its report, and a ready session."""
+
+    plan: ir.Plan
+    artifact: Path | None = None
+    report: dict[str, Any] = field(default_factory=dict)
+    session: Any = None
+    text: str | None = None  # for --emit stages that print instead of writing
+    records: list = field(default_factory=list)
+
+
+def error_at(span: Span, message: str, *notes: str) -> PlanError:
+    return PlanError([Diagnostic("error", message, span, tuple(notes))])
+
+
+# ----------------------------------------------------------------------------- front stages
+
+
+def emit_text(path: Path, stage: str) -> str:
+    """The text of a stage that needs no torch: ast, ir, resolved."""
+    if stage == "ast":
+        return repr_ast(path)
+    plan, _ = load_plan(path)
+    return dump_ir(plan) if stage == "ir" else explain(plan)
+
+
+def repr_ast(path: Path) -> str:
+    document = parse_file(path)
+    return "\n".join(repr(statement) for statement in document.statements) + "\n"
+
+
+# ----------------------------------------------------------------------------- graph stages
+
+
+@dataclass
+class Captured:
+    """A loaded model, its captured graph and the module table selectors match against."""
+
+    loaded: Any
+    graph: Any
+    table: list[tuple[str, str]]
+
+
+def capture_model(plan: ir.Plan, model: Any = None) -> Captured:
+    """Load the plan's model (or use `model`) and capture it as an fx.GraphModule."""
+    from compiler import frontend
+
+    try:
+        loaded = frontend.load_model(plan.model, module=model)
+        graph = frontend.capture(loaded)
+    except frontend.FrontendError as error:
+        raise error_at(plan.model.span, f"model '{plan.model.name}': {error}") from error
+    return Captured(loaded, graph, frontend.module_table(loaded.model))
+
+
+def run_pipeline(plan: ir.Plan, captured: Captured, stop_after: str | None = None, progress: Progress | None = None):
+    """Resolve each step's selector and run the passes; returns (graph, records, step targets)."""
+    from compiler import frontend
+    from compiler.selectors import step_targets
+    from passes.base import PassContext, PassError
+    from passes.manager import PassManager
+    from passes.registry import load_pass
+
+    steps = list(plan.pipeline)
+    if stop_after is not None:
+        names = [step.name for step in steps]
+        if stop_after not in names:
+            raise PlanError([Diagnostic("error", f"--emit fx-after:{stop_after}: the pipeline has no pass '{stop_after}' (it has: {', '.join(names) or 'none'})", plan.span)])
+        steps = steps[: names.index(stop_after) + 1]
+
+    diagnostics: list[Diagnostic] = []
+    scheduled = []
+    resolved: list[tuple[ir.PassStep, list[str]]] = []
+    loaded = captured.loaded
+    for step in steps:
+        targets, problems = step_targets(step, captured.table, plan)
+        diagnostics.extend(problems)
+        context = PassContext(
+            model=loaded.model,
+            example_inputs=loaded.example_inputs,
+            targets=frozenset(targets),
+            source=str(step.span),
+            load_samples=lambda path, count: frontend.load_samples(loaded, plan.model.base_dir / path, count),
+        )
+        scheduled.append((load_pass(step.options), context))
+        resolved.append((step, sorted(targets)))
+    for warning in (d for d in diagnostics if d.severity == "warning"):
+        log.warning(warning.render(None))
+    if any(d.severity == "error" for d in diagnostics):
+        raise PlanError(diagnostics)
+    if progress:
+        progress(f"running {len(scheduled)} pass(es): {', '.join(s.name for s, _ in resolved)}")
+    try:
+        graph, records = PassManager().run(captured.graph, scheduled)
+    except PassError as error:
+        step = _step_of(plan, error)
+        raise error_at(step.span if step else plan.span, error.message) from error
+    return graph, records, resolved
+
+
+def _step_of(plan: ir.Plan, error: Exception) -> ir.PassStep | None:
+    source = getattr(error, "source", None)
+    return next((s for s in plan.pipeline if str(s.span) == source), None)
+
+
+# ----------------------------------------------------------------------------- the driver
+
+
+def compile_plan(
+    path: str | Path,
+    out_dir: str | Path | None = None,
+    emit: str | None = None,
+    model: Any = None,
+    progress: Progress | None = None,
+) -> Result:
+    """Compile the plan at `path`; with `emit`, stop after that stage and return its text."""
+    path = Path(path)
+    note = progress or (lambda message: log.info(message))
+    if emit in ("ast", "ir", "resolved"):
+        plan, _ = load_plan(path)
+        return Result(plan, text=emit_text(path, emit))
+    plan, _ = load_plan(path)
+    if emit is not None and emit not in ("fx", "onnx", "train") and not emit.startswith("fx-after:"):
+        raise PlanError([Diagnostic("error", f"unknown --emit stage '{emit}'; expected one of {', '.join(EMIT_STAGES)}", plan.span)])
+    if emit in ("onnx", "train") and plan.target(emit) is None:
+        raise PlanError([Diagnostic("error", f"--emit {emit}: the plan has no `target {emit} {{ ... }}`", plan.span)])
+
+    note(f"loading and capturing model '{plan.model.name}'")
+    captured = capture_model(plan, model)
+    if emit == "fx":
+        from passes.manager import graph_code
+
+        return Result(plan, text=graph_code(captured.graph))
+    stop_after = emit.split(":", 1)[1] if emit and emit.startswith("fx-after:") else None
+    graph, records, resolved = run_pipeline(plan, captured, stop_after, note)
+    if stop_after is not None:
+        from passes.manager import graph_code
+
+        return Result(plan, text=graph_code(graph), records=records)
+
+    kinds = [emit] if emit in ("onnx", "train") else [t.kind for t in plan.targets]
+    if not kinds:
+        raise PlanError([Diagnostic("error", "the plan has no target: add `target onnx { }` or `target train { }` to compile it", plan.span)])
+    if out_dir is None:
+        raise PlanError([Diagnostic("error", "compile needs an output directory (-o DIR)", plan.span)])
+    out_dir = Path(out_dir)
+    result = Result(plan, records=records)
+    for kind in kinds:
+        directory = out_dir if len(kinds) == 1 else out_dir / kind
+        if kind == "train":
+            note("emitting the training program")
+            result.artifact = emit_train(plan, resolved, directory)
+        else:
+            note("exporting to ONNX, verifying against the eager model, benchmarking")
+            onnx_result = emit_onnx(plan, captured, graph, records, directory)
+            result.artifact, result.report, result.session = onnx_result.path, onnx_result.report, onnx_result.session
+    return result
+
+
+def emit_train(plan: ir.Plan, resolved: list, directory: Path) -> Path:
+    from backends.train.emit import emit_training_program
+    from passes.options import Partition
+
+    target = plan.target("train")
+    assert target is not None
+    compression = [(step.options, targets) for step, targets in resolved if not isinstance(step.options, Partition)]
+    partition = next((step.options for step, _ in resolved if isinstance(step.options, Partition)), None)
+    return emit_training_program(target.options, plan.model, compression, partition, directory, explain(plan))
+
+
+def emit_onnx(plan: ir.Plan, captured: Captured, graph: Any, records: list, directory: Path):
+    from backends.onnx import artifact as onnx_artifact
+
+    target = plan.target("onnx")
+    assert target is not None
+    summaries = [{"name": r.name, "summary": r.summary, **r.stats()} for r in records]
+    try:
+        return onnx_artifact.build_onnx_artifact(
+            graph, captured.loaded, target.options, directory, summaries, explain(plan)
+        )
+    except onnx_artifact.VerificationFailed as error:
+        span = target.option_spans.get("verify.goal", target.span)
+        raise error_at(span, f"verification failed: {error}", "no artifact was written") from error
+    except onnx_artifact.ProviderError as error:
+        span = target.option_spans.get("providers", target.span)
+        raise error_at(span, str(error)) from error
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write a file so readers see the old or the new content, never half of it."""
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    temporary.write_text(text, encoding="utf-8")
+    os.replace(temporary, path)
+
+
+__all__ = ["Checked", "Result", "compile_plan", "atomic_write_text"]

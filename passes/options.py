@@ -1,0 +1,127 @@
+"""Option models of every graph pass, importable without torch.
+
+A pass *is* its options: each class below is a frozen pydantic model whose `name` is spelled
+exactly as in `.plan` files. `planc check` validates a plan against these models without
+loading torch; the implementations in `passes/<name>.py` receive an instance of them.
+Unknown or ill-typed options are rejected by the model itself, and the compiler maps the
+error back to the option's span in the plan.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class PassOptions(BaseModel):
+    """Base of all pass option models: frozen, no unknown fields."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    name: ClassVar[str]
+    #: Module types the pass acts on when the plan gives no selector.
+    default_types: ClassVar[tuple[str, ...]] = ("Linear",)
+
+
+class Prune(PassOptions):
+    """Remove weights: unstructured magnitude, N:M semi-structured, or whole heads/channels."""
+
+    name: ClassVar[str] = "prune"
+    method: Literal["magnitude", "nm", "heads", "channels"] = "magnitude"
+    #: Fraction removed: of weights (magnitude), of heads (heads) or of MLP channels (channels).
+    sparsity: float = Field(0.5, ge=0.0, lt=1.0)
+    #: N:M pattern: keep `n` of every `m` consecutive weights along the input dimension.
+    n: int = Field(2, ge=1)
+    m: int = Field(4, ge=2)
+    #: Magnitude threshold per layer (local) or one threshold over all selected layers (global).
+    scope: Literal["local", "global"] = "local"
+    #: Importance of a head or channel for structured pruning.
+    importance: Literal["l1", "l2"] = "l2"
+    #: oneshot prunes at compile time; gradual ramps sparsity during training (train target).
+    schedule: Literal["oneshot", "gradual"] = "oneshot"
+
+    @model_validator(mode="after")
+    def _pattern_is_valid(self) -> Prune:
+        if self.method == "nm" and self.n >= self.m:
+            raise ValueError(f"N:M pruning needs n < m, got {self.n}:{self.m}")
+        return self
+
+
+class LowRank(PassOptions):
+    """Factor a Linear W (out x in) into two Linears of rank r via truncated SVD."""
+
+    name: ClassVar[str] = "lowrank"
+    rank: int | None = Field(None, ge=1)
+    #: Keep the smallest rank whose singular values hold this fraction of the energy (sum s^2).
+    energy: float | None = Field(None, gt=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _one_of_rank_or_energy(self) -> LowRank:
+        if (self.rank is None) == (self.energy is None):
+            raise ValueError("lowrank needs exactly one of 'rank' or 'energy'")
+        return self
+
+
+class Quantize(PassOptions):
+    """Insert real integer weights (int8 / packed int4) with their scales into the graph."""
+
+    name: ClassVar[str] = "quantize"
+    scheme: Literal["int8", "int4"] = "int8"
+    #: dynamic: activations quantized at run time; static: calibrated fixed activation scales;
+    #: weight_only: weights stored as integers, dequantized for the matmul.
+    mode: Literal["dynamic", "static", "weight_only"] = "dynamic"
+    granularity: Literal["per_tensor", "per_channel", "per_group"] = "per_channel"
+    group_size: int = Field(32, ge=8)
+    symmetric: bool = True
+    #: Text file (one sample per line) used to calibrate static activation scales.
+    calibration: str | None = None
+    calibration_samples: int = Field(32, ge=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _int4_defaults(cls, data: object) -> object:
+        """int4 is always weight-only and group-wise: fill those defaults instead of erroring."""
+        if isinstance(data, dict) and data.get("scheme") == "int4":
+            data = {"mode": "weight_only", "granularity": "per_group", **data}
+        return data
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Quantize:
+        if self.scheme == "int4" and self.mode != "weight_only":
+            raise ValueError("int4 is weight-only: set mode = weight_only")
+        if self.granularity == "per_group" and self.mode != "weight_only":
+            raise ValueError("per_group granularity is for weight-only quantization")
+        if self.mode == "static" and self.calibration is None:
+            raise ValueError('static quantization needs calibration data: calibration = "file.txt"')
+        if self.group_size & (self.group_size - 1):
+            raise ValueError(f"group_size must be a power of two, got {self.group_size}")
+        return self
+
+
+class Cast(PassOptions):
+    """Run the selected part of the model in fp16/bf16, keeping numerically fragile ops in fp32."""
+
+    name: ClassVar[str] = "cast"
+    default_types: ClassVar[tuple[str, ...]] = ()  # no selector: the whole model
+    dtype: Literal["fp16", "bf16"] = "fp16"
+    #: Op kinds kept in fp32; casts are inserted only at the boundaries.
+    keep_fp32: list[Literal["layernorm", "softmax", "embedding", "loss", "pooling"]] = Field(
+        default_factory=lambda: ["layernorm", "softmax"]
+    )
+
+
+class Partition(PassOptions):
+    """Cut the model into pipeline stages of balanced cost with torch.fx's split_module."""
+
+    name: ClassVar[str] = "partition"
+    default_types: ClassVar[tuple[str, ...]] = ()
+    stages: int = Field(2, ge=2)
+    balance: Literal["params", "flops", "time"] = "params"
+    #: Cut only between repeated blocks (transformer layers) or between any two nodes.
+    boundary: Literal["blocks", "nodes"] = "blocks"
+
+
+#: Every pass known to planc, by the name plans use.
+PASS_OPTIONS: dict[str, type[PassOptions]] = {
+    cls.name: cls for cls in (Prune, LowRank, Quantize, Cast, Partition)
+}
