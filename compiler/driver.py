@@ -75,22 +75,54 @@ class Captured:
     table: list[tuple[str, str]]
 
 
+def load_model(plan: ir.Plan, model: Any = None) -> Any:
+    """The plan's eager model (or `model`, if the caller passed one), with tokenizer and inputs."""
+    from compiler import frontend
+
+    try:
+        return frontend.load_model(plan.model, module=model)
+    except frontend.FrontendError as error:
+        raise error_at(plan.model.span, f"model '{plan.model.name}': {error}") from error
+
+
+def module_table_of(loaded: Any) -> list[tuple[str, str]]:
+    from compiler import frontend
+
+    return frontend.module_table(loaded.model)
+
+
 def capture_model(plan: ir.Plan, model: Any = None) -> Captured:
     """Load the plan's model (or use `model`) and capture it as an fx.GraphModule."""
     from compiler import frontend
 
+    loaded = load_model(plan, model)
     try:
-        loaded = frontend.load_model(plan.model, module=model)
         graph = frontend.capture(loaded)
     except frontend.FrontendError as error:
         raise error_at(plan.model.span, f"model '{plan.model.name}': {error}") from error
-    return Captured(loaded, graph, frontend.module_table(loaded.model))
+    return Captured(loaded, graph, module_table_of(loaded))
+
+
+def resolve_steps(plan: ir.Plan, table: list[tuple[str, str]], steps: list[ir.PassStep] | None = None) -> list[tuple[ir.PassStep, list[str]]]:
+    """Each step with the module paths its selector matches; errors for empty matches."""
+    from compiler.selectors import step_targets
+
+    diagnostics: list[Diagnostic] = []
+    resolved = []
+    for step in plan.pipeline if steps is None else steps:
+        targets, problems = step_targets(step, table, plan)
+        diagnostics.extend(problems)
+        resolved.append((step, sorted(targets)))
+    for warning in (d for d in diagnostics if d.severity == "warning"):
+        log.warning(warning.render(None))
+    if any(d.severity == "error" for d in diagnostics):
+        raise PlanError(diagnostics)
+    return resolved
 
 
 def run_pipeline(plan: ir.Plan, captured: Captured, stop_after: str | None = None, progress: Progress | None = None):
     """Resolve each step's selector and run the passes; returns (graph, records, step targets)."""
     from compiler import frontend
-    from compiler.selectors import step_targets
     from passes.base import PassContext, PassError
     from passes.manager import PassManager
     from passes.registry import load_pass
@@ -102,26 +134,21 @@ def run_pipeline(plan: ir.Plan, captured: Captured, stop_after: str | None = Non
             raise PlanError([Diagnostic("error", f"--emit fx-after:{stop_after}: the pipeline has no pass '{stop_after}' (it has: {', '.join(names) or 'none'})", plan.span)])
         steps = steps[: names.index(stop_after) + 1]
 
-    diagnostics: list[Diagnostic] = []
-    scheduled = []
-    resolved: list[tuple[ir.PassStep, list[str]]] = []
     loaded = captured.loaded
-    for step in steps:
-        targets, problems = step_targets(step, captured.table, plan)
-        diagnostics.extend(problems)
-        context = PassContext(
-            model=loaded.model,
-            example_inputs=loaded.example_inputs,
-            targets=frozenset(targets),
-            source=str(step.span),
-            load_samples=lambda path, count: frontend.load_samples(loaded, plan.model.base_dir / path, count),
+    resolved = resolve_steps(plan, captured.table, steps)
+    scheduled = [
+        (
+            load_pass(step.options),
+            PassContext(
+                model=loaded.model,
+                example_inputs=loaded.example_inputs,
+                targets=frozenset(targets),
+                source=str(step.span),
+                load_samples=lambda path, count: frontend.load_samples(loaded, path, count),
+            ),
         )
-        scheduled.append((load_pass(step.options), context))
-        resolved.append((step, sorted(targets)))
-    for warning in (d for d in diagnostics if d.severity == "warning"):
-        log.warning(warning.render(None))
-    if any(d.severity == "error" for d in diagnostics):
-        raise PlanError(diagnostics)
+        for step, targets in resolved
+    ]
     if progress:
         progress(f"running {len(scheduled)} pass(es): {', '.join(s.name for s, _ in resolved)}")
     try:
@@ -150,14 +177,27 @@ def compile_plan(
     """Compile the plan at `path`; with `emit`, stop after that stage and return its text."""
     path = Path(path)
     note = progress or (lambda message: log.info(message))
-    if emit in ("ast", "ir", "resolved"):
-        plan, _ = load_plan(path)
-        return Result(plan, text=emit_text(path, emit))
     plan, _ = load_plan(path)
+    if emit in ("ast", "ir", "resolved"):
+        return Result(plan, text=emit_text(path, emit))
     if emit is not None and emit not in ("fx", "onnx", "train") and not emit.startswith("fx-after:"):
         raise PlanError([Diagnostic("error", f"unknown --emit stage '{emit}'; expected one of {', '.join(EMIT_STAGES)}", plan.span)])
     if emit in ("onnx", "train") and plan.target(emit) is None:
         raise PlanError([Diagnostic("error", f"--emit {emit}: the plan has no `target {emit} {{ ... }}`", plan.span)])
+
+    kinds = [emit] if emit in ("onnx", "train") else [t.kind for t in plan.targets]
+    if emit is None and not kinds:
+        raise PlanError([Diagnostic("error", "the plan has no target: add `target onnx { }` or `target train { }` to compile it", plan.span)])
+    if emit in (None, "onnx", "train") and out_dir is None:
+        raise PlanError([Diagnostic("error", "compile needs an output directory (-o DIR)", plan.span)])
+
+    if kinds == ["train"] and (emit is None or emit == "train"):
+        # The training program rebuilds and compresses the eager model itself: no capture needed.
+        note(f"loading model '{plan.model.name}'")
+        loaded = load_model(plan, model)
+        resolved = resolve_steps(plan, module_table_of(loaded))
+        note("emitting the training program")
+        return Result(plan, artifact=emit_train(plan, resolved, Path(out_dir)))
 
     note(f"loading and capturing model '{plan.model.name}'")
     captured = capture_model(plan, model)
@@ -172,11 +212,7 @@ def compile_plan(
 
         return Result(plan, text=graph_code(graph), records=records)
 
-    kinds = [emit] if emit in ("onnx", "train") else [t.kind for t in plan.targets]
-    if not kinds:
-        raise PlanError([Diagnostic("error", "the plan has no target: add `target onnx { }` or `target train { }` to compile it", plan.span)])
-    if out_dir is None:
-        raise PlanError([Diagnostic("error", "compile needs an output directory (-o DIR)", plan.span)])
+    assert out_dir is not None
     out_dir = Path(out_dir)
     result = Result(plan, records=records)
     for kind in kinds:
@@ -207,7 +243,10 @@ def emit_onnx(plan: ir.Plan, captured: Captured, graph: Any, records: list, dire
 
     target = plan.target("onnx")
     assert target is not None
-    summaries = [{"name": r.name, "summary": r.summary, **r.stats()} for r in records]
+    summaries = [
+        {"name": r.name, "summary": r.summary, "params": [r.before.params, r.after.params], "bytes": [r.before.bytes, r.after.bytes]}
+        for r in records
+    ]
     try:
         return onnx_artifact.build_onnx_artifact(
             graph, captured.loaded, target.options, directory, summaries, explain(plan)

@@ -1,0 +1,163 @@
+"""The planc quantized ops against ONNX Runtime's own operators and the analytic bounds."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import passes.qops as qops
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+
+
+def _run(nodes, inputs, initializers, opset_ms: bool = False) -> np.ndarray:
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info(name, TensorProto.FLOAT, list(arr.shape)) for name, arr in inputs.items()],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(arr, name) for name, arr in initializers.items()],
+    )
+    opsets = [helper.make_opsetid("", 17)] + ([helper.make_opsetid("com.microsoft", 1)] if opset_ms else [])
+    model = helper.make_model(graph, opset_imports=opsets)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(["Y"], inputs)[0]
+
+
+@pytest.fixture()
+def data():
+    torch.manual_seed(0)
+    return torch.randn(48, 100), torch.randn(48), torch.randn(7, 100) * 2 + 0.3
+
+
+def test_int8_dynamic_matches_onnxruntime(data):
+    w, b, x = data
+    q, scale = qops.quantize_per_channel_int8(w)
+    ours = torch.ops.planc.linear_int8_dynamic(x, q, scale, b).numpy()
+    nodes = [
+        helper.make_node("DynamicQuantizeLinear", ["X"], ["xq", "xs", "xz"]),
+        helper.make_node("MatMulInteger", ["xq", "WT", "xz", "wz"], ["acc"]),
+        helper.make_node("Cast", ["acc"], ["accf"], to=TensorProto.FLOAT),
+        helper.make_node("Mul", ["xs", "ws"], ["s"]),
+        helper.make_node("Mul", ["accf", "s"], ["y0"]),
+        helper.make_node("Add", ["y0", "B"], ["Y"]),
+    ]
+    inits = {
+        "WT": q.t().contiguous().numpy(),
+        "wz": np.zeros(48, dtype=np.int8),
+        "ws": scale.numpy(),
+        "B": b.numpy(),
+    }
+    theirs = _run(nodes, {"X": x.numpy()}, inits)
+    np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-5)
+    # And both are close to the float linear.
+    ref = torch.nn.functional.linear(x, w, b)
+    assert float((torch.from_numpy(theirs) - ref).norm() / ref.norm()) < 0.02
+
+
+def test_int8_static_matches_quantize_linear(data):
+    w, b, x = data
+    q, scale = qops.quantize_per_tensor_int8(w)
+    x_scale, x_zp = qops.quantize_activation_params(float(x.min()), float(x.max()))
+    ours = torch.ops.planc.linear_int8_static(x, x_scale, x_zp, q, scale, None).numpy()
+    nodes = [
+        helper.make_node("QuantizeLinear", ["X", "xs", "xz"], ["xq"]),
+        helper.make_node("MatMulInteger", ["xq", "WT", "xz"], ["acc"]),
+        helper.make_node("Cast", ["acc"], ["accf"], to=TensorProto.FLOAT),
+        helper.make_node("Mul", ["xs", "ws"], ["s"]),
+        helper.make_node("Mul", ["accf", "s"], ["Y"]),
+    ]
+    inits = {
+        "xs": np.array(x_scale, dtype=np.float32),
+        "xz": np.array(x_zp, dtype=np.uint8),
+        "WT": q.t().contiguous().numpy(),
+        "ws": scale.numpy(),
+    }
+    theirs = _run(nodes, {"X": x.numpy()}, inits)
+    np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("in_features,group", [(100, 32), (128, 16), (96, 64)])
+def test_int4_matches_matmulnbits(data, symmetric, in_features, group):
+    torch.manual_seed(1)
+    w = torch.randn(48, in_features)
+    b = torch.randn(48)
+    x = torch.randn(5, in_features)
+    packed, scales, zps = qops.pack_int4(w, group, symmetric)
+    n_blocks = -(-in_features // group)
+    assert packed.shape == (48, n_blocks, group // 2) and packed.dtype == torch.uint8
+    assert scales.shape == (48 * n_blocks,)
+    if not symmetric:
+        assert zps.shape == (48 * -(-n_blocks // 2),) and zps.dtype == torch.uint8
+    ours = torch.ops.planc.linear_int4(x, packed, scales, zps, in_features, group, b).numpy()
+    inputs = ["A", "B", "scales"] + (["zp"] if zps is not None else [])
+    nodes = [
+        helper.make_node(
+            "MatMulNBits", inputs, ["y0"], domain="com.microsoft", K=in_features, N=48, bits=4, block_size=group
+        ),
+        helper.make_node("Add", ["y0", "bias"], ["Y"]),
+    ]
+    inits = {"B": packed.numpy(), "scales": scales.numpy(), "bias": b.numpy()}
+    if zps is not None:
+        inits["zp"] = zps.numpy()
+    theirs = _run(nodes, {"A": x.numpy()}, inits, opset_ms=True)
+    np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_int4_dequant_error_within_half_scale(symmetric):
+    torch.manual_seed(2)
+    w = torch.randn(64, 200) * torch.rand(64, 1) * 3
+    packed, scales, zps = qops.pack_int4(w, 32, symmetric)
+    w_hat = qops.unpack_int4(packed, scales, zps, 200, 32)
+    per_element_scale = scales.reshape(64, -1).repeat_interleave(32, dim=1)[:, :200]
+    assert torch.all((w - w_hat).abs() <= per_element_scale / 2 * (1 + 1e-5) + 1e-7)
+
+
+def test_int4_nibble_layout_by_hand():
+    """Element k of a block sits in byte k // 2, even elements in the low nibble."""
+    w = torch.tensor([[-7.0, -6.0, 1.0, 7.0] + [0.0] * 12])  # amax 7 -> scale 1, q = w + 8
+    packed, scales, zps = qops.pack_int4(w, 16, symmetric=True)
+    assert zps is None and torch.allclose(scales, torch.tensor([1.0]))
+    assert packed[0, 0, 0].item() == (1 | (2 << 4))  # q = 1 (low), 2 (high)
+    assert packed[0, 0, 1].item() == (9 | (15 << 4))
+
+
+def test_embedding_int8_rows():
+    torch.manual_seed(3)
+    table = torch.randn(30, 8)
+    q, scale = qops.quantize_per_channel_int8(table)
+    ids = torch.tensor([[0, 5, 29], [3, 3, 1]])
+    out = torch.ops.planc.embedding_int8(ids, q, scale)
+    assert out.shape == (2, 3, 8)
+    assert torch.all((out - table[ids]).abs() <= scale[ids].unsqueeze(-1) / 2 + 1e-7)
+
+
+def test_ops_trace_with_dynamic_shapes():
+    torch.manual_seed(4)
+    q, scale = qops.quantize_per_channel_int8(torch.randn(16, 32))
+    packed, scales, zps = qops.pack_int4(torch.randn(16, 32), 16, symmetric=False)
+
+    class Model(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            for name, value in dict(q=q, s=scale, p=packed, ps=scales, z=zps).items():
+                self.register_buffer(name, value)
+
+        def forward(self, x):
+            a = torch.ops.planc.linear_int8_dynamic(x, self.q, self.s, None)
+            b = torch.ops.planc.linear_int4(x, self.p, self.ps, self.z, 32, 16, None)
+            return a + b
+
+    x = torch.randn(2, 5, 32)
+    dims = {0: torch.export.Dim("b"), 1: torch.export.Dim("s")}
+    program = torch.export.export(Model(), (x,), dynamic_shapes=({**dims},), strict=False)
+    targets = {n.target for n in program.graph.nodes if n.op == "call_function"}
+    assert torch.ops.planc.linear_int8_dynamic.default in targets
+    assert torch.ops.planc.linear_int4.default in targets
+    y = program.module()(torch.randn(3, 9, 32))
+    assert y.shape == (3, 9, 16)
