@@ -66,12 +66,15 @@ def step_targets(step: ir.PassStep, table: list[tuple[str, str]], plan: ir.Plan)
     if not targets:
         optional = isinstance(step.selector, ir.RefSel) and plan.selectors[step.selector.ref].optional
         kinds = sorted({kind for _, kind in table})
+        notes = [f"module types in this model: {', '.join(kinds[:12])}{', ...' if len(kinds) > 12 else ''}"]
+        if isinstance(step.selector, ir.RefSel):
+            notes.insert(0, f"'{step.selector.ref}' is defined at {plan.selectors[step.selector.ref].span}")
         diagnostics.append(
             Diagnostic(
                 "warning" if optional else "error",
                 f"selector matches no module of the model for pass '{step.name}'",
                 step.selector.span,
-                (f"module types in this model: {', '.join(kinds[:12])}{', ...' if len(kinds) > 12 else ''}",),
+                tuple(notes),
             )
         )
     return targets, diagnostics

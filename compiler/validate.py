@@ -16,6 +16,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from backends.onnx.options import OnnxTarget
+from backends.train.checks import check_batch_config
 from backends.train.options import TrainTarget
 from compiler import ir
 from dsl import ast
@@ -442,30 +443,17 @@ class _Validator:
         partition = next((s.options for s in plan.pipeline if isinstance(s.options, Partition)), None)
         if options.data.path != "stdlib" and not (plan.model.base_dir / options.data.path).exists():
             self.error(f"training data not found: {options.data.path}", train.option_spans.get("data.path", train.span))
-        stages = 1
-        if "pipeline" in options.strategy:
-            stages = partition.stages if partition else options.world_size
-        tensor = 1
-        if "tensor" in options.strategy:
-            data_parallel = {"ddp", "fsdp"} & set(options.strategy)
-            tensor = options.world_size // stages if not data_parallel else 2
-        model_parallel = stages * tensor
-        if options.world_size % model_parallel:
-            self.error(
-                f"world_size {options.world_size} is not a multiple of the model-parallel size {model_parallel} "
-                f"({stages} pipeline stage(s) x {tensor} tensor-parallel rank(s))",
-                train.option_spans.get("world_size", train.span),
-            )
-            return
-        data_parallel_size = options.world_size // model_parallel
-        expected = options.micro_batch * options.accumulation * data_parallel_size
-        if options.global_batch is not None and options.global_batch != expected:
-            self.error(
-                f"global_batch {options.global_batch} does not match micro_batch x accumulation x data-parallel size "
-                f"= {options.micro_batch} x {options.accumulation} x {data_parallel_size} = {expected}",
-                train.option_spans.get("global_batch", train.span),
-                (f"set global_batch = {expected}, or change micro_batch/accumulation",),
-            )
+        for problem in check_batch_config(options, partition):
+            self.error(problem, self.train_span(train, problem))
+
+    @staticmethod
+    def train_span(train: ir.Target, problem: str) -> Span:
+        """Point a training-configuration problem at the option it names first."""
+        for option in ("global_batch", "micro_batch", "world_size", "rdzv_endpoint", "precision", "distill", "strategy"):
+            if problem.startswith(option) or option in problem.split(":")[0]:
+                if option in train.option_spans:
+                    return train.option_spans[option]
+        return train.option_spans.get("strategy", train.span)
 
     def require_file(self, base: Path, relative: str, span: Span) -> None:
         if not (base / relative).exists():

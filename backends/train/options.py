@@ -63,7 +63,10 @@ class Checkpoint(_Frozen):
 
 class PipelineSchedule(_Frozen):
     schedule: Literal["gpipe", "1f1b"] = "1f1b"
+    #: Chunks each micro-batch is split into as it flows through the stages.
     microbatches: int = Field(4, ge=1)
+    #: Number of stages. None: the plan's partition pass decides, else every process is a stage.
+    stages: int | None = Field(None, ge=2)
 
 
 class TrainTarget(_Frozen):
@@ -92,6 +95,12 @@ class TrainTarget(_Frozen):
     distill: Distill | None = None
     checkpoint: Checkpoint = Field(default_factory=Checkpoint)
     pipeline: PipelineSchedule = Field(default_factory=PipelineSchedule)
+    #: Size of each tensor-parallel group. None: all processes when `tensor` is the only strategy.
+    tensor_parallel: int | None = Field(None, ge=1)
+    #: Held-out sequences evaluated before and after training (split over the data-parallel ranks).
+    eval_sequences: int = Field(256, ge=1)
+    #: Fraction of the steps over which `prune ... schedule = gradual` ramps sparsity up.
+    sparsity_ramp: float = Field(0.5, gt=0, le=1)
     #: Where the generated program writes the trained weights (relative to the output dir).
     save: str = "trained.pt"
 

@@ -1,0 +1,130 @@
+"""Static checks of `target train`: problems found from the plan alone, before anything runs.
+
+The mesh sizes decided here (pipeline stages, tensor-parallel size, data-parallel size) are the
+ones the emitted program uses, so the check and the program cannot disagree.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from backends.train.options import TrainTarget
+from passes.options import Partition
+
+
+class TrainPlanError(ValueError):
+    """The training target cannot be emitted as written; `problems` says why, one per line."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("; ".join(problems))
+        self.problems = problems
+
+
+@dataclass(frozen=True)
+class Mesh:
+    """How the plan's processes split into pipeline x data x tensor parallel groups."""
+
+    pp: int
+    tp: int
+    dp: int
+
+
+def pipeline_stages(target: TrainTarget, partition: Partition | None) -> int | None:
+    """Stages of the pipeline: the partition pass's, `pipeline { stages }`, or every process
+    (when pipeline is the only data-splitting strategy); None when it cannot be decided."""
+    if "pipeline" not in target.strategy:
+        return 1
+    if partition is not None:
+        return partition.stages
+    if target.pipeline.stages is not None:
+        return target.pipeline.stages
+    if not {"ddp", "fsdp"} & set(target.strategy):
+        return target.world_size // (tensor_parallel_size(target) or 1)
+    return None
+
+
+def tensor_parallel_size(target: TrainTarget) -> int | None:
+    """Tensor-parallel group size: `tensor_parallel`, or all processes when `tensor` is alone."""
+    if "tensor" not in target.strategy:
+        return 1
+    if target.tensor_parallel is not None:
+        return target.tensor_parallel
+    if target.strategy == ["tensor"]:
+        return target.world_size
+    return None
+
+
+def mesh_of(target: TrainTarget, partition: Partition | None = None) -> Mesh:
+    """The (pp, tp, dp) sizes the program will use; raises TrainPlanError if they are undecided."""
+    problems = check_batch_config(target, partition)
+    if problems:
+        raise TrainPlanError(problems)
+    pp, tp = pipeline_stages(target, partition), tensor_parallel_size(target)
+    assert pp is not None and tp is not None
+    return Mesh(pp=pp, tp=tp, dp=target.world_size // (pp * tp))
+
+
+def check_batch_config(target: TrainTarget, partition: Partition | None = None) -> list[str]:
+    """Every static problem of the target's parallelism and batch sizes, as messages a user can act on."""
+    problems: list[str] = []
+    strategy = set(target.strategy)
+    tp = tensor_parallel_size(target)
+    pp = pipeline_stages(target, partition)
+    if tp is None:
+        problems.append(
+            f"tensor parallelism combined with {sorted(strategy - {'tensor'})} needs the size of each "
+            "tensor-parallel group: set tensor_parallel = N"
+        )
+    if pp is None:
+        problems.append(
+            "pipeline combined with data parallelism needs the number of stages: add a partition pass "
+            "or set pipeline { stages = N }"
+        )
+    if "tensor" in strategy and "ddp" in strategy:
+        problems.append(
+            "tensor parallelism composes with fsdp (2-D FSDP x TP), not ddp: use strategy = [fsdp, tensor]"
+        )
+    if "tensor" in strategy and target.precision == "fp16" and target.loss_scaling == "dynamic":
+        problems.append(
+            "fp16 loss scaling cannot unscale a mix of tensor-parallel (DTensor) and replicated "
+            "gradients in this torch: use precision = bf16 with tensor parallelism"
+        )
+    if "pipeline" in strategy and target.distill is not None:
+        problems.append(
+            "distillation needs the teacher beside the whole student, which pipeline stages split: "
+            "use ddp or fsdp with distill"
+        )
+    if tp is None or pp is None:
+        return problems
+
+    if pp == 1 and "pipeline" in strategy:
+        problems.append("a pipeline needs at least 2 stages")
+    if target.world_size % (pp * tp):
+        problems.append(
+            f"world_size {target.world_size} is not a multiple of {pp} pipeline stage(s) x "
+            f"{tp} tensor-parallel rank(s)"
+        )
+        return problems
+    dp = target.world_size // (pp * tp)
+    expected = target.micro_batch * target.accumulation * dp
+    if target.global_batch is not None and target.global_batch != expected:
+        problems.append(
+            f"global_batch {target.global_batch} != micro_batch {target.micro_batch} x accumulation "
+            f"{target.accumulation} x {dp} data-parallel rank(s) = {expected}"
+        )
+    if "pipeline" in strategy:
+        chunks = target.pipeline.microbatches
+        if target.micro_batch % chunks:
+            problems.append(
+                f"micro_batch {target.micro_batch} does not split into pipeline microbatches = {chunks}"
+            )
+        if target.pipeline.schedule == "1f1b" and chunks < pp:
+            problems.append(
+                f"the 1f1b schedule needs at least as many microbatches as stages ({chunks} < {pp})"
+            )
+    if target.nodes > 1 and target.rdzv_endpoint.split(":")[0] in {"localhost", "127.0.0.1"}:
+        problems.append(
+            f"{target.nodes} nodes cannot meet at rdzv_endpoint {target.rdzv_endpoint!r}: "
+            "name a host every node can reach"
+        )
+    return problems

@@ -1,0 +1,207 @@
+"""Emit the training program of `target train`: DIR/train.py, launch.sh, planc_runtime.py, plan.resolved.
+
+The emitter resolves everything the program needs (model location, mesh sizes, compressed
+modules) and renders it; it imports no torch, so it runs as fast as `planc check`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from backends.train.checks import TrainPlanError, mesh_of
+from backends.train.options import TrainTarget
+from backends.train.render import Program, render_launch_sh, render_train_py
+from passes.options import Cast, LowRank, Partition, PassOptions, Prune, Quantize
+
+if TYPE_CHECKING:  # compiler.ir imports this package's options: no import cycle at run time
+    from compiler.ir import ModelSource
+
+log = logging.getLogger(__name__)
+
+RUNTIME = Path(__file__).parent / "planc_runtime.py"
+#: Files a previous emission's run produced; kept when the program itself did not change.
+_RUN_STATE = ("metrics.jsonl",)
+
+
+def emit_training_program(
+    target: TrainTarget,
+    model: ModelSource,
+    compression: list[tuple[PassOptions, list[str]]],
+    partition: Partition | None,
+    out_dir: Path,
+    plan_resolved: str,
+    stage_cuts: list[int] | None = None,
+) -> Path:
+    """Write the training program into `out_dir` (atomically: a temporary folder, then a rename).
+
+    `compression` holds the plan's prune/quantize/lowrank steps with the module paths their
+    selectors matched; `partition` (and `stage_cuts`, the first block of every stage after the
+    first, if the partition pass computed them) shapes the pipeline. Re-emitting an unchanged
+    program keeps the previous run's checkpoints, so `planc train` resumes it.
+    Raises TrainPlanError with every problem found.
+    """
+    mesh = mesh_of(target, partition)
+    spec, task = model_spec(model)
+    problems = _feature_problems(target, spec, task, compression, mesh.pp, stage_cuts)
+    if problems:
+        raise TrainPlanError(problems)
+    data_path = target.data.path
+    if data_path != "stdlib":
+        data_path = str((model.base_dir / data_path).resolve())
+    program = Program(
+        target=target,
+        mesh=mesh,
+        model=spec,
+        task=task,
+        data_path=data_path,
+        compression=[(o, list(p)) for o, p in compression if isinstance(o, (Prune, Quantize, LowRank))],
+        stage_cuts=list(stage_cuts) if stage_cuts else None,
+        plan_name=Path(model.span.file).name,
+    )
+    for options, _ in compression:
+        if isinstance(options, Cast):
+            log.info("cast steps shape the exported model; training precision is target train's `precision`")
+
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.parent / f".{out_dir.name}.tmp{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        train_py = render_train_py(program)
+        (tmp / "train.py").write_text(train_py)
+        launch = tmp / "launch.sh"
+        launch.write_text(render_launch_sh(target, program.plan_name))
+        launch.chmod(0o755)
+        shutil.copyfile(RUNTIME, tmp / "planc_runtime.py")
+        (tmp / "plan.resolved").write_text(plan_resolved)
+        _replace_dir(tmp, out_dir, keep=_kept_run_state(out_dir, tmp, target))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.info("wrote training program %s", out_dir / "train.py")
+    return out_dir
+
+
+def _kept_run_state(old: Path, new: Path, target: TrainTarget) -> list[str]:
+    """Checkpoints and metrics of a previous run, if it ran exactly the program just rendered."""
+    same = all(
+        (old / name).is_file() and (old / name).read_bytes() == (new / name).read_bytes()
+        for name in ("train.py", "planc_runtime.py")
+    )
+    return [target.checkpoint.dir, *_RUN_STATE] if same else []
+
+
+def _replace_dir(new: Path, out_dir: Path, keep: list[str]) -> None:
+    if not out_dir.exists():
+        os.replace(new, out_dir)
+        return
+    for name in keep:
+        if (out_dir / name).exists() and not (new / name).exists():
+            (new / name).parent.mkdir(parents=True, exist_ok=True)
+            os.replace(out_dir / name, new / name)
+    trash = out_dir.parent / f".{out_dir.name}.old{os.getpid()}"
+    os.replace(out_dir, trash)
+    os.replace(new, out_dir)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def model_spec(model: ModelSource) -> tuple[dict[str, Any], str]:
+    """How the program rebuilds the model (planc_runtime.load_model's spec) and its task."""
+    if model.kind == "factory":
+        ref, _, function = model.ref.rpartition(":")
+        if not ref or not function:
+            raise TrainPlanError(
+                [f"factory reference {model.ref!r} must look like path/file.py:function or package.module:function"]
+            )
+        spec: dict[str, Any] = {"kind": "factory", "function": function, "args": dict(model.args)}
+        if ref.endswith(".py"):
+            path = (model.base_dir / ref).resolve()
+            if not path.is_file():
+                raise TrainPlanError([f"model factory file {path} does not exist"])
+            spec["file"] = str(path)
+        else:
+            spec["module"] = ref
+            origin = _module_origin(ref, model.base_dir)
+            if origin is not None:  # found beside the plan: the program may run from elsewhere
+                spec["file"] = origin
+        task = "causal_lm" if model.task == "auto" else model.task
+        return spec, task
+    spec = {"kind": "hf", "ref": model.ref, "args": dict(model.args)}
+    if model.package:
+        spec["package"] = model.package
+        found = importlib.util.find_spec(model.package)
+        directory = Path(found.origin).parent / model.ref if found and found.origin else None
+    else:
+        directory = (model.base_dir / model.ref).resolve()
+        spec["ref"] = str(directory)
+    task = model.task
+    if task == "auto":
+        task = _hf_task(directory)
+    spec["task"] = task
+    return spec, task
+
+
+def _module_origin(module: str, base_dir: Path) -> str | None:
+    sys.path.insert(0, str(base_dir))
+    try:
+        found = importlib.util.find_spec(module)
+    except (ImportError, ValueError):
+        found = None
+    finally:
+        sys.path.remove(str(base_dir))
+    return found.origin if found is not None and found.origin and found.origin.endswith(".py") else None
+
+
+def _hf_task(directory: Path | None) -> str:
+    """causal_lm if the checkpoint's architecture has a language-model head, else encoder."""
+    config = directory / "config.json" if directory is not None else None
+    if config is None or not config.is_file():
+        return "causal_lm"
+    architectures = json.loads(config.read_text()).get("architectures") or []
+    return "causal_lm" if any("CausalLM" in a or "LMHead" in a for a in architectures) else "encoder"
+
+
+def _feature_problems(
+    target: TrainTarget,
+    spec: dict[str, Any],
+    task: str,
+    compression: list[tuple[PassOptions, list[str]]],
+    stages: int,
+    stage_cuts: list[int] | None,
+) -> list[str]:
+    """Combinations the program cannot run, reported before anything is written."""
+    problems = []
+    strategy = set(target.strategy)
+    if task == "encoder":
+        if target.distill is None:
+            problems.append(
+                "an encoder has no next-token loss to train on: add distill { losses = [embedding] } "
+                "to train it against the original model"
+            )
+        elif not {"embedding", "hidden"} & set(target.distill.losses) or "logits" in target.distill.losses:
+            problems.append("an encoder has no logits: distill it with losses = [embedding] and/or [hidden]")
+        if strategy & {"pipeline", "tensor"}:
+            problems.append("pipeline and tensor parallelism split GPT-style decoders; use ddp or fsdp for an encoder")
+    if target.data.tokenizer == "model" and spec["kind"] != "hf":
+        problems.append("data tokenizer = model needs a Hugging Face model; use tokenizer = bytes for a factory model")
+    if target.distill is not None and "attention" in target.distill.losses:
+        problems.append(
+            "attention distillation needs attention maps, which scaled_dot_product_attention does not "
+            "expose: use logits, hidden or embedding"
+        )
+    for options, paths in compression:
+        if isinstance(options, (Prune, Quantize, LowRank)) and not paths:
+            problems.append(f"the {options.name} step selects no module")
+    if stage_cuts is not None:
+        if len(stage_cuts) != stages - 1 or list(stage_cuts) != sorted(set(stage_cuts)) or min(stage_cuts, default=1) < 1:
+            problems.append(
+                f"pipeline cut points {stage_cuts} do not split the blocks into {stages} stages in order"
+            )
+    return problems
