@@ -429,8 +429,17 @@ def _load_hf(source: ModelSource) -> tuple[nn.Module, Any, Path]:
         auto_class = transformers.AutoModelForCausalLM
     else:
         auto_class = transformers.AutoModel
+    has_weights = any(directory.glob("*.safetensors")) or any(directory.glob("pytorch_model*.bin"))
     try:
-        model = auto_class.from_pretrained(directory, config=config, local_files_only=True)
+        if has_weights:
+            model = auto_class.from_pretrained(directory, config=config, local_files_only=True)
+        else:
+            # A directory holding only config.json names an architecture: seeded random weights,
+            # the same on every load (how plans describe models trained or benchmarked from scratch).
+            logger.warning("%s has no weights: using a seeded random initialization", directory)
+            with torch.random.fork_rng():
+                torch.manual_seed(0)
+                model = auto_class.from_config(config)
     except Exception as error:
         raise FrontendError(
             f"cannot load the Hugging Face model in {directory} as {auto_class.__name__}: "
@@ -439,7 +448,10 @@ def _load_hf(source: ModelSource) -> tuple[nn.Module, Any, Path]:
     return model, config, directory
 
 
-def _load_hf_tokenizer(directory: Path, source: ModelSource, max_positions: int | None) -> HFTokenizer:
+def _load_hf_tokenizer(directory: Path, source: ModelSource, max_positions: int | None) -> Tokenizer:
+    if not any((directory / name).exists() for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json")):
+        logger.warning("%s has no tokenizer files: using byte-level ids 0..255", directory)
+        return ByteTokenizer(source.inputs, max_positions)
     transformers = _import_transformers()
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(directory, local_files_only=True)

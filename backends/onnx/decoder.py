@@ -1,0 +1,596 @@
+"""Export a decoder LM with a key/value cache as one ONNX graph that serves prefill and decode.
+
+The graph follows Optimum's `ORTModelForCausalLM` naming, so other runtimes can load it too:
+
+- inputs  `input_ids` [batch, seq] int64, `attention_mask` [batch, past + seq] int64,
+  `position_ids` [batch, seq] int64, `past_key_values.{i}.key` / `.value`
+  [batch, kv_heads, past, head_dim] float32 (past may be 0: that call is the prefill);
+- outputs `logits` [batch, seq, vocab], `present.{i}.key` / `.value` [batch, kv_heads, past + seq,
+  head_dim].
+
+Two model families are adapted to that signature by a wrapper that flattens the cache:
+the example GPT (`examples/models/gpt.py`: a list of (k, v) tuples) and Hugging Face causal LMs
+(GPT-2, Llama, ...: a `DynamicCache` built from the flat tensors and read back per layer).
+The artifact directory holds `model.onnx`, `decoder.json` (a `DecoderSpec`) and the tokenizer.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+from backends.onnx.decoder_tokenizer import HF_TOKENIZER_FILES
+from backends.onnx.export import initializer_bytes, save_model
+
+logger = logging.getLogger(__name__)
+
+SPEC_FILE = "decoder.json"
+MODEL_FILE = "model.onnx"
+
+Quantization = Literal["int8", "int4"]
+#: Fused and unfused graphs may differ by float reassociation, not by more.
+_FUSION_TOLERANCE = 1e-3
+#: Graphs up to this size are run once fused and once unfused to check the fusions.
+_PROBE_BYTES = 1 << 30
+
+
+def input_names(n_layer: int) -> list[str]:
+    names = ["input_ids", "attention_mask", "position_ids"]
+    for i in range(n_layer):
+        names += [f"past_key_values.{i}.key", f"past_key_values.{i}.value"]
+    return names
+
+
+def output_names(n_layer: int) -> list[str]:
+    names = ["logits"]
+    for i in range(n_layer):
+        names += [f"present.{i}.key", f"present.{i}.value"]
+    return names
+
+
+@dataclass
+class DecoderSpec:
+    """What a runtime needs to drive the graph: `decoder.json` of an artifact."""
+
+    family: str  #: "gpt" (the example GPT) or the HF `model_type` ("gpt2", "llama", ...)
+    n_layer: int
+    n_head: int  #: key/value heads (the widest layer, when pruning left layers uneven)
+    head_dim: int
+    vocab: int
+    kv_heads: list[int]  #: key/value heads of each layer
+    max_positions: int | None
+    eos_token_ids: list[int]
+    pad_token_id: int
+    tokenizer: dict[str, Any]  #: {"kind": "bytes"} or {"kind": "hf", "path": "tokenizer.json"}
+    quantization: str | None = None
+    quantizer: str | None = None  #: "planc" or "ort": who wrote the integer weights
+    group_size: int | None = None
+    fusions: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def eos_token_id(self) -> int | None:
+        return self.eos_token_ids[0] if self.eos_token_ids else None
+
+    def to_json(self) -> str:
+        data = asdict(self)
+        data["eos_token_id"] = self.eos_token_id
+        data["inputs"] = input_names(self.n_layer)
+        data["outputs"] = output_names(self.n_layer)
+        return json.dumps(data, indent=2) + "\n"
+
+    @classmethod
+    def load(cls, artifact_dir: str | Path) -> DecoderSpec:
+        path = Path(artifact_dir) / SPEC_FILE
+        if not path.exists():
+            raise FileNotFoundError(f"{artifact_dir} is not a decoder artifact: {SPEC_FILE} is missing")
+        data = json.loads(path.read_text())
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+# ----------------------------------------------------------------------------- models
+
+
+def is_hf_model(model: nn.Module) -> bool:
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:  # transformers is optional: the example GPT needs none of it
+        return False
+    return isinstance(model, PreTrainedModel)
+
+
+def load_hf_decoder(path: str | Path) -> nn.Module:
+    """A causal LM from a `save_pretrained` directory: its weights, or a seeded random init.
+
+    A directory holding only `config.json` (how plans name an untrained architecture) gets
+    random weights from `torch.manual_seed(0)`, so two loads give the same model.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = Path(path)
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(f"{path} has no config.json: not a Hugging Face model directory")
+    has_weights = any(path.glob("*.safetensors")) or any(path.glob("pytorch_model*.bin"))
+    if has_weights:
+        model = AutoModelForCausalLM.from_pretrained(path)
+    else:
+        logger.warning("%s has no weights: using a random initialization (seed 0)", path)
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
+    return model.eval()
+
+
+class CacheAdapter(nn.Module):
+    """`forward(input_ids, attention_mask, position_ids, past) -> (logits, *presents)`.
+
+    `past` is a list of (key, value) per layer; presents are flat: key0, value0, key1, ...
+    """
+
+    family: str
+
+    def cache_layout(self) -> list[tuple[int, int]]:
+        """(kv_heads, head_dim) of each layer."""
+        raise NotImplementedError
+
+    def vocab_size(self) -> int:
+        raise NotImplementedError
+
+    def max_positions(self) -> int | None:
+        raise NotImplementedError
+
+
+class GPTCacheAdapter(CacheAdapter):
+    """The example GPT (`examples/models/gpt.py`), whose cache is a list of (k, v) tuples."""
+
+    family = "gpt"
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, position_ids, past):
+        logits, presents = self.model(input_ids, attention_mask, position_ids, past_key_values=list(past))
+        return (logits, *[t for kv in presents for t in kv])
+
+    def cache_layout(self) -> list[tuple[int, int]]:
+        layout = []
+        for block in self.model.blocks:
+            head_dim = block.attn.head_dim
+            layout.append((block.attn.k_proj.out_features // head_dim, head_dim))
+        return layout
+
+    def vocab_size(self) -> int:
+        return self.model.tok_emb.num_embeddings
+
+    def max_positions(self) -> int | None:
+        return self.model.pos_emb.num_embeddings
+
+
+class HFCacheAdapter(CacheAdapter):
+    """A Hugging Face causal LM: the flat tensors become a `DynamicCache` and are read back."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.family = model.config.model_type
+
+    def forward(self, input_ids, attention_mask, position_ids, past):
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.model.config)
+        for i, (key, value) in enumerate(past):
+            cache.update(key, value, i)
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=cache,
+            use_cache=True,
+        )
+        presents = []
+        for layer in out.past_key_values.layers:
+            presents += [layer.keys, layer.values]
+        return (out.logits, *presents)
+
+    def cache_layout(self) -> list[tuple[int, int]]:
+        config = self.model.config.get_text_config(decoder=True)
+        heads = config.num_attention_heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        return [(kv_heads, head_dim)] * config.num_hidden_layers
+
+    def vocab_size(self) -> int:
+        return self.model.get_output_embeddings().out_features
+
+    def max_positions(self) -> int | None:
+        config = self.model.config
+        return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+
+
+def _has_linear_projections(model: nn.Module) -> bool:
+    """True when the blocks' projections are nn.Linear (planc's quantize pass rewrites those)."""
+    linears = sum(isinstance(m, nn.Linear) for m in model.modules())
+    return linears > 1  # more than the lm_head alone
+
+
+def adapt(model: nn.Module) -> CacheAdapter:
+    """Wrap a decoder so that its cache is flat tensors; rejects models it cannot drive."""
+    if isinstance(model, CacheAdapter):
+        return model
+    if is_hf_model(model):
+        return HFCacheAdapter(model)
+    if hasattr(model, "blocks") and hasattr(model, "tok_emb") and hasattr(model, "pos_emb"):
+        return GPTCacheAdapter(model)
+    raise TypeError(
+        f"cannot export {type(model).__name__} as a decoder: expected a Hugging Face causal LM "
+        "or the example GPT (examples/models/gpt.py)"
+    )
+
+
+def empty_past(layout: list[tuple[int, int]], batch: int, length: int = 0, generator=None):
+    """A (key, value) per layer, random when `length` > 0 (export/probe inputs)."""
+    return [
+        (
+            torch.randn(batch, heads, length, head_dim, generator=generator),
+            torch.randn(batch, heads, length, head_dim, generator=generator),
+        )
+        for heads, head_dim in layout
+    ]
+
+
+def left_padded_batch(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) with rows right-aligned: padding on the left."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.int64)
+    mask = torch.zeros((len(rows), width), dtype=torch.int64)
+    for i, row in enumerate(rows):
+        if row:
+            ids[i, width - len(row) :] = torch.tensor(row, dtype=torch.int64)
+            mask[i, width - len(row) :] = 1
+    return ids, mask
+
+
+def position_ids_from_mask(mask: torch.Tensor) -> torch.Tensor:
+    """cumsum(mask) - 1, clamped at 0 for the left padding."""
+    return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def _export_inputs(adapter: CacheAdapter) -> tuple:
+    """Realistic example inputs: real ids, left padding in one row, a non-empty past."""
+    gen = torch.Generator().manual_seed(0)
+    batch, past_len, seq = 2, 3, 5
+    vocab = adapter.vocab_size()
+    ids = torch.randint(1, vocab, (batch, seq), generator=gen)
+    mask = torch.ones(batch, past_len + seq, dtype=torch.int64)
+    mask[1, :2] = 0
+    positions = position_ids_from_mask(mask)[:, past_len:]
+    return ids, mask, positions, empty_past(adapter.cache_layout(), batch, past_len, gen)
+
+
+# ----------------------------------------------------------------------------- export
+
+
+def _dynamic_shapes(n_layer: int) -> dict:
+    batch = torch.export.Dim("batch_size")
+    seq = torch.export.Dim("sequence_length")
+    past = torch.export.Dim("past_sequence_length", min=0)
+    return {
+        "input_ids": {0: batch, 1: seq},
+        "attention_mask": {0: batch, 1: torch.export.Dim("total_sequence_length")},
+        "position_ids": {0: batch, 1: seq},
+        "past": [({0: batch, 2: past}, {0: batch, 2: past}) for _ in range(n_layer)],
+    }
+
+
+def capture_decoder(model: nn.Module) -> torch.fx.GraphModule:
+    """The flat-cache decoder as an fx.GraphModule (`torch.export`), for planc's graph passes.
+
+    Module paths inside it are the model's own prefixed with `model.` (see `graph_targets`).
+    Export the transformed graph with `export_decoder(model, out, graph=gm)`.
+    """
+    adapter = adapt(model.eval())
+    # backed_size_oblivious: no guards that a size is (not) 0/1, as torch.onnx.export captures
+    with torch.no_grad(), torch.fx.experimental._config.patch(backed_size_oblivious=True):
+        program = torch.export.export(
+            adapter,
+            _export_inputs(adapter),
+            dynamic_shapes=_dynamic_shapes(len(adapter.cache_layout())),
+            strict=False,
+        )
+    return program.module()
+
+
+def graph_targets(targets: set[str] | frozenset[str]) -> frozenset[str]:
+    """Selector targets (paths in the eager model) as paths in a `capture_decoder` graph."""
+    return frozenset("model" if t == "" else f"model.{t}" for t in targets)
+
+
+def export_onnx(adapter: CacheAdapter, opset: int = 18, graph: torch.fx.GraphModule | None = None):
+    """torch.onnx.export(dynamo=True) of the adapter (or of its captured, transformed `graph`):
+    an `onnx_ir.Model` with dynamic axes; planc's quantized ops are lowered on the way."""
+    from backends.onnx.lowering import translation_table
+
+    n_layer = len(adapter.cache_layout())
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # axis-renaming and pytree deprecation notes of the exporter
+        program = torch.onnx.export(
+            adapter.eval() if graph is None else graph,
+            _export_inputs(adapter),
+            dynamo=True,
+            dynamic_shapes=_dynamic_shapes(n_layer),
+            input_names=input_names(n_layer),
+            output_names=output_names(n_layer),
+            opset_version=opset,
+            custom_translation_table=translation_table(),
+            verbose=False,
+        )
+    model = program.model
+    _name_total_length(model)
+    return model
+
+
+def quantize_with_planc(model: nn.Module, scheme: Quantization, group_size: int = 32) -> torch.fx.GraphModule:
+    """The decoder graph with every Linear rewritten by planc's quantize pass (integer weights)."""
+    from passes.base import PassContext
+    from passes.graph_utils import linear_sites
+    from passes.options import Quantize
+    from passes.quantize import QuantizePass
+
+    gm = capture_decoder(model)
+    targets = frozenset(site.module_path for site in linear_sites(gm))
+    if not targets:
+        raise ValueError(
+            f"planc's quantize pass finds no Linear in {type(model).__name__} "
+            "(GPT-2's Conv1D layers are not Linears): use quantizer='ort'"
+        )
+    options = Quantize(scheme=scheme, group_size=group_size) if scheme == "int4" else Quantize(scheme=scheme)
+    quantize = QuantizePass(options)
+    adapter = adapt(model)
+    ids, mask, positions, past = _export_inputs(adapter)
+    ctx = PassContext(
+        model=model,
+        example_inputs={"input_ids": ids, "attention_mask": mask, "position_ids": positions},
+        targets=targets,
+        source="decoder export",
+    )
+    quantize.requires(gm, ctx)
+    result = quantize.call(gm, ctx)
+    gm.graph.lint()
+    gm.recompile()
+    quantize.ensures(gm, ctx)
+    logger.info("planc quantize: %s", result.summary)
+    return gm
+
+
+def _name_total_length(model) -> None:
+    """Give the past + seq axis (mask and presents) one readable name."""
+    import onnx_ir as ir
+
+    total = ir.SymbolicDim("total_sequence_length")
+    for value in list(model.graph.inputs) + list(model.graph.outputs):
+        if value.name == "attention_mask" or value.name.startswith("present."):
+            dims = list(value.shape)
+            axis = 1 if value.name == "attention_mask" else 2
+            dims[axis] = total
+            value.shape = ir.Shape(dims)
+
+
+def _probe_feeds(adapter: CacheAdapter) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """A left-padded prefill (past 0) for a fusion check, and the next step's ids."""
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, adapter.vocab_size(), (2, 6), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    feeds = {"input_ids": ids.numpy(), "attention_mask": mask.numpy(), "position_ids": position_ids_from_mask(mask).numpy()}
+    for i, (key, value) in enumerate(empty_past(adapter.cache_layout(), 2)):
+        feeds[f"past_key_values.{i}.key"], feeds[f"past_key_values.{i}.value"] = key.numpy(), value.numpy()
+    return feeds, torch.randint(1, adapter.vocab_size(), (2, 1), generator=gen).numpy()
+
+
+def _run_probe(model, adapter: CacheAdapter) -> list[np.ndarray]:
+    """Outputs of a padded prefill and one decode step of `model` (onnx_ir) on ORT's CPU."""
+    import onnx_ir as ir
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(ir.serde.serialize_model(model).SerializeToString(), providers=["CPUExecutionProvider"])
+    feeds, next_ids = _probe_feeds(adapter)
+    prefill = session.run(None, feeds)
+    n_layer = len(adapter.cache_layout())
+    mask = np.concatenate([feeds["attention_mask"], np.ones((2, 1), np.int64)], axis=1)
+    step = {"input_ids": next_ids, "attention_mask": mask, "position_ids": mask.sum(1, keepdims=True) - 1}
+    for i in range(n_layer):
+        step[f"past_key_values.{i}.key"], step[f"past_key_values.{i}.value"] = prefill[1 + 2 * i], prefill[2 + 2 * i]
+    return prefill + session.run(None, step)
+
+
+def _fuse_if_exact(model, adapter: CacheAdapter):
+    """(graph, fusions applied): the fused graph when it computes what the unfused one does.
+
+    Some fusions assume what a decoder does not guarantee: onnxscript's GroupQueryAttention
+    fusion (matched on some transformers versions' Llama graphs) feeds ORT's GQA kernel, which
+    supports right padding only, and then left-padded rows come out wrong. A left-padded
+    prefill and a decode step through both graphs decide.
+    """
+    import onnx_ir as ir
+
+    fused = ir.serde.deserialize_model(ir.serde.serialize_model(model))
+    applied = apply_ort_fusions(fused)
+    if not applied:
+        return model, {}
+    if initializer_bytes(model) > _PROBE_BYTES:
+        logger.info("graph too large for the fusion probe: keeping fusions %s unchecked", applied)
+        return fused, applied
+    reference, candidate = _run_probe(model, adapter), _run_probe(fused, adapter)
+    worst = max(float(np.abs(a - b).max()) for a, b in zip(reference, candidate))
+    if worst > _FUSION_TOLERANCE:
+        logger.warning("ORT fusions %s change the outputs by %.3g on left-padded input: exporting unfused", applied, worst)
+        return model, {}
+    return fused, applied
+
+
+def _with_weights_as_matmul(model):
+    import onnx_ir as ir
+
+    from backends.onnx.decoder_quantize import weights_as_matmul
+
+    proto = ir.serde.serialize_model(model)
+    count = weights_as_matmul(proto)
+    logger.debug("%d weight products rewritten as MatMul", count)
+    return ir.serde.deserialize_model(proto)
+
+
+def apply_ort_fusions(model) -> dict[str, int]:
+    """onnxscript's ONNX Runtime fusions (attention, rotary, SkipLayerNorm, ...), in place.
+
+    Returns the count of each fusion that matched.
+    """
+    from onnxscript.rewriter.ort_fusions import optimize_for_ort
+
+    _, counts = optimize_for_ort(model)
+    # Fusions leave stale shapes on values they re-wired; ORT infers them again at load.
+    outputs = set(model.graph.outputs)
+    for node in model.graph:
+        for value in node.outputs:
+            if value not in outputs:
+                value.shape = None
+    applied = {name: int(n) for name, n in counts.items() if n}
+    logger.info("ORT fusions applied: %s", applied or "none")
+    return applied
+
+
+def _find_tokenizer(model: nn.Module, adapter: CacheAdapter, tokenizer: str | Path | None) -> Path | None:
+    """The directory of the tokenizer files to ship, or None for byte-level text."""
+    if tokenizer is None and is_hf_model(model):
+        source = Path(getattr(model, "name_or_path", "") or "")
+        if (source / "tokenizer.json").exists():
+            return source
+    if tokenizer is None or str(tokenizer) == "bytes":
+        if adapter.vocab_size() < 256:
+            raise ValueError(
+                f"vocabulary of {adapter.vocab_size()} is too small for byte-level text: "
+                "pass the model's tokenizer (a directory with tokenizer.json)"
+            )
+        return None
+    source = Path(tokenizer)
+    directory = source.parent if source.is_file() else source
+    if not (directory / "tokenizer.json").exists():
+        raise FileNotFoundError(f"no tokenizer.json in {directory}: decoder artifacts need a fast tokenizer file")
+    return directory
+
+
+def _copy_tokenizer(directory: Path | None, out: Path) -> dict:
+    """Copy the tokenizer files into `out`; returns decoder.json's `tokenizer` entry."""
+    if directory is None:
+        return {"kind": "bytes"}
+    for name in HF_TOKENIZER_FILES:
+        if (directory / name).exists():
+            shutil.copyfile(directory / name, out / name)
+    return {"kind": "hf", "path": "tokenizer.json"}
+
+
+def _special_ids(model: nn.Module, vocab: int, eos: int | list[int] | None, pad: int | None):
+    """(eos ids, pad id) from the arguments or the HF config, ids outside the vocabulary dropped."""
+    if eos is None and is_hf_model(model):
+        eos = model.config.eos_token_id
+    if pad is None and is_hf_model(model):
+        pad = model.config.pad_token_id
+    eos_ids = [e for e in ([eos] if isinstance(eos, int) else list(eos or [])) if 0 <= e < vocab]
+    if pad is None or not 0 <= pad < vocab:
+        pad = eos_ids[0] if eos_ids else 0
+    return eos_ids, int(pad)
+
+
+def export_decoder(
+    model: nn.Module | str | Path,
+    out_dir: str | Path,
+    *,
+    quantize: Quantization | None = None,
+    group_size: int = 32,
+    quantizer: Literal["auto", "planc", "ort"] = "auto",
+    fusions: bool = True,
+    opset: int = 18,
+    tokenizer: str | Path | None = None,
+    eos_token_id: int | list[int] | None = None,
+    pad_token_id: int | None = None,
+    graph: torch.fx.GraphModule | None = None,
+) -> DecoderSpec:
+    """Write a decoder artifact (`model.onnx`, `decoder.json`, tokenizer files) to `out_dir`.
+
+    `model` is an nn.Module (example GPT or HF causal LM) or a HF `save_pretrained` directory.
+    `quantize` = "int8" stores per-channel int8 weights with dynamically quantized activations;
+    "int4" stores 4-bit weights in blocks of `group_size` (MatMulNBits). `quantizer` picks who
+    quantizes: "planc" (the quantize pass on the captured graph, lowered by `lowering.py` and
+    `optimize.py`), "ort" (ONNX Runtime's tools on the exported graph), "auto" (planc when the
+    model's projections are Linears, else ort: GPT-2's Conv1D). `graph` is a `capture_decoder`
+    graph already transformed by planc passes (then `quantize` must be None). `tokenizer` is a
+    directory holding tokenizer.json, "bytes", or None (the HF model's own directory, else bytes).
+    """
+    if not isinstance(model, nn.Module):
+        model = load_hf_decoder(model)
+    model = model.eval()
+    adapter = adapt(model)
+    layout = adapter.cache_layout()
+    tokenizer_dir = _find_tokenizer(model, adapter, tokenizer)
+    eos_ids, pad = _special_ids(model, adapter.vocab_size(), eos_token_id, pad_token_id)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    if graph is not None and quantize is not None:
+        raise ValueError("export_decoder(graph=...) takes an already transformed graph: quantize it with planc's pass, not here")
+    if quantize is not None and quantizer == "auto":
+        quantizer = "planc" if _has_linear_projections(model) else "ort"
+    if quantize is not None and quantizer == "planc":
+        graph = quantize_with_planc(model, quantize, group_size)
+    onnx_model = export_onnx(adapter, opset, graph)
+    # Plain MatMuls first: quantizers need them, and onnxscript's MHA fusion drops the Reshape
+    # that feeds a 2-D Gemm (GPT-2's Conv1D), which leaves the Gemm a 3-D input.
+    onnx_model = _with_weights_as_matmul(onnx_model)
+    applied: dict[str, int] = {}
+    if fusions:
+        onnx_model, applied = _fuse_if_exact(onnx_model, adapter)
+    if graph is not None:
+        from backends.onnx.optimize import lower_int8
+
+        lowered = lower_int8(onnx_model)  # planc int8 weights -> DynamicQuantizeMatMul
+        logger.info("planc int8 weights lowered to ORT kernels: %s", lowered or "none")
+    with tempfile.TemporaryDirectory(dir=out) as tmp:
+        path = Path(tmp) / MODEL_FILE
+        save_model(onnx_model, path)
+        if quantize is not None and quantizer == "ort":
+            from backends.onnx.decoder_quantize import quantize_decoder
+
+            quantize_decoder(path, path, quantize, group_size=group_size)
+        tok_entry = _copy_tokenizer(tokenizer_dir, Path(tmp))
+        spec = DecoderSpec(
+            family=adapter.family,
+            n_layer=len(layout),
+            n_head=max(h for h, _ in layout),
+            head_dim=layout[0][1],
+            vocab=adapter.vocab_size(),
+            kv_heads=[h for h, _ in layout],
+            max_positions=adapter.max_positions(),
+            eos_token_ids=eos_ids,
+            pad_token_id=pad,
+            tokenizer=tok_entry,
+            quantization=quantize,
+            quantizer=quantizer if quantize is not None else None,
+            group_size=group_size if quantize == "int4" else None,
+            fusions=applied,
+        )
+        (Path(tmp) / SPEC_FILE).write_text(spec.to_json())
+        # decoder.json moves last: a directory holding it holds a whole artifact.
+        for item in sorted(Path(tmp).iterdir(), key=lambda p: p.name == SPEC_FILE):
+            os.replace(item, out / item.name)
+    logger.info("decoder artifact written to %s (%s)", out, quantize or "fp32")
+    return spec

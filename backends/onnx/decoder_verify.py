@@ -1,0 +1,206 @@
+"""Check a decoder artifact against the eager model it was exported from.
+
+Three numbers, each against an independent reference:
+1. `greedy_equal`: the artifact's greedy tokens (ONNX Runtime, left-padded batch, I/O-bound
+   cache) equal the eager model's own greedy decoding with its own cache (`model.generate`
+   for Hugging Face models, a `past_key_values` loop for the example GPT);
+2. `top1`: the fraction of positions of held-out text (or of the prompts followed by their
+   eager continuations) where the artifact's next-token argmax equals the eager model's;
+3. `ppl_eager` / `ppl_onnx` / `ppl_delta`: perplexity of both on held-out text, in windows of
+   at most `window` tokens (`ppl_delta` = onnx - eager; `ppl_delta_rel` = delta / eager).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from backends.onnx.decoder import (
+    GPTCacheAdapter,
+    adapt,
+    empty_past,
+    is_hf_model,
+    left_padded_batch,
+    position_ids_from_mask,
+)
+from backends.onnx.generate import DecoderSession, generate_ids, open_session
+
+logger = logging.getLogger(__name__)
+
+
+def _trim_at_eos(row: list[int], eos: set[int]) -> list[int]:
+    for i, token in enumerate(row):
+        if token in eos:
+            return row[: i + 1]
+    return row
+
+
+@torch.no_grad()
+def eager_greedy(
+    model: nn.Module, prompts: Sequence[Sequence[int]], max_new_tokens: int, pad_id: int, eos_ids: Sequence[int]
+) -> list[list[int]]:
+    """Greedy continuations by the eager model with its own key/value cache (left-padded batch)."""
+    model = model.eval()
+    ids, mask = left_padded_batch([list(p) for p in prompts], pad_id)
+    eos = set(eos_ids)
+    if is_hf_model(model):
+        out = model.generate(
+            ids,
+            attention_mask=mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            use_cache=True,
+            pad_token_id=pad_id,
+            eos_token_id=list(eos) or None,
+        )
+        rows = out[:, ids.shape[1] :].tolist()
+    else:
+        adapter = adapt(model)
+        if not isinstance(adapter, GPTCacheAdapter):
+            raise TypeError(f"no eager decoding loop for {type(model).__name__}")
+        rows = [[] for _ in prompts]
+        done = [False] * len(prompts)
+        positions = position_ids_from_mask(mask)
+        logits, past = model(ids, mask, positions, past_key_values=[(k, v) for k, v in empty_past(adapter.cache_layout(), len(prompts))])
+        for _ in range(max_new_tokens):
+            token = logits[:, -1, :].argmax(-1)
+            for row, value in enumerate(token.tolist()):
+                if not done[row]:
+                    rows[row].append(value)
+                    done[row] = value in eos
+            if all(done):
+                break
+            token = torch.where(torch.tensor(done), torch.tensor(pad_id), token)
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            positions = positions[:, -1:] + 1
+            logits, past = model(token[:, None], mask, positions, past_key_values=past)
+    return [_trim_at_eos(row, eos) for row in rows]
+
+
+def read_heldout(heldout: str | Path | Sequence[str | Path]) -> list[str]:
+    """Documents of held-out text: a file, every file of a directory, or a list of files."""
+    paths: list[Path] = []
+    for item in [heldout] if isinstance(heldout, (str, Path)) else heldout:
+        item = Path(item)
+        if item.is_dir():
+            paths += sorted(p for p in item.iterdir() if p.is_file())
+        elif item.is_file():
+            paths.append(item)
+        else:
+            raise FileNotFoundError(f"held-out text {item} does not exist")
+    if not paths:
+        raise ValueError(f"no held-out text files in {heldout}")
+    return [p.read_text(encoding="utf-8", errors="replace") for p in paths]
+
+
+def token_windows(docs: Sequence[list[int]], window: int, max_tokens: int) -> np.ndarray:
+    """Non-overlapping windows [n, window] cut from each document (shorter tails dropped)."""
+    rows: list[list[int]] = []
+    budget = max_tokens
+    for doc in docs:
+        for start in range(0, len(doc) - window + 1, window):
+            if budget < window:
+                break
+            rows.append(doc[start : start + window])
+            budget -= window
+    if not rows:
+        raise ValueError(f"held-out text is shorter than one window of {window} tokens")
+    return np.asarray(rows, np.int64)
+
+
+@torch.no_grad()
+def _eager_logits(adapter, ids: np.ndarray) -> np.ndarray:
+    tokens = torch.from_numpy(ids)
+    mask = torch.ones_like(tokens)
+    outputs = adapter(tokens, mask, position_ids_from_mask(mask), empty_past(adapter.cache_layout(), len(ids)))
+    return outputs[0].float().numpy()
+
+
+def _nll(logits: np.ndarray, ids: np.ndarray) -> tuple[float, int]:
+    """Summed negative log-likelihood of ids[:, 1:] given logits[:, :-1], and the token count."""
+    scores = logits[:, :-1].astype(np.float64)
+    scores -= scores.max(axis=-1, keepdims=True)
+    log_probs = scores - np.log(np.exp(scores).sum(axis=-1, keepdims=True))
+    picked = np.take_along_axis(log_probs, ids[:, 1:, None], axis=-1)[..., 0]
+    return float(-picked.sum()), picked.size
+
+
+def compare_logits(session: DecoderSession, adapter, windows: np.ndarray, batch: int = 8) -> dict[str, float]:
+    """top-1 agreement and both perplexities over `windows` [n, seq]."""
+    agree = total = 0
+    nll_eager = nll_onnx = 0.0
+    count = 0
+    for start in range(0, len(windows), batch):
+        ids = windows[start : start + batch]
+        eager = _eager_logits(adapter, ids)
+        onnx = session.logits(ids)
+        agree += int((eager.argmax(-1) == onnx.argmax(-1)).sum())
+        total += eager.shape[0] * eager.shape[1]
+        e, n = _nll(eager, ids)
+        o, _ = _nll(onnx, ids)
+        nll_eager, nll_onnx, count = nll_eager + e, nll_onnx + o, count + n
+    return {
+        "top1": agree / total,
+        "ppl_eager": math.exp(nll_eager / count),
+        "ppl_onnx": math.exp(nll_onnx / count),
+        "positions": total,
+    }
+
+
+def verify_decoder(
+    artifact: DecoderSession | str | Path,
+    model: nn.Module,
+    prompts: Sequence[str] = ("def main(", "import os\n"),
+    max_new_tokens: int = 16,
+    heldout: str | Path | Sequence[str | Path] | None = None,
+    window: int = 128,
+    max_tokens: int = 4096,
+) -> dict:
+    """Numbers the compiler checks against the plan's goal (see the module docstring).
+
+    Returns `greedy_equal`, `greedy_onnx`, `greedy_eager` (token ids), `top1`, and with
+    `heldout` also `ppl_eager`, `ppl_onnx`, `ppl_delta`, `ppl_delta_rel` (else those are None).
+    """
+    session = open_session(artifact)
+    spec = session.spec
+    adapter = adapt(model.eval())
+    rows = session.encode(list(prompts))
+    onnx_tokens = generate_ids(session, rows, max_new_tokens, strategy="greedy")
+    eager_tokens = eager_greedy(model, rows, max_new_tokens, spec.pad_token_id, spec.eos_token_ids)
+    result: dict = {
+        "greedy_equal": onnx_tokens == eager_tokens,
+        "greedy_onnx": onnx_tokens,
+        "greedy_eager": eager_tokens,
+        "ppl_eager": None,
+        "ppl_onnx": None,
+        "ppl_delta": None,
+        "ppl_delta_rel": None,
+    }
+    if heldout is not None:
+        docs = [session.tokenizer.encode(text) for text in read_heldout(heldout)]
+        limit = spec.max_positions or window
+        windows = token_windows(docs, min(window, limit), max_tokens)
+        scores = compare_logits(session, adapter, windows)
+        result.update(scores)
+        result["ppl_delta"] = scores["ppl_onnx"] - scores["ppl_eager"]
+        result["ppl_delta_rel"] = result["ppl_delta"] / scores["ppl_eager"]
+    else:
+        # teacher-forced on the prompts and the eager continuations (one row each)
+        agree = total = 0
+        for prompt, cont in zip(rows, eager_tokens):
+            ids = np.asarray([prompt + cont], np.int64)
+            scores = compare_logits(session, adapter, ids)
+            agree += round(scores["top1"] * scores["positions"])
+            total += scores["positions"]
+        result["top1"] = agree / total
+    logger.info(
+        "decoder verification: greedy_equal=%s top1=%.4f ppl eager=%s onnx=%s",
+        result["greedy_equal"], result["top1"], result["ppl_eager"], result["ppl_onnx"],
+    )
+    return result

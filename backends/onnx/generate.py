@@ -1,0 +1,410 @@
+"""Batched text generation on ONNX Runtime from a decoder artifact (see `decoder.py`).
+
+Prompts are left-padded (attention_mask 0, position_ids = cumsum(mask) - 1 clamped at 0), so
+every row's newest token sits in the last column and one graph call advances the whole batch.
+The cache never visits Python: each step binds the previous step's `present.*` OrtValues as the
+next `past_key_values.*` inputs through I/O binding, presents stay on the execution provider's
+device (GPU memory under CUDA), and only the last position's logits come back to the host,
+into a buffer preallocated once per generation. Sampling (greedy, temperature, top-k, top-p) is
+numpy with a seeded generator, so a seed reproduces a run exactly.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, TextIO
+
+import numpy as np
+
+from backends.onnx.decoder import MODEL_FILE, DecoderSpec, input_names, output_names
+from backends.onnx.decoder_tokenizer import Tokenizer, load_tokenizer
+from backends.onnx.runtime import create_session, resolve_providers
+
+logger = logging.getLogger(__name__)
+
+Strategy = Literal["greedy", "sample"]
+
+
+class DecoderSession:
+    """One decoder artifact loaded in ONNX Runtime, driving prefill and decode steps.
+
+    `prefill(ids, mask)` starts a batch and returns the last position's logits [batch, vocab];
+    `step(next_ids)` appends one token per row and returns the new logits. The cache between
+    calls is a list of OrtValues owned by ORT (on the provider's device).
+    """
+
+    def __init__(
+        self,
+        artifact_dir: str | Path,
+        providers: Sequence[str] = ("auto",),
+        threads: int | None = None,
+        optimization: str = "all",
+    ) -> None:
+        self.artifact_dir = Path(artifact_dir)
+        self.spec = DecoderSpec.load(self.artifact_dir)
+        # threads 0 = ONNX Runtime's default (one per physical core)
+        self.session = create_session(
+            self.artifact_dir / MODEL_FILE, resolve_providers(providers), threads or 0, optimization
+        )
+        self._check_signature()
+        on_cuda = self.session.get_providers()[0] in ("CUDAExecutionProvider", "TensorrtExecutionProvider")
+        self.device = "cuda" if on_cuda else "cpu"
+        self.tokenizer: Tokenizer = load_tokenizer(self.artifact_dir, self.spec.tokenizer)
+        self._binding = self.session.io_binding()
+        self._past: list | None = None
+        self._mask = np.zeros((0, 0), np.int64)
+        self._length = 0
+        self._positions = np.zeros(0, np.int64)
+        self._logits = None
+        self._logits_host = np.zeros((0, 1, 0), np.float32)
+
+    def _check_signature(self) -> None:
+        got_in = [i.name for i in self.session.get_inputs()]
+        got_out = [o.name for o in self.session.get_outputs()]
+        want_in, want_out = input_names(self.spec.n_layer), output_names(self.spec.n_layer)
+        if sorted(got_in) != sorted(want_in) or sorted(got_out) != sorted(want_out):
+            raise ValueError(
+                f"{self.artifact_dir / MODEL_FILE} does not have the decoder signature of decoder.json: "
+                f"inputs {got_in}, outputs {got_out}"
+            )
+
+    @property
+    def batch(self) -> int:
+        return self._mask.shape[0]
+
+    def _run(self, input_ids: np.ndarray, positions: np.ndarray, past: list, decoding: bool) -> np.ndarray:
+        """One graph call over the bound cache; returns logits of the last position [batch, vocab]."""
+        binding = self._binding
+        binding.clear_binding_inputs()
+        binding.clear_binding_outputs()
+        binding.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, dtype=np.int64))
+        binding.bind_cpu_input("attention_mask", np.ascontiguousarray(self._mask[:, : self._length]))
+        binding.bind_cpu_input("position_ids", np.ascontiguousarray(positions, dtype=np.int64))
+        for i, (key, value) in enumerate(past):
+            for name, tensor in ((f"past_key_values.{i}.key", key), (f"past_key_values.{i}.value", value)):
+                if isinstance(tensor, np.ndarray):
+                    binding.bind_cpu_input(name, tensor)
+                else:
+                    binding.bind_ortvalue_input(name, tensor)
+        if decoding:
+            binding.bind_ortvalue_output("logits", self._logits)  # preallocated, reused every step
+        else:
+            binding.bind_output("logits", "cpu")
+        for i in range(self.spec.n_layer):
+            binding.bind_output(f"present.{i}.key", self.device)
+            binding.bind_output(f"present.{i}.value", self.device)
+        self.session.run_with_iobinding(binding)
+        outputs = binding.get_outputs()
+        self._past = [(outputs[1 + 2 * i], outputs[2 + 2 * i]) for i in range(self.spec.n_layer)]
+        if decoding:
+            return self._logits_host[:, -1, :].copy()
+        return outputs[0].numpy()[:, -1, :]
+
+    def prefill(self, input_ids: np.ndarray, attention_mask: np.ndarray, max_new_tokens: int = 0) -> np.ndarray:
+        """Start a batch from left-padded prompts; room is reserved for `max_new_tokens` more."""
+        import onnxruntime as ort
+
+        batch, seq = input_ids.shape
+        limit = self.spec.max_positions
+        if limit is not None and seq + max_new_tokens > limit:
+            raise ValueError(
+                f"prompt of {seq} tokens + {max_new_tokens} new tokens exceeds the model's "
+                f"{limit} positions: shorten the prompt or lower max_new_tokens"
+            )
+        self._mask = np.zeros((batch, seq + max_new_tokens), np.int64)
+        self._mask[:, :seq] = attention_mask
+        self._length = seq
+        self._positions = attention_mask.sum(axis=1).astype(np.int64)  # next position of each row
+        past = [
+            (np.zeros((batch, h, 0, self.spec.head_dim), np.float32),) * 2 for h in self.spec.kv_heads
+        ]
+        positions = np.clip(np.cumsum(attention_mask, axis=1) - 1, 0, None)
+        logits = self._run(input_ids, positions, past, decoding=False)
+        self._logits_host = np.empty((batch, 1, self.spec.vocab), np.float32)
+        self._logits = ort.OrtValue.ortvalue_from_numpy(self._logits_host)
+        return logits
+
+    def step(self, next_ids: np.ndarray) -> np.ndarray:
+        """Append one token per row (finished rows included: they are fed padding)."""
+        if self._past is None:
+            raise RuntimeError("step() before prefill(): start a batch first")
+        if self._length >= self._mask.shape[1]:
+            grown = np.zeros((self.batch, self._mask.shape[1] + 16), np.int64)
+            grown[:, : self._length] = self._mask[:, : self._length]
+            self._mask = grown
+        self._mask[:, self._length] = 1
+        self._length += 1
+        ids = np.asarray(next_ids, np.int64).reshape(-1, 1)
+        logits = self._run(ids, self._positions[:, None], self._past, decoding=True)
+        self._positions += 1
+        return logits
+
+    def logits(self, input_ids: np.ndarray, attention_mask: np.ndarray | None = None) -> np.ndarray:
+        """Logits at every position [batch, seq, vocab] of one cache-less call (scoring text)."""
+        input_ids = np.asarray(input_ids, np.int64)
+        batch = input_ids.shape[0]
+        mask = np.ones_like(input_ids) if attention_mask is None else np.asarray(attention_mask, np.int64)
+        feeds = {
+            "input_ids": input_ids,
+            "attention_mask": mask,
+            "position_ids": np.clip(np.cumsum(mask, axis=1) - 1, 0, None),
+        }
+        for i, heads in enumerate(self.spec.kv_heads):
+            empty = np.zeros((batch, heads, 0, self.spec.head_dim), np.float32)
+            feeds[f"past_key_values.{i}.key"] = empty
+            feeds[f"past_key_values.{i}.value"] = empty
+        return self.session.run(["logits"], feeds)[0]
+
+    def encode(self, prompts: Sequence[str]) -> list[list[int]]:
+        rows = [self.tokenizer.encode(p) for p in prompts]
+        for prompt, row in zip(prompts, rows):
+            if not row:
+                raise ValueError(f"prompt {prompt!r} encodes to no tokens: generation needs at least one")
+        return rows
+
+
+# ----------------------------------------------------------------------------- sampling
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How the next token is chosen from the logits."""
+
+    strategy: Strategy = "greedy"
+    temperature: float = 1.0
+    top_k: int = 0  #: 0 = no top-k filter
+    top_p: float = 1.0  #: 1.0 = no nucleus filter
+
+    def __post_init__(self) -> None:
+        if self.strategy not in ("greedy", "sample"):
+            raise ValueError(f"strategy must be 'greedy' or 'sample', got {self.strategy!r}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature} (use strategy='greedy')")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+def next_tokens(logits: np.ndarray, sampling: Sampling, rng: np.random.Generator) -> np.ndarray:
+    """Token per row of `logits` [batch, vocab]."""
+    if sampling.strategy == "greedy":
+        return logits.argmax(axis=-1)
+    scores = logits.astype(np.float64) / sampling.temperature
+    if 0 < sampling.top_k < scores.shape[-1]:
+        kth = np.partition(scores, -sampling.top_k, axis=-1)[:, -sampling.top_k][:, None]
+        scores = np.where(scores < kth, -np.inf, scores)
+    probs = np.exp(scores - scores.max(axis=-1, keepdims=True))
+    probs /= probs.sum(axis=-1, keepdims=True)
+    if sampling.top_p < 1.0:
+        order = np.argsort(-probs, axis=-1, kind="stable")
+        sorted_probs = np.take_along_axis(probs, order, axis=-1)
+        # keep a token if the mass before it is below top_p: the most likely always survives
+        keep_sorted = (np.cumsum(sorted_probs, axis=-1) - sorted_probs) < sampling.top_p
+        keep = np.zeros_like(keep_sorted)
+        np.put_along_axis(keep, order, keep_sorted, axis=-1)
+        probs = np.where(keep, probs, 0.0)
+        probs /= probs.sum(axis=-1, keepdims=True)
+    cdf = np.cumsum(probs, axis=-1)
+    draws = rng.random(probs.shape[0])[:, None] * cdf[:, -1:]
+    return np.minimum((cdf <= draws).sum(axis=-1), probs.shape[-1] - 1)
+
+
+# ----------------------------------------------------------------------------- generation
+
+
+def open_session(artifact: DecoderSession | str | Path, **session_options) -> DecoderSession:
+    return artifact if isinstance(artifact, DecoderSession) else DecoderSession(artifact, **session_options)
+
+
+def generate_ids(
+    artifact: DecoderSession | str | Path,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    *,
+    strategy: Strategy = "greedy",
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int | None = 0,
+    eos_token_ids: Sequence[int] | None = None,
+    stop: Callable[[int, list[int]], bool] | None = None,
+    on_step: Callable[[int, list[int | None]], None] | None = None,
+) -> list[list[int]]:
+    """New token ids for each prompt (a list of ids), generated as one left-padded batch.
+
+    A row ends at an end-of-sequence id (`eos_token_ids`, default: decoder.json's; the id is
+    kept) or when `stop(row, ids_so_far)` is true. `on_step(step, tokens)` is called after every
+    step with each row's new token, None for rows that had already ended.
+    """
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("generate needs at least one prompt, each of at least one token")
+    session = open_session(artifact)
+    spec = session.spec
+    sampling = Sampling(strategy, temperature, top_k, top_p)
+    rng = np.random.default_rng(seed)
+    eos = set(spec.eos_token_ids if eos_token_ids is None else eos_token_ids)
+
+    width = max(len(p) for p in prompts)
+    ids = np.full((len(prompts), width), spec.pad_token_id, np.int64)
+    mask = np.zeros((len(prompts), width), np.int64)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt) :] = prompt
+        mask[row, width - len(prompt) :] = 1
+
+    outputs: list[list[int]] = [[] for _ in prompts]
+    done = np.zeros(len(prompts), bool)
+    logits = session.prefill(ids, mask, max_new_tokens)
+    for step in range(max_new_tokens):
+        chosen = next_tokens(logits, sampling, rng)
+        reported: list[int | None] = []
+        for row, token in enumerate(chosen.tolist()):
+            if done[row]:
+                reported.append(None)
+                continue
+            outputs[row].append(token)
+            reported.append(token)
+            if token in eos or (stop is not None and stop(row, outputs[row])):
+                done[row] = True
+        if on_step is not None:
+            on_step(step, reported)
+        if done.all() or step == max_new_tokens - 1:
+            break
+        logits = session.step(np.where(done, spec.pad_token_id, chosen))
+    return outputs
+
+
+def generate(
+    artifact: DecoderSession | str | Path,
+    prompts: list[str],
+    max_new_tokens: int = 32,
+    strategy: Strategy = "greedy",
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int | None = 0,
+    stop: list[str] | None = None,
+    stream: Callable[[int, str], None] | None = None,
+) -> list[str]:
+    """Completions (new text only) of `prompts`, generated as one batch.
+
+    A completion ends at the model's end-of-sequence token or just before the first of the
+    `stop` strings (neither is included). `stream(row, piece)` receives each row's text as it
+    is produced; the pieces of a row concatenate to its returned completion.
+    """
+    session = open_session(artifact)
+    tokenizer = session.tokenizer
+    stop = [s for s in (stop or []) if s]
+    eos = set(session.spec.eos_token_ids)
+    produced: list[list[int]] = [[] for _ in prompts]  # ids of each row, eos left out
+    sent = [0] * len(prompts)  # characters of each completion already streamed
+
+    def cut(text: str) -> int | None:
+        hits = [text.find(s) for s in stop if s in text]
+        return min(hits) if hits else None
+
+    def should_stop(row: int, ids: list[int]) -> bool:
+        if not stop:
+            return False
+        return cut(tokenizer.decode([t for t in ids if t not in eos])) is not None
+
+    def on_step(step: int, tokens: list[int | None]) -> None:
+        for row, token in enumerate(tokens):
+            if token is None or token in eos:
+                continue
+            produced[row].append(token)
+            if stream is not None:
+                _emit(row, tokenizer.decode(produced[row]), final=False)
+
+    def _emit(row: int, text: str, final: bool) -> None:
+        end = cut(text)
+        if end is None:
+            # hold back a possible stop-string prefix and an incomplete character
+            end = len(text) if final else max(len(text) - max((len(s) for s in stop), default=1) + 1, 0)
+            if not final and text.endswith("\ufffd"):
+                end = min(end, len(text) - 1)
+        if end > sent[row]:
+            stream(row, text[sent[row] : end])
+            sent[row] = end
+
+    rows = generate_ids(
+        session,
+        session.encode(prompts),
+        max_new_tokens,
+        strategy=strategy,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        seed=seed,
+        stop=should_stop if stop else None,
+        on_step=on_step,
+    )
+    texts = []
+    for row, ids in enumerate(rows):
+        text = tokenizer.decode([t for t in ids if t not in eos])
+        end = cut(text)
+        texts.append(text if end is None else text[:end])
+        if stream is not None:
+            _emit(row, text, final=True)
+    return texts
+
+
+def read_prompts(path: str | Path) -> list[str]:
+    """Prompts of a `--batch-file`: one per line, empty lines skipped, `\\n` read as a newline."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except OSError as error:
+        raise FileNotFoundError(f"cannot read the batch file {path}: {error.strerror}") from error
+    prompts = [line.replace("\\n", "\n") for line in lines if line.strip()]
+    if not prompts:
+        raise ValueError(f"the batch file {path} holds no prompt")
+    return prompts
+
+
+def generate_cli(
+    artifact_dir: str | Path,
+    prompts: list[str],
+    max_new_tokens: int = 32,
+    *,
+    batch_file: str | Path | None = None,
+    strategy: Strategy = "greedy",
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int | None = 0,
+    stop: list[str] | None = None,
+    out: TextIO | None = None,
+) -> list[str]:
+    """`planc generate DIR --prompt ... [--batch-file F]`: one prompt streams its completion as
+    it is generated; several (the prompts, then the file's) are generated as one batch and
+    printed in order, each after a `### prompt i` line. Returns the completions."""
+    out = out or sys.stdout
+    prompts = list(prompts) + (read_prompts(batch_file) if batch_file is not None else [])
+    if not prompts:
+        raise ValueError("nothing to generate: give --prompt or --batch-file")
+    single = len(prompts) == 1
+
+    def stream(row: int, piece: str) -> None:
+        out.write(piece)
+        out.flush()
+
+    if single:
+        out.write(prompts[0])
+        out.flush()
+    texts = generate(
+        artifact_dir, prompts, max_new_tokens, strategy, temperature, top_k, top_p, seed, stop,
+        stream if single else None,
+    )
+    if single:
+        out.write("\n")
+    else:
+        for i, (prompt, text) in enumerate(zip(prompts, texts)):
+            out.write(f"### prompt {i}\n{prompt}{text}\n")
+    out.flush()
+    return texts
