@@ -199,6 +199,13 @@ def compile_plan(
         note("emitting the training program")
         return Result(plan, artifact=emit_train(plan, resolved, Path(out_dir)))
 
+    if emit is None and set(kinds) == {"train", "onnx"}:
+        return train_then_export(plan, Path(out_dir), model, note)
+    if kinds == ["onnx"] and is_decoder_target(plan):
+        note(f"loading model '{plan.model.name}'")
+        loaded = load_model(plan, model)
+        return emit_decoder(plan, loaded, Path(out_dir), note)
+
     note(f"loading and capturing model '{plan.model.name}'")
     captured = capture_model(plan, model)
     if emit == "fx":
@@ -225,6 +232,110 @@ def compile_plan(
             onnx_result = emit_onnx(plan, captured, graph, records, directory)
             result.artifact, result.report, result.session = onnx_result.path, onnx_result.report, onnx_result.session
     return result
+
+
+def train_then_export(plan: ir.Plan, out_dir: Path, model: Any, note: Progress) -> Result:
+    """A plan with both targets: train (e.g. distil the compressed student), then export it.
+
+    The training program saves the student in the original model's shapes, removed heads and
+    channels as zeros; the plan's passes then run on those weights exactly as on pretrained ones
+    (zeroed heads have the lowest importance, so the same ones are removed), and the ONNX model
+    is verified against the ORIGINAL model, not against the student.
+    """
+    import dataclasses
+
+    import torch
+
+    note(f"loading model '{plan.model.name}'")
+    original = load_model(plan, model)
+    resolved = resolve_steps(plan, module_table_of(original))
+    weights = trained_weights(plan, resolved, out_dir / "train", note)
+    student = load_model(plan, model)
+    try:
+        student.model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    except (RuntimeError, OSError) as error:
+        train = plan.target("train")
+        raise error_at(train.span if train else plan.span, f"cannot load the trained weights {weights}: {error}") from error
+    if is_decoder_target(plan):  # a trained decoder is served as trained: verified against itself
+        return emit_decoder(plan, student, out_dir / "onnx", note)
+
+    from compiler import frontend
+
+    note("capturing the trained model")
+    try:
+        graph = frontend.capture(student)
+    except frontend.FrontendError as error:
+        raise error_at(plan.model.span, f"model '{plan.model.name}': {error}") from error
+    captured = Captured(student, graph, module_table_of(student))
+    graph, records, _ = run_pipeline(plan, captured, progress=note)
+    note("exporting to ONNX, verifying against the original model, benchmarking")
+    reference = Captured(dataclasses.replace(student, model=original.model), graph, captured.table)
+    onnx_result = emit_onnx(plan, reference, graph, records, out_dir / "onnx")
+    return Result(plan, artifact=onnx_result.path, report=onnx_result.report, session=onnx_result.session, records=records)
+
+
+def trained_weights(plan: ir.Plan, resolved: list, train_dir: Path, note: Progress) -> Path:
+    """Run the plan's training program, or reuse the weights of an identical earlier run."""
+    from backends.train import cache
+    from backends.train.launch import launch
+
+    train = plan.target("train")
+    assert train is not None
+    key = cache.plan_key(explain(plan), plan.model)
+    cached = cache.cached_weights(key)
+    if cached is not None:
+        note(f"reusing trained weights {cached}")
+        return cached
+    directory = emit_train(plan, resolved, train_dir)
+    note(f"training ({train_dir / 'train.py'}, torchrun)")
+    code = launch(directory)
+    weights = directory / train.options.save
+    if code != 0 or not weights.is_file():
+        raise error_at(train.span, f"the training program failed (exit {code}); its log is above, the program is in {directory}")
+    return cache.store_weights(key, weights)
+
+
+def is_decoder_target(plan: ir.Plan) -> bool:
+    target = plan.target("onnx")
+    return target is not None and target.options.decode is not None
+
+
+def emit_decoder(plan: ir.Plan, loaded: Any, directory: Path, note: Progress) -> Result:
+    """`target onnx { decode { ... } }`: a key/value-cache graph plus generation, quantized as planned.
+
+    Decoder graphs take `quantize` steps only (applied to every projection of the model); the
+    model's module table must show that the step's selector covers them.
+    """
+    from backends.onnx import artifact as onnx_artifact
+    from backends.onnx.decoder_artifact import build_decoder_artifact
+    from passes.options import Quantize
+
+    target = plan.target("onnx")
+    assert target is not None and target.options.decode is not None
+    resolved = resolve_steps(plan, module_table_of(loaded))
+    quantize: Quantize | None = None
+    for step, targets in resolved:
+        if not isinstance(step.options, Quantize) or quantize is not None:
+            raise error_at(step.span, f"a decode target takes one quantize step and no other pass (got '{step.name}')")
+        projections = {path for path, kind in module_table_of(loaded) if kind in ("Linear", "Conv1D")}
+        if not projections <= set(targets):
+            missing = sorted(projections - set(targets))[:3]
+            raise error_at(step.selector.span if step.selector else step.span,
+                           f"decoder quantization covers every projection; the selector leaves out {', '.join(missing)}, ...",
+                           "select them all, e.g. `Linear` (or `Conv1D | name(\"lm_head\")` for GPT-2)")
+        quantize = step.options
+    decode = target.options.decode
+    heldout = plan.model.base_dir / decode.heldout if decode.heldout else None
+    note("exporting the decoder to ONNX, verifying generation against the eager model")
+    summaries = [{"name": step.name, "summary": f"{quantize.scheme} weights for {len(targets)} projection(s)"} for step, targets in resolved]
+    try:
+        result = build_decoder_artifact(loaded.model, target.options, quantize, directory, heldout, summaries, explain(plan))
+    except onnx_artifact.VerificationFailed as error:
+        span = target.option_spans.get("verify.goal", target.option_spans.get("verify", target.span))
+        raise error_at(span, f"verification failed: {error}", "no artifact was written") from error
+    except onnx_artifact.ProviderError as error:
+        raise error_at(target.option_spans.get("providers", target.span), str(error)) from error
+    return Result(plan, artifact=result.path, report=result.report, session=result.session)
 
 
 def emit_train(plan: ir.Plan, resolved: list, directory: Path) -> Path:

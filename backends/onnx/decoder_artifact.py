@@ -1,0 +1,114 @@
+"""The decoder artifact of `target onnx { decode { ... } }`: export, verify, measure, publish.
+
+Like the encoder artifact (`artifact.py`), the directory is built in a hidden temporary sibling
+and renamed into place only after verification passed:
+
+- the fp32 graph must reproduce the eager model's greedy tokens for every prompt;
+- a quantized graph is held to the plan's goal on next-token top-1 agreement (`top1`) or on the
+  relative perplexity increase on held-out text (`perplexity_delta`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from backends.onnx.artifact import (
+    MODEL_FILE,
+    PLAN_FILE,
+    REPORT_FILE,
+    OnnxResult,
+    VerificationFailed,
+    _publish,
+    _remove_stale_temporaries,
+    _write_json,
+)
+from backends.onnx.options import OnnxTarget
+from backends.onnx.verify import goal_met
+from passes.options import Quantize
+
+logger = logging.getLogger(__name__)
+
+#: Decoder metrics a plan may set a goal on, and the key of `verify_decoder`'s result they read.
+DECODER_METRICS = {"top1": "top1", "perplexity_delta": "ppl_delta_rel"}
+
+
+def build_decoder_artifact(
+    model: Any,
+    target: OnnxTarget,
+    quantize: Quantize | None,
+    out_dir: str | Path,
+    heldout: Path | None,
+    pass_summaries: list[dict[str, Any]],
+    plan_resolved: str,
+) -> OnnxResult:
+    """Export `model` (an eager causal LM) with a key/value cache; verify; publish `out_dir`."""
+    from backends.onnx import runtime
+    from backends.onnx.decoder import export_decoder
+    from backends.onnx.decoder_verify import verify_decoder
+    from backends.onnx.export import files_size
+    from backends.onnx.generate import DecoderSession, generate_ids
+
+    decode = target.decode
+    assert decode is not None
+    if target.verify.metric not in DECODER_METRICS:
+        raise VerificationFailed(f"decoder artifacts are verified by {' or '.join(DECODER_METRICS)}, not {target.verify.metric}")
+    providers = runtime.resolve_providers(target.providers)
+    out_dir = Path(out_dir).resolve()
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temporaries(out_dir)
+    temporary = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-{os.getpid()}-", dir=out_dir.parent))
+    started = time.perf_counter()
+    try:
+        scheme = quantize.scheme if quantize else None
+        spec = export_decoder(model, temporary, quantize=scheme, group_size=quantize.group_size if quantize else 32,
+                              fusions=target.fusions, opset=target.opset)
+        metrics = verify_decoder(temporary, model, decode.prompts, decode.max_new_tokens, heldout=heldout)
+        if scheme is None and not metrics["greedy_equal"]:
+            raise VerificationFailed("the fp32 decoder's greedy tokens differ from the eager model's")
+        value = float(metrics[DECODER_METRICS[target.verify.metric]])
+        passed = goal_met(value, target.verify)
+        if passed is False:
+            raise VerificationFailed(f"{target.verify.metric} = {value:.4f} does not meet the goal '{target.verify.goal}'")
+
+        baseline = temporary / ".fp32"
+        if scheme is not None:
+            export_decoder(model, baseline, quantize=None, fusions=target.fusions, opset=target.opset)
+        original_bytes = files_size(baseline / MODEL_FILE) if scheme is not None else files_size(temporary / MODEL_FILE)
+        shutil.rmtree(baseline, ignore_errors=True)
+
+        session = DecoderSession(temporary, providers=target.providers, threads=target.bench.threads)
+        tokens = 32
+        prompt = [list(decode.prompts[0].encode("utf-8"))[:16] or [0]] * target.bench.batch
+        generate_ids(session, prompt, tokens)  # warm-up
+        timed = time.perf_counter()
+        generate_ids(session, prompt, tokens)
+        seconds = time.perf_counter() - timed
+
+        report = {
+            "task": "causal_lm",
+            "provider": providers[0],
+            "providers": providers,
+            "decoder": {"layers": spec.n_layer, "kv_heads": spec.n_head, "head_dim": spec.head_dim, "vocab": spec.vocab,
+                        "quantization": spec.quantization, "quantizer": spec.quantizer, "fusions": spec.fusions},
+            "size_bytes": {"original": original_bytes, "optimized": files_size(temporary / MODEL_FILE)},
+            "decode_tokens_per_s": round(tokens * target.bench.batch / seconds, 1),
+            "accuracy": {"metric": target.verify.metric, "value": value, "goal": target.verify.goal, "passed": passed,
+                         **{k: metrics[k] for k in ("greedy_equal", "top1", "ppl_eager", "ppl_onnx", "ppl_delta_rel") if k in metrics}},
+            "passes": pass_summaries,
+            "compile_seconds": round(time.perf_counter() - started, 1),
+        }
+        _write_json(temporary / REPORT_FILE, report)
+        (temporary / PLAN_FILE).write_text(plan_resolved, encoding="utf-8")
+        del session
+        _publish(temporary, out_dir)
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
+    logger.info("wrote decoder %s: %s, %s %.4f", out_dir, spec.quantization or "fp32", target.verify.metric, value)
+    return OnnxResult(out_dir, report, DecoderSession(out_dir, providers=target.providers, threads=target.bench.threads))
