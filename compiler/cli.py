@@ -178,7 +178,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from backends.onnx.artifact import run_artifact
 
     outputs = run_artifact(Path(args.dir), args.input)
-    print(json.dumps(outputs, indent=None if args.compact else 2))
+    print(json.dumps({name: array.tolist() for name, array in outputs.items()}, indent=None if args.compact else 2))
     return 0
 
 

