@@ -109,7 +109,8 @@ def test_factory_by_importable_module(tmp_path, monkeypatch):
 
 
 def test_dotted_factory_falls_back_to_a_file_next_to_the_plan():
-    loaded = load_model(gpt_source(ref="examples.models.gpt:gpt", base_dir=REPO))
+    # `models.gpt` is importable from nowhere but the plan's own folder (examples/).
+    loaded = load_model(gpt_source(ref="models.gpt:gpt", base_dir=REPO / "examples"))
     assert loaded.origin.endswith("gpt.py:gpt")
 
 
