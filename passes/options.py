@@ -24,10 +24,11 @@ class PassOptions(BaseModel):
 
 
 class Prune(PassOptions):
-    """Remove weights: unstructured magnitude, N:M semi-structured, or whole heads/channels."""
+    """Remove weights: unstructured magnitude, N:M semi-structured, whole heads/channels, or
+    whole repeated blocks (layers)."""
 
     name: ClassVar[str] = "prune"
-    method: Literal["magnitude", "nm", "heads", "channels"] = "magnitude"
+    method: Literal["magnitude", "nm", "heads", "channels", "layers"] = "magnitude"
     #: Fraction removed: of weights (magnitude), of heads (heads) or of MLP channels (channels).
     sparsity: float = Field(0.5, ge=0.0, lt=1.0)
     #: N:M pattern: keep `n` of every `m` consecutive weights along the input dimension.
@@ -39,11 +40,23 @@ class Prune(PassOptions):
     importance: Literal["l1", "l2"] = "l2"
     #: oneshot prunes at compile time; gradual ramps sparsity during training (train target).
     schedule: Literal["oneshot", "gradual"] = "oneshot"
+    #: method = layers: indices of the repeated blocks to keep (0-based, as in `layers(...)`);
+    #: every other selected block is removed and its input flows to the next block.
+    keep: list[int] | None = None
 
     @model_validator(mode="after")
     def _pattern_is_valid(self) -> Prune:
         if self.method == "nm" and self.n >= self.m:
             raise ValueError(f"N:M pruning needs n < m, got {self.n}:{self.m}")
+        if self.method == "layers":
+            if not self.keep:
+                raise ValueError("method = layers needs the blocks to keep, e.g. keep = [1, 3, 5]")
+            if min(self.keep) < 0 or len(set(self.keep)) != len(self.keep):
+                raise ValueError(f"keep lists block indices, each once and >= 0; got {self.keep}")
+            if self.schedule == "gradual":
+                raise ValueError("method = layers removes whole blocks at once: use schedule = oneshot")
+        elif self.keep is not None:
+            raise ValueError("keep = [...] belongs to method = layers")
         return self
 
 
@@ -73,9 +86,13 @@ class Quantize(PassOptions):
     granularity: Literal["per_tensor", "per_channel", "per_group"] = "per_channel"
     group_size: int = Field(32, ge=8)
     symmetric: bool = True
-    #: Text file (one sample per line) used to calibrate static activation scales.
+    #: Text file (one sample per line) used to calibrate static activation scales and `smooth`.
     calibration: str | None = None
     calibration_samples: int = Field(32, ge=1)
+    #: int8 only: SmoothQuant migration strength alpha (None = off). Each Linear input channel j
+    #: is divided by s_j = max|X_j|^alpha / max|W_j|^(1 - alpha) (X from the calibration file, or
+    #: the example inputs) and its weight column multiplied by s_j before quantization.
+    smooth: float | None = Field(None, ge=0.0, le=1.0)
 
     @model_validator(mode="before")
     @classmethod
@@ -91,6 +108,8 @@ class Quantize(PassOptions):
             raise ValueError("int4 is weight-only: set mode = weight_only")
         if self.granularity == "per_group" and self.mode != "weight_only":
             raise ValueError("per_group granularity is for weight-only quantization")
+        if self.smooth is not None and self.scheme != "int8":
+            raise ValueError("smooth = alpha applies to int8 activations; int4 is weight-only")
         if self.mode == "static" and self.calibration is None:
             raise ValueError('static quantization needs calibration data: calibration = "file.txt"')
         if self.group_size & (self.group_size - 1):

@@ -13,7 +13,14 @@ Rewrite rules
    ONNX Runtime's MatMulNBits layout.
 4. A selected `Embedding` (int8 only): `embedding(W, ids)` -> `planc.embedding_int8(ids, Wq, s)`
    with one symmetric scale per row.
-5. The fp32 weight of every rewritten layer is removed from the GraphModule (unless another,
+5. `smooth = alpha` (int8, SmoothQuant), before rules 1-2: the selected Linears are grouped by
+   the node they read; per input channel j, `s_j = max|X_j|^alpha / max|W_j|^(1 - alpha)` from
+   the calibration samples (or the example inputs), with `max|W_j|` over the group's weights.
+   Each weight column j is multiplied by s_j and the input divided by s_j: folded into the
+   producing `layer_norm`'s weight and bias when the group's Linears are its only readers,
+   otherwise an explicit `aten.mul(x, 1 / s)` node. In fp32 this is an identity; it moves
+   activation outliers (GELU outputs) into the per-channel weight scales.
+6. The fp32 weight of every rewritten layer is removed from the GraphModule (unless another,
    unselected node still reads it); integer buffers `<module>.qweight`, `<module>.w_scale`
    (`<module>.scales`, `<module>.zero_points` for int4) carry the weights. Biases stay fp32.
 
@@ -37,6 +44,7 @@ from passes.graph_utils import (
     erase_if_unused,
     get_attr_node,
     get_tensor,
+    linear_sites,
     mark,
     select_embeddings,
     select_linears,
@@ -46,6 +54,10 @@ from passes.options import Quantize
 
 log = logging.getLogger(__name__)
 
+LAYER_NORM = torch.ops.aten.layer_norm.default
+MUL = torch.ops.aten.mul.Tensor
+#: Floor for channel maxima in the smoothing factors (dead channels keep a finite scale).
+SMOOTH_EPS = 1e-5
 OP_DYNAMIC = torch.ops.planc.linear_int8_dynamic.default
 OP_STATIC = torch.ops.planc.linear_int8_static.default
 OP_INT4 = torch.ops.planc.linear_int4.default
@@ -67,6 +79,19 @@ class MinMaxObserver(nn.Module):
         self.min = min(self.min, float(x.detach().min()))
         self.max = max(self.max, float(x.detach().max()))
         self.batches += 1
+        return x
+
+
+class ChannelMaxObserver(nn.Module):
+    """Pass-through module recording max |x| per last-dimension channel."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.amax: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        amax = x.detach().abs().reshape(-1, x.shape[-1]).amax(dim=0).float()
+        self.amax = amax if self.amax is None else torch.maximum(self.amax, amax)
         return x
 
 
@@ -95,6 +120,9 @@ class QuantizePass(GraphPass[Quantize]):
         opts = self.options
         linears = select_linears(gm, ctx.targets)
         embeddings = select_embeddings(gm, ctx.targets)
+        smoothed = self._smooth(gm, ctx, linears) if opts.smooth is not None and linears else {}
+        if smoothed:
+            linears = select_linears(gm, ctx.targets)  # the sites now read the smoothed inputs
         ranges = self._calibrate(gm, ctx, linears) if opts.mode == "static" else {}
         layers: dict[str, dict] = {}
         packed: dict[str, dict[str, str]] = {}  # weight -> names of its integer tensors
@@ -124,7 +152,12 @@ class QuantizePass(GraphPass[Quantize]):
             f"quantized {len(linears)} Linear + {len(embeddings)} Embedding to {kind}; "
             f"their weights {fp_bytes / 2**20:.2f} MiB -> {q_bytes / 2**20:.2f} MiB"
         )
-        return PassResult(summary, {"scheme": opts.scheme, "mode": opts.mode, "layers": layers, "bytes_before": fp_bytes, "bytes_after": q_bytes})
+        if smoothed:
+            summary += f"; smoothed {len(smoothed)} input(s) with alpha {opts.smooth}"
+        details = {"scheme": opts.scheme, "mode": opts.mode, "layers": layers, "bytes_before": fp_bytes, "bytes_after": q_bytes}
+        if smoothed:
+            details["smooth"] = smoothed
+        return PassResult(summary, details)
 
     def ensures(self, gm: fx.GraphModule, ctx: PassContext) -> None:
         left = [s.module_path for s in select_linears(gm, ctx.targets)]
@@ -220,24 +253,29 @@ class QuantizePass(GraphPass[Quantize]):
         node.replace_all_uses_with(new)
         gm.graph.erase_node(node)
 
-    def _calibrate(self, gm: fx.GraphModule, ctx: PassContext, linears: list[LinearSite]) -> dict[str, tuple[float, float]]:
-        """Observed [min, max] of each selected Linear's input, keyed by the linear node's name."""
+    # ------------------------------------------------------------------ calibration
+
+    def _samples(self, ctx: PassContext, purpose: str) -> list[dict[str, torch.Tensor]]:
+        """The plan's calibration samples, or the example inputs when there is no file or loader."""
         opts = self.options
         if ctx.load_samples is not None and opts.calibration is not None:
             samples = ctx.load_samples(opts.calibration, opts.calibration_samples)
-        else:
-            log.warning("no calibration loader: calibrating static scales on the example inputs")
-            samples = [ctx.example_inputs]
-        if not samples:
-            raise PassError(f"calibration file {opts.calibration!r} gave no samples")
-        observers: dict[fx.Node, MinMaxObserver] = {}
+            if not samples:
+                raise PassError(f"calibration file {opts.calibration!r} gave no samples")
+            return samples
+        if opts.calibration is not None:
+            log.warning("no calibration loader: calibrating %s on the example inputs", purpose)
+        return [ctx.example_inputs]
+
+    def _observe(self, gm: fx.GraphModule, samples: list[dict], nodes: list[fx.Node], factory) -> dict[fx.Node, nn.Module]:
+        """Run `samples` through `gm` with an observer (made by `factory`) on each of `nodes`."""
+        observers: dict[fx.Node, nn.Module] = {}
         inserted: list[fx.Node] = []
-        for site in linears:
-            source = site.input
+        for source in nodes:
             if source in observers:
                 continue
             name = f"planc_observer_{len(observers)}"
-            observers[source] = MinMaxObserver()
+            observers[source] = factory()
             gm.add_submodule(name, observers[source])
             with gm.graph.inserting_after(source):
                 inserted.append(gm.graph.call_module(name, (source,)))
@@ -251,7 +289,79 @@ class QuantizePass(GraphPass[Quantize]):
                 gm.graph.erase_node(node)
                 delattr(gm, str(node.target))
             gm.recompile()
+        return observers
+
+    def _calibrate(self, gm: fx.GraphModule, ctx: PassContext, linears: list[LinearSite]) -> dict[str, tuple[float, float]]:
+        """Observed [min, max] of each selected Linear's input, keyed by the linear node's name."""
+        samples = self._samples(ctx, "static scales")
+        observers = self._observe(gm, samples, [site.input for site in linears], MinMaxObserver)
         unseen = [site.module_path for site in linears if observers[site.input].batches == 0]
         if unseen:
             raise PassError(f"calibration never reached {unseen[:3]}")
         return {site.node.name: (observers[site.input].min, observers[site.input].max) for site in linears}
+
+    # ------------------------------------------------------------------ smoothing
+
+    def _smooth(self, gm: fx.GraphModule, ctx: PassContext, linears: list[LinearSite]) -> dict[str, dict]:
+        """SmoothQuant (rule 5), in place; returns {input node: how its factors were applied}."""
+        alpha = float(self.options.smooth)  # type: ignore[arg-type]
+        groups: dict[fx.Node, list[LinearSite]] = {}
+        for site in linears:
+            groups.setdefault(site.input, []).append(site)
+        readers: dict[str, set[fx.Node]] = {}
+        for site in linear_sites(gm):
+            readers.setdefault(site.weight, set()).add(site.input)
+        observers = self._observe(gm, self._samples(ctx, "smoothing factors"), list(groups), ChannelMaxObserver)
+        done: dict[str, dict] = {}
+        for x, sites in groups.items():
+            weights = sorted({site.weight for site in sites})
+            if any(readers[w] != {x} for w in weights):
+                log.warning("not smoothing %s: its weights are shared with Linears reading other inputs", sites[0].module_path)
+                continue
+            x_max = observers[x].amax
+            if x_max is None:
+                raise PassError(f"calibration never reached {sites[0].module_path}")
+            w_max = torch.cat([get_tensor(gm, w).detach().float().abs() for w in weights]).amax(dim=0)
+            factors = (x_max.clamp(min=SMOOTH_EPS) ** alpha / w_max.clamp(min=SMOOTH_EPS) ** (1 - alpha)).clamp(min=SMOOTH_EPS)
+            for w in weights:
+                tensor = get_tensor(gm, w)
+                set_tensor(gm, w, (tensor.detach().float() * factors).to(tensor.dtype))
+            how = "layer_norm" if self._fold_into_layer_norm(gm, x, sites, factors) else "mul"
+            if how == "mul":
+                self._insert_divide(gm, x, sites, factors, ctx.source)
+            done[x.name] = {"layers": [s.module_path for s in sites], "folded_into": how, "max_factor": float(factors.max()), "min_factor": float(factors.min())}
+        return done
+
+    def _fold_into_layer_norm(self, gm: fx.GraphModule, x: fx.Node, sites: list[LinearSite], factors: torch.Tensor) -> bool:
+        """Divide an affine layer_norm's weight and bias by `factors` if only `sites` read it."""
+        if x.op != "call_function" or x.target != LAYER_NORM or len(x.args) < 4:
+            return False
+        if set(x.users) != {site.node for site in sites}:
+            return False
+        affine = [a for a in x.args[2:4] if isinstance(a, fx.Node) and a.op == "get_attr"]
+        if len(affine) != 2 or any(len(a.users) != 1 for a in affine):
+            return False
+        if any(len(gm.graph.find_nodes(op="get_attr", target=a.target)) != 1 for a in affine):
+            return False
+        for attr in affine:
+            tensor = get_tensor(gm, str(attr.target))
+            set_tensor(gm, str(attr.target), (tensor.detach().float() / factors).to(tensor.dtype))
+        return True
+
+    def _insert_divide(self, gm: fx.GraphModule, x: fx.Node, sites: list[LinearSite], factors: torch.Tensor, source: str) -> None:
+        """x -> mul(x, 1 / factors) for the smoothed Linears only."""
+        target = f"{sites[0].module_path}.smooth_inverse"
+        set_tensor(gm, target, (1.0 / factors).float(), buffer=True)
+        first = min((site.node for site in sites), key=_graph_position(gm))
+        inverse = get_attr_node(gm, target, before=first)
+        with gm.graph.inserting_before(first):
+            scaled = gm.graph.call_function(MUL, (x, inverse))
+        copy_meta(scaled, x, source, same_value=True)
+        mark(inverse, source)
+        for site in sites:
+            site.node.replace_input_with(x, scaled)
+
+
+def _graph_position(gm: fx.GraphModule):
+    order = {node: i for i, node in enumerate(gm.graph.nodes)}
+    return order.__getitem__
