@@ -225,7 +225,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from backends.train.emit import launch
+    from backends.train.launch import launch
     from compiler.driver import compile_plan
 
     output = Path(args.output or Path(args.file).with_suffix("").name + "-train")

@@ -1,0 +1,65 @@
+"""The driver's graph stages through the CLI: every failure is a diagnostic at a plan line."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import shutil
+from pathlib import Path
+
+import pytest
+
+from compiler.cli import main
+from conftest import ROOT
+
+
+def planc(*args: str) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(list(args))
+    return code, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture
+def plans(tmp_path: Path) -> Path:
+    shutil.copytree(ROOT / "examples" / "models", tmp_path / "models", ignore=shutil.ignore_patterns("gpt2_25m"))
+    (tmp_path / "broken.py").write_text("def build(depth=1):\n    raise ValueError(f'depth {depth} is too deep')\n")
+    return tmp_path
+
+
+GPT = 'model gpt = factory("models/gpt.py:gpt", n_layer = 2, d_model = 64) { task = causal_lm }\n'
+
+
+def test_selector_matching_nothing_is_an_error_at_its_span(plans: Path) -> None:
+    plan = plans / "empty.plan"
+    plan.write_text(GPT + 'select ffn = name("encoder.*")\npipeline {\n  prune ffn { sparsity = 50% }\n}\n')
+    code, _, err = planc("compile", str(plan), "--emit", "fx-after:prune")
+    assert code == 1 and "Traceback" not in err
+    assert f"{plan}:4:9: error: selector matches no module" in err
+    assert "'ffn' is defined at" in err
+
+
+def test_factory_failure_points_at_the_model_line(plans: Path) -> None:
+    plan = plans / "broken.plan"
+    plan.write_text('pipeline { cast; }\nmodel m = factory("broken.py:build", depth = 7)\n')
+    code, _, err = planc("compile", str(plan), "--emit", "fx")
+    assert code == 1 and f"{plan}:2:1: error: model 'm'" in err and "depth 7 is too deep" in err
+
+
+def test_emit_after_a_pass_prints_the_rewritten_graph(plans: Path) -> None:
+    plan = plans / "prune.plan"
+    plan.write_text(GPT + "pipeline {\n  prune Linear { method = nm }\n  cast { dtype = bf16 }\n}\n")
+    code, out, err = planc("compile", str(plan), "--emit", "fx-after:prune")
+    assert code == 0, err
+    assert "def forward" in out and "bfloat16" not in out
+    code, out, _ = planc("compile", str(plan), "--emit", "fx-after:cast")
+    assert code == 0 and "bfloat16" in out
+    code, _, err = planc("compile", str(plan), "--emit", "fx-after:quantize")
+    assert code == 1 and "the pipeline has no pass 'quantize'" in err
+
+
+def test_compile_without_output_or_target_is_a_plan_error(plans: Path) -> None:
+    plan = plans / "notarget.plan"
+    plan.write_text(GPT)
+    code, _, err = planc("compile", str(plan), "-o", str(plans / "out"))
+    assert code == 1 and "the plan has no target" in err and not (plans / "out").exists()
