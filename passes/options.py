@@ -89,9 +89,10 @@ class Quantize(PassOptions):
     #: Text file (one sample per line) used to calibrate static activation scales and `smooth`.
     calibration: str | None = None
     calibration_samples: int = Field(32, ge=1)
-    #: int8 only: SmoothQuant migration strength alpha (None = off). Each Linear input channel j
-    #: is divided by s_j = max|X_j|^alpha / max|W_j|^(1 - alpha) (X from the calibration file, or
-    #: the example inputs) and its weight column multiplied by s_j before quantization.
+    #: Activation-aware scaling strength alpha (None = off). Each Linear input channel j is divided
+    #: by s_j = max|X_j|^alpha / max|W_j|^(1 - alpha) (X from the calibration file, or the example
+    #: inputs) and its weight column multiplied by s_j before quantization: for int8 it tames the
+    #: activation outliers (SmoothQuant); for int4 it gives salient input channels finer weight steps.
     smooth: float | None = Field(None, ge=0.0, le=1.0)
 
     @model_validator(mode="before")
@@ -108,8 +109,6 @@ class Quantize(PassOptions):
             raise ValueError("int4 is weight-only: set mode = weight_only")
         if self.granularity == "per_group" and self.mode != "weight_only":
             raise ValueError("per_group granularity is for weight-only quantization")
-        if self.smooth is not None and self.scheme != "int8":
-            raise ValueError("smooth = alpha applies to int8 activations; int4 is weight-only")
         if self.mode == "static" and self.calibration is None:
             raise ValueError('static quantization needs calibration data: calibration = "file.txt"')
         if self.group_size & (self.group_size - 1):

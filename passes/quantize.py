@@ -13,13 +13,14 @@ Rewrite rules
    ONNX Runtime's MatMulNBits layout.
 4. A selected `Embedding` (int8 only): `embedding(W, ids)` -> `planc.embedding_int8(ids, Wq, s)`
    with one symmetric scale per row.
-5. `smooth = alpha` (int8, SmoothQuant), before rules 1-2: the selected Linears are grouped by
+5. `smooth = alpha` (SmoothQuant for int8, activation-aware scaling for int4), before rules 1-3: the selected Linears are grouped by
    the node they read; per input channel j, `s_j = max|X_j|^alpha / max|W_j|^(1 - alpha)` from
    the calibration samples (or the example inputs), with `max|W_j|` over the group's weights.
    Each weight column j is multiplied by s_j and the input divided by s_j: folded into the
    producing `layer_norm`'s weight and bias when the group's Linears are its only readers,
    otherwise an explicit `aten.mul(x, 1 / s)` node. In fp32 this is an identity; it moves
-   activation outliers (GELU outputs) into the per-channel weight scales.
+   activation outliers (GELU outputs) into the per-channel weight scales (int8), and gives the
+   input channels that carry large activations finer int4 steps (int4).
 6. The fp32 weight of every rewritten layer is removed from the GraphModule (unless another,
    unselected node still reads it); integer buffers `<module>.qweight`, `<module>.w_scale`
    (`<module>.scales`, `<module>.zero_points` for int4) carry the weights. Biases stay fp32.

@@ -143,3 +143,10 @@ def test_smoothing_is_an_identity_and_raises_int8_accuracy(minilm):
         before, after = cosines(model, plain, inputs), cosines(model, smooth, inputs)
     assert float(after.min()) > float(before.min()) + 0.002, (before, after)
     assert float(after.min()) >= 0.99, after
+
+
+def test_int4_accepts_activation_aware_scaling() -> None:
+    from passes.options import Quantize
+
+    options = Quantize(scheme="int4", smooth=0.5)
+    assert options.mode == "weight_only" and options.smooth == 0.5
