@@ -26,7 +26,7 @@ def launch(out_dir: Path, env_overrides: dict[str, str] | None = None, timeout: 
     torchrun. After `timeout` seconds the whole job (torchrun and its workers) is killed and
     TimeoutError raised.
     """
-    script = Path(out_dir) / "launch.sh"
+    script = Path(out_dir).resolve() / "launch.sh"
     if not script.is_file():
         raise FileNotFoundError(f"{script} does not exist: emit the training program first")
     env = dict(os.environ)
