@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from compiler.cli import main
-from conftest import ROOT
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def planc(*args: str) -> tuple[int, str, str]:

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import json
 import subprocess
 import sys
 import time
 
 from compiler.cli import main
-from conftest import ROOT
+ROOT = Path(__file__).resolve().parents[2]
 
 GOLDEN = ROOT / "tests" / "golden"
 

@@ -9,7 +9,7 @@ import pytest
 from compiler.cli import main
 from compiler.explain import explain
 from compiler.validate import check_file
-from conftest import ROOT
+ROOT = Path(__file__).resolve().parents[2]
 from dsl.format import format_document
 from dsl.parser import parse
 

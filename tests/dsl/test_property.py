@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from compiler.cli import main
-from conftest import ROOT
+ROOT = Path(__file__).resolve().parents[2]
 
 EXAMPLES = sorted((ROOT / "examples").glob("*.plan"))
 TOKEN = re.compile(r'"(?:[^"\\\n]|\\.)*"|[A-Za-z_][A-Za-z0-9_]*|-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?%?|\s+|.', re.S)
