@@ -17,7 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 class PassOptions(BaseModel):
     """Base of all pass option models: frozen, no unknown fields."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # defer_build: a plan validates only the passes it uses; `planc check` skips building the rest.
+    model_config = ConfigDict(frozen=True, extra="forbid", defer_build=True)
     name: ClassVar[str]
     #: Module types the pass acts on when the plan gives no selector.
     default_types: ClassVar[tuple[str, ...]] = ("Linear",)

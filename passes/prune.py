@@ -16,6 +16,11 @@ Rewrite rules
 5. `method = channels`: in each selected MLP group, the `round(sparsity * channels)`
    intermediate channels of lowest importance are removed: rows (and bias) of the
    up-projection(s), columns of the down-projection.
+6. `method = layers`: every selected repeated block (`encoder.layer.i`, `blocks.i`: a child
+   of the model's block list that holds a selected module) whose index is not in `keep` is
+   removed: its nodes are erased, its weights deleted, and the uses of its output read its
+   input instead (block i-1's output feeds block i+1). Kept blocks keep their names, so later
+   steps select them by their original paths.
 
 Selectors. Magnitude and N:M act on the selected Linear modules (a selected container means
 all Linears inside it). Heads and channels act on groups recognised by name:
@@ -27,8 +32,10 @@ its Linears, or an ancestor of one of them (so `Linear`, `Attention`, `BertSelfA
 `MLP`, `BertIntermediate` selectors all work).
 
 Assumes `aten.linear` nodes with get_attr weights (torch.export capture) and multi-head
-attention with equal q/k/v widths (no grouped-query attention). Guarantees the requested
-zeros/pattern, and for structured methods a graph that still runs at any batch/sequence.
+attention with equal q/k/v widths (no grouped-query attention); for layers, blocks that map
+one hidden state to one hidden state of the same shape (extra inputs such as the attention
+mask are allowed). Guarantees the requested zeros/pattern, and for structured methods a graph
+that still runs at any batch/sequence.
 `schedule = gradual` belongs to the training target and is rejected here.
 """
 
@@ -47,7 +54,9 @@ from passes.graph_utils import (
     get_tensor,
     is_within,
     linear_sites,
+    erase_if_unused,
     mark,
+    module_stack,
     owner_path,
     select_linears,
     set_tensor,
@@ -142,6 +151,14 @@ class PrunePass(GraphPass[Prune]):
                 "schedule = gradual ramps sparsity during training and is applied by the train target;"
                 " use schedule = oneshot to prune at compile time"
             )
+        if opts.method == "layers":
+            block_list, length, indices = self._selected_blocks(gm, ctx)
+            bad = [i for i in opts.keep or [] if i >= length]
+            if bad:
+                raise PassError(f"keep = {opts.keep} names block(s) {bad} but {block_list} has {length} blocks")
+            if not [i for i in indices if i not in (opts.keep or [])]:
+                raise PassError(f"prune (method = layers) keeps every selected block of {block_list}: nothing to remove")
+            return
         if opts.method in ("magnitude", "nm"):
             sites = select_linears(gm, ctx.targets)
             if not sites:
@@ -161,6 +178,8 @@ class PrunePass(GraphPass[Prune]):
 
     def call(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         method = self.options.method
+        if method == "layers":
+            return self._drop_layers(gm, ctx)
         if method == "magnitude":
             return self._magnitude(gm, ctx)
         if method == "nm":
@@ -384,3 +403,107 @@ class PrunePass(GraphPass[Prune]):
             if changed:
                 node.args = (node.args[0], shape, *node.args[2:])
                 mark(node, source)
+
+    # ------------------------------------------------------------------ layers
+
+    def _selected_blocks(self, gm: fx.GraphModule, ctx: PassContext) -> tuple[str, int, list[int]]:
+        """The model's block list holding the selection, its length, and the indices of its
+        selected blocks still in the graph.
+
+        The block list is the longest `nn.ModuleList` of the eager model that contains a
+        selected module (or is inside one); its blocks that are still in the graph count.
+        """
+        lists = [
+            (name, module) for name, module in ctx.model.named_modules()
+            if isinstance(module, torch.nn.ModuleList) and len(module) > 1 and name
+        ]
+        chosen: list[tuple[str, int]] = []
+        for name, module in lists:
+            selected = [
+                i for i in range(len(module))
+                if any(is_within(t, f"{name}.{i}") or is_within(f"{name}.{i}", t) for t in ctx.targets)
+            ]
+            if selected:
+                chosen.append((name, len(module)))
+        if not chosen:
+            raise PassError(
+                f"prune (method = layers) found no repeated blocks (a ModuleList of layers) in the selection {sorted(ctx.targets)[:5]}"
+            )
+        if len(chosen) > 1:
+            raise PassError(
+                f"prune (method = layers): the selection spans several block lists {[c[0] for c in chosen]}; narrow it to one"
+            )
+        name, length = chosen[0]
+        present = {i for i in range(length) if self._block_nodes(gm, f"{name}.{i}")}
+        indices = [
+            i for i in sorted(present)
+            if any(is_within(t, f"{name}.{i}") or is_within(f"{name}.{i}", t) for t in ctx.targets)
+        ]
+        if not indices:
+            raise PassError(f"prune (method = layers): no selected block of {name} is left in the graph")
+        return name, length, indices
+
+    @staticmethod
+    def _block_nodes(gm: fx.GraphModule, path: str) -> list[fx.Node]:
+        """Nodes created inside module `path` (by their recorded module stack), in graph order."""
+        return [
+            node for node in gm.graph.nodes
+            if node.op == "call_function" and any(is_within(p, path) for p, _ in module_stack(node))
+        ]
+
+    @staticmethod
+    def _same_value(a: fx.Node, b: fx.Node) -> bool:
+        va, vb = a.meta.get("val"), b.meta.get("val")
+        if not isinstance(va, torch.Tensor) or not isinstance(vb, torch.Tensor):
+            return False
+        return va.dtype == vb.dtype and str(tuple(va.shape)) == str(tuple(vb.shape))
+
+    def _drop_block(self, gm: fx.GraphModule, path: str) -> int:
+        """Remove block `path` from the graph, its input taking the place of its output.
+
+        Returns how many parameter elements the block held.
+        """
+        nodes = self._block_nodes(gm, path)
+        inside = set(nodes)
+        outputs = [n for n in nodes if any(user not in inside for user in n.users)]
+        if len(outputs) != 1:
+            raise PassError(
+                f"block {path} has {len(outputs)} values used outside it ({[n.name for n in outputs][:4]});"
+                " method = layers removes blocks that return one hidden state"
+            )
+        (output,) = outputs
+        external = list(dict.fromkeys(
+            arg for n in nodes for arg in n.all_input_nodes if arg not in inside and arg.op != "get_attr"
+        ))
+        candidates = [arg for arg in external if self._same_value(arg, output)]
+        if len(candidates) != 1:
+            raise PassError(
+                f"block {path}: cannot tell its hidden-state input ({len(candidates)} inputs have the shape of its"
+                " output); method = layers removes blocks mapping one hidden state to the next"
+            )
+        output.replace_all_uses_with(candidates[0], delete_user_cb=lambda user: user not in inside)
+        weights: list[fx.Node] = []
+        for node in reversed(nodes):
+            weights += [arg for arg in node.all_input_nodes if arg.op == "get_attr"]
+            gm.graph.erase_node(node)
+        removed = 0
+        for node in dict.fromkeys(weights):
+            if not node.users:
+                tensor = get_tensor(gm, str(node.target))
+                if erase_if_unused(gm, node):
+                    removed += tensor.numel()
+        return removed
+
+    def _drop_layers(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        block_list, _, indices = self._selected_blocks(gm, ctx)
+        keep = set(self.options.keep or [])
+        dropped = [i for i in indices if i not in keep]
+        removed = 0
+        for index in dropped:
+            removed += self._drop_block(gm, f"{block_list}.{index}")
+        gm.delete_all_unused_submodules()
+        kept = [i for i in indices if i in keep]
+        summary = f"removed {len(dropped)} of {len(indices)} selected blocks of {block_list} (kept {kept}); {removed} params fewer"
+        return PassResult(
+            summary, {"method": "layers", "blocks": block_list, "dropped": dropped, "kept": kept, "params_removed": removed}
+        )

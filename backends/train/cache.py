@@ -1,8 +1,11 @@
 """Content-addressed cache of trained weights, so compiling the same plan twice trains once.
 
 The key hashes everything that decides the result: the resolved plan text (model, passes,
-training target, all defaults filled in) and the model's own files (the factory's source or
-the Hugging Face directory's weights and config). Entries are written atomically.
+training target, all defaults filled in), the model's own files (the factory's source or
+the Hugging Face directory's weights and config), the code of the training program (the
+runtime and the templates it is rendered from) and, for sentence corpora (encoders), a
+fingerprint of the sentences themselves (`corpus_fingerprint`: the text on the machine may
+change while the plan does not). Entries are written atomically.
 """
 
 from __future__ import annotations
@@ -11,10 +14,18 @@ import hashlib
 import os
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from backends.train.options import TrainTarget
     from compiler.ir import ModelSource
+
+#: The code a trained result depends on besides the plan: what the program is rendered from.
+_TRAINING_CODE = (
+    Path(__file__).parent / "planc_runtime.py",
+    Path(__file__).parent / "render.py",
+    Path(__file__).parent / "templates" / "train.py.tmpl",
+)
 
 #: Bump when the training program changes in a way that changes its results.
 CACHE_VERSION = "1"
@@ -25,8 +36,11 @@ def cache_dir() -> Path:
     return Path(root) / "trained"
 
 
-def plan_key(resolved_plan: str, model: ModelSource) -> str:
-    digest = hashlib.sha256(f"planc-train-v{CACHE_VERSION}\n{resolved_plan}".encode())
+def plan_key(resolved_plan: str, model: ModelSource, corpus: str = "") -> str:
+    """The cache key of a plan's trained weights; `corpus` is `corpus_fingerprint(...)` (or '')."""
+    digest = hashlib.sha256(f"planc-train-v{CACHE_VERSION}\n{resolved_plan}\ncorpus:{corpus}\n".encode())
+    for path in _TRAINING_CODE:
+        digest.update(path.read_bytes())
     for path in _model_files(model):
         digest.update(path.name.encode())
         with path.open("rb") as handle:
@@ -51,6 +65,23 @@ def _model_files(model: ModelSource) -> list[Path]:
     else:
         directory = model.base_dir / model.ref
     return sorted(p for p in directory.rglob("*") if p.is_file() and p.suffix in (".json", ".safetensors", ".bin", ".txt"))
+
+
+def corpus_fingerprint(target: TrainTarget, base_dir: Path, task: str = "encoder") -> str:
+    """Digest of the sentences an encoder's `data` block yields ('' for a decoder's packed files,
+    which the resolved plan already names). Reads through the runtime's own sentence reader and
+    its corpus cache, so it agrees with what training sees; a second call takes a second."""
+    if task != "encoder":
+        return ""
+    from backends.train import planc_runtime
+
+    data: dict[str, Any] = target.data.model_dump()
+    for key in ("path",):
+        if data[key] != "stdlib":
+            data[key] = str((Path(base_dir) / data[key]).resolve())
+    data["exclude"] = [str((Path(base_dir) / name).resolve()) for name in data["exclude"]]
+    sentences = planc_runtime.collect_sentences(data, Path(base_dir))
+    return hashlib.sha256("\n".join(sentences).encode()).hexdigest()[:32]
 
 
 def cached_weights(key: str) -> Path | None:

@@ -49,12 +49,13 @@ def emit_training_program(
     """
     mesh = mesh_of(target, partition)
     spec, task = model_spec(model)
-    problems = _feature_problems(target, spec, task, compression, mesh.pp, stage_cuts)
+    problems = _feature_problems(target, spec, task, compression, mesh.pp, stage_cuts, model.base_dir)
     if problems:
         raise TrainPlanError(problems)
     data_path = target.data.path
     if data_path != "stdlib":
         data_path = str((model.base_dir / data_path).resolve())
+    exclude = tuple(str((model.base_dir / name).resolve()) for name in target.data.exclude)
     program = Program(
         target=target,
         mesh=mesh,
@@ -64,6 +65,7 @@ def emit_training_program(
         compression=[(o, list(p)) for o, p in compression if isinstance(o, (Prune, Quantize, LowRank))],
         stage_cuts=list(stage_cuts) if stage_cuts else None,
         plan_name=Path(model.span.file).name,
+        exclude_paths=exclude,
     )
     for options, _ in compression:
         if isinstance(options, Cast):
@@ -162,6 +164,10 @@ def _module_origin(module: str, base_dir: Path) -> str | None:
 def _hf_task(directory: Path | None) -> str:
     """causal_lm if the checkpoint's architecture has a language-model head, else encoder."""
     config = directory / "config.json" if directory is not None else None
+    if config is not None and not config.is_file() and directory.is_dir():
+        # A package may keep its model in a subfolder: the shallowest config.json is the model's.
+        found = sorted(directory.rglob("config.json"), key=lambda p: (len(p.parts), str(p)))
+        config = found[0] if found else config
     if config is None or not config.is_file():
         return "causal_lm"
     architectures = json.loads(config.read_text()).get("architectures") or []
@@ -175,27 +181,35 @@ def _feature_problems(
     compression: list[tuple[PassOptions, list[str]]],
     stages: int,
     stage_cuts: list[int] | None,
+    base_dir: Path | None = None,
 ) -> list[str]:
     """Combinations the program cannot run, reported before anything is written."""
     problems = []
     strategy = set(target.strategy)
+    encoder_terms = {"embedding", "hidden", "attention", "similarity"}
     if task == "encoder":
         if target.distill is None:
             problems.append(
                 "an encoder has no next-token loss to train on: add distill { losses = [embedding] } "
                 "to train it against the original model"
             )
-        elif not {"embedding", "hidden"} & set(target.distill.losses) or "logits" in target.distill.losses:
-            problems.append("an encoder has no logits: distill it with losses = [embedding] and/or [hidden]")
+        elif not encoder_terms & set(target.distill.losses) or "logits" in target.distill.losses:
+            problems.append("an encoder has no logits: distill it with losses among [embedding, similarity, hidden, attention]")
         if strategy & {"pipeline", "tensor"}:
             problems.append("pipeline and tensor parallelism split GPT-style decoders; use ddp or fsdp for an encoder")
+        if spec["kind"] != "hf":
+            problems.append("encoder distillation reads sentences with the model's own tokenizer: it needs a Hugging Face model")
+        elif target.data.tokenizer != "model":
+            problems.append("an encoder trains on sentences tokenized by its own tokenizer: set data { tokenizer = model }")
+        for name in target.data.exclude:
+            if base_dir is not None and not (base_dir / name).is_file():
+                problems.append(f"data.exclude names {name}, which does not exist")
+    elif target.distill is not None and {"similarity", "attention"} & set(target.distill.losses):
+        problems.append(
+            "similarity and attention distillation are for encoders; distill a decoder with logits, hidden or embedding"
+        )
     if target.data.tokenizer == "model" and spec["kind"] != "hf":
         problems.append("data tokenizer = model needs a Hugging Face model; use tokenizer = bytes for a factory model")
-    if target.distill is not None and "attention" in target.distill.losses:
-        problems.append(
-            "attention distillation needs attention maps, which scaled_dot_product_attention does not "
-            "expose: use logits, hidden or embedding"
-        )
     for options, paths in compression:
         if isinstance(options, (Prune, Quantize, LowRank)) and not paths:
             problems.append(f"the {options.name} step selects no module")

@@ -8,7 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", defer_build=True)
 
 
 class Optimizer(_Frozen):
@@ -26,7 +26,13 @@ class Schedule(_Frozen):
 
 
 class Data(_Frozen):
-    """Local text: a file, a folder of files, or `stdlib` (the Python standard library's sources)."""
+    """Local text: a file, a folder of files, or `stdlib` (the Python standard library's sources).
+
+    Decoders train on packed token sequences. Encoders (distillation) train on sentences: every
+    file is split into sentences of `min_words`..`max_words` words, one sample each, padded per
+    batch; `stdlib` then means the standard library's docstrings, and `corpora` adds prose
+    already on the machine. Nothing is downloaded.
+    """
 
     path: str = "stdlib"
     #: File name glob inside a folder.
@@ -38,20 +44,73 @@ class Data(_Frozen):
     max_bytes: int = Field(4_000_000, ge=1024)
     #: Fraction held out for evaluation (never trained on).
     heldout: float = Field(0.02, ge=0, lt=0.5)
+    #: Encoders: offline prose added to `path`: the standard library's docstrings, Python's help
+    #: topics (`pydoc_data.topics`), and the documentation under /usr/share/doc.
+    corpora: list[Literal["docstrings", "pydoc_topics", "system_docs"]] = Field(default_factory=list)
+    #: Text files (relative to the plan) whose sentences must never be trained on, e.g. an
+    #: evaluation set: they are removed from the corpus.
+    exclude: list[str] = Field(default_factory=list)
+    #: Encoders: sentence length bounds, in words.
+    min_words: int = Field(5, ge=1)
+    max_words: int = Field(60, ge=1)
+    #: Encoders: altered copies of training sentences (each altered copy is a new sample whose
+    #: teacher outputs are computed once, like the others'): drop ~10% of the words, swap two
+    #: spans of words, or replace ~20% of the words by random words of the model's vocabulary.
+    augment: list[Literal["word_dropout", "span_shuffle", "word_swap"]] = Field(default_factory=list)
+    #: Fraction of the training sentences that get one copy per augmentation.
+    augment_fraction: float = Field(0.5, gt=0, le=1)
+
+    @model_validator(mode="after")
+    def _word_bounds(self) -> Data:
+        if self.min_words > self.max_words:
+            raise ValueError(f"min_words {self.min_words} > max_words {self.max_words}")
+        return self
+
+
+class LossWeights(_Frozen):
+    """Weight of each distillation term in the sum."""
+
+    logits: float = Field(1.0, ge=0)
+    embedding: float = Field(1.0, ge=0)
+    hidden: float = Field(1.0, ge=0)
+    attention: float = Field(1.0, ge=0)
+    similarity: float = Field(1.0, ge=0)
 
 
 class Distill(_Frozen):
-    """Knowledge distillation from the original (uncompressed) model."""
+    """Knowledge distillation from the original (uncompressed) model.
+
+    Terms: `logits` (KL on softmax(logits / T), decoders), `embedding` (sentence embeddings:
+    cosine or MSE), `hidden` (block outputs, per `layer_map`), `attention` (head-averaged
+    attention maps per `layer_map`, encoders), `similarity` (the batch's matrix of pairwise
+    embedding cosines, encoders).
+    """
 
     teacher: Literal["original"] = "original"
     temperature: float = Field(2.0, gt=0)
     #: Weight of the distillation loss; (1 - alpha) weighs the task loss.
     alpha: float = Field(0.5, ge=0, le=1)
-    losses: list[Literal["logits", "embedding", "hidden", "attention"]] = Field(
+    losses: list[Literal["logits", "embedding", "hidden", "attention", "similarity"]] = Field(
         default_factory=lambda: ["logits"]
     )
     #: Student layer -> teacher layer for hidden/attention losses, e.g. [[0, 1], [1, 3]].
+    #: Student layers count the blocks the student keeps (after `prune { method = layers }`).
     layer_map: list[list[int]] = Field(default_factory=list)
+    #: How the `embedding` term compares sentence embeddings: 1 - cosine, or MSE of the
+    #: mean-pooled hidden states.
+    embedding_metric: Literal["cosine", "mse"] = "cosine"
+    weights: LossWeights = Field(default_factory=LossWeights)
+    #: Encoders: the teacher runs once per sample, before training, and its outputs stay in
+    #: memory; with cache_teacher they are also saved under $PLANC_CACHE/teacher (keyed by the
+    #: teacher's weights, the samples and the layers) for later runs.
+    cache_teacher: bool = True
+
+    @model_validator(mode="after")
+    def _pairs(self) -> Distill:
+        for pair in self.layer_map:
+            if len(pair) != 2 or min(pair) < 0:
+                raise ValueError(f"layer_map entries are [student, teacher] layer pairs, got {pair}")
+        return self
 
 
 class Checkpoint(_Frozen):
@@ -103,6 +162,12 @@ class TrainTarget(_Frozen):
     sparsity_ramp: float = Field(0.5, gt=0, le=1)
     #: Where the generated program writes the trained weights (relative to the output dir).
     save: str = "trained.pt"
+    #: Parameters kept frozen, by module path glob (e.g. "embeddings.*"): not trained, not
+    #: all-reduced, no optimizer state.
+    freeze: list[str] = Field(default_factory=list)
+    #: Train the plan's quantize steps quantization-aware (fake-quantized weights/activations);
+    #: false trains in full precision and leaves quantization to the compile after training.
+    qat: bool = True
 
     @model_validator(mode="after")
     def _strategy_is_consistent(self) -> TrainTarget:

@@ -30,6 +30,7 @@ import logging
 import math
 import os
 import random
+import re
 import shutil
 import socket
 import sys
@@ -204,13 +205,22 @@ def _import_file(path: Path) -> Any:
 
 
 def hf_directory(spec: dict[str, Any]) -> Path:
-    """The model's local directory, found inside its Python package when one is named."""
+    """The model's local directory, found inside its Python package when one is named.
+
+    A package may keep its model in a subfolder: the shallowest folder holding a config.json
+    (at or below the named directory) is the model's.
+    """
     if spec.get("package"):
         found = importlib.util.find_spec(spec["package"])
         if found is None or found.origin is None:
             raise ModuleNotFoundError(f"model package {spec['package']!r} is not installed")
-        return Path(found.origin).parent / spec["ref"]
-    return Path(spec["ref"])
+        root = Path(found.origin).parent / spec["ref"]
+    else:
+        root = Path(spec["ref"])
+    if (root / "config.json").is_file() or not root.is_dir():
+        return root
+    configs = sorted(root.rglob("config.json"), key=lambda p: (len(p.parts), str(p)))
+    return configs[0].parent if configs else root
 
 
 def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
@@ -364,6 +374,391 @@ def causal_lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
 
 
+# ============================================================================ 3b. sentences (encoders)
+#
+# An encoder is distilled on sentences, not packed token streams: every sample is one sentence
+# of everyday-length prose, padded per batch. The text comes from the plan's own files and from
+# prose already on the machine; nothing is downloaded.
+
+#: Sentence boundaries: end punctuation, space, then a capital letter or a quote.
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z\"'])")
+#: Fragments that are code, markup, paths or addresses rather than prose.
+_NOT_PROSE = re.compile(r"[{}\[\]<>=_`|\\#@*$~^]|\(\)|>>>|::|\.\.\.|\w\.\w|https?:|www\.|--|\d{4,}")
+#: Files under /usr/share/doc worth reading (the rest is binary, HTML or code).
+_DOC_NAMES = re.compile(r"(readme|news|changelog|changes|copyright|faq|authors|thanks|todo|history|usage)"
+                        r"|\.(txt|md|rst)(\.gz)?$", re.IGNORECASE)
+
+
+def prose_sentences(text: str, min_words: int, max_words: int) -> list[str]:
+    """The prose sentences of a text: split at sentence ends inside paragraphs, keeping only
+    sentences of `min_words`..`max_words` words that start with a capital, end with . ! or ?,
+    are ASCII and look like language (mostly alphabetic words, no code or markup)."""
+    found = []
+    for paragraph in re.split(r"\n\s*\n", text):
+        flat = " ".join(paragraph.split())
+        for sentence in _SENTENCE_END.split(flat):
+            words = sentence.split()
+            if not (min_words <= len(words) <= max_words):
+                continue
+            if not sentence[0].isupper() or sentence[-1] not in ".!?" or not sentence.isascii():
+                continue
+            if _NOT_PROSE.search(sentence):
+                continue
+            alphabetic = sum(1 for w in words if w.strip(".,;:!?\"'()").isalpha())
+            if alphabetic < 0.8 * len(words) or sum(1 for w in words if w.isupper() and len(w) > 1) > 0.3 * len(words):
+                continue
+            found.append(sentence)
+    return found
+
+
+def _read_text(path: Path, limit: int) -> str:
+    """A text file's contents (gzip-compressed ones too), at most `limit` bytes, '' if unreadable."""
+    import gzip
+
+    try:
+        if path.suffix == ".gz":
+            with gzip.open(path, "rb") as handle:
+                data = handle.read(limit)
+        else:
+            with path.open("rb") as handle:
+                data = handle.read(limit)
+    except (OSError, EOFError):
+        return ""
+    if b"\0" in data[:1024]:
+        return ""  # binary
+    return data.decode("utf-8", errors="ignore")
+
+
+def _stdlib_docstrings() -> Iterator[str]:
+    import ast
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    skipped = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
+    for path in sorted(root.rglob("*.py")):
+        if skipped.intersection(path.relative_to(root).parts[:-1]):
+            continue
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+        except (SyntaxError, ValueError, UnicodeDecodeError, OSError):
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                doc = ast.get_docstring(node, clean=True)
+                if doc:
+                    yield doc
+
+
+def _pydoc_topics() -> Iterator[str]:
+    import pydoc_data.topics
+
+    for topic in sorted(pydoc_data.topics.topics):
+        yield pydoc_data.topics.topics[topic]
+
+
+def _system_docs(root: Path = Path("/usr/share/doc")) -> Iterator[str]:
+    if not root.is_dir():
+        return
+    for path in sorted(root.rglob("*")):
+        if path.is_file() and not path.is_symlink() and _DOC_NAMES.search(path.name):
+            text = _read_text(path, 2_000_000)
+            if text:
+                yield text
+
+
+#: Offline prose the `corpora` option names.
+CORPORA: dict[str, Callable[[], Iterator[str]]] = {
+    "docstrings": _stdlib_docstrings,
+    "pydoc_topics": _pydoc_topics,
+    "system_docs": _system_docs,
+}
+
+
+def _normalized(sentence: str) -> str:
+    return " ".join(sentence.lower().split())
+
+
+def planc_cache_dir() -> Path:
+    """planc's cache folder: $PLANC_CACHE, else $XDG_CACHE_HOME/planc, else ~/.cache/planc."""
+    root = os.environ.get("PLANC_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "planc"
+    return Path(root)
+
+
+def _sources_stamp(data: dict[str, Any], base: Path) -> str:
+    """What the collected sentences depend on: options, Python, and the files' names/sizes/times."""
+    import hashlib
+
+    digest = hashlib.sha256(json.dumps({k: data.get(k) for k in (
+        "path", "glob", "corpora", "exclude", "min_words", "max_words", "max_bytes")}, sort_keys=True).encode())
+    digest.update(sys.version.encode())
+    roots = [Path(n) if Path(n).is_absolute() else base / n for n in data.get("exclude", [])]
+    if data["path"] != "stdlib":
+        roots.append(Path(data["path"]) if Path(data["path"]).is_absolute() else base / data["path"])
+    if "system_docs" in data.get("corpora", []):
+        roots.append(Path("/usr/share/doc"))
+    for root in roots:
+        for path in [root] if root.is_file() else sorted(root.rglob("*")) if root.is_dir() else []:
+            if path.is_file():
+                stat = path.stat()
+                digest.update(f"{path}:{stat.st_size}:{stat.st_mtime_ns};".encode())
+    return digest.hexdigest()[:20]
+
+
+def collect_sentences(data: dict[str, Any], base: Path, cache: bool = True) -> list[str]:
+    """Distinct training sentences of the plan's `data` block, in a stable order.
+
+    The plan's own text (`path`: a file, a folder of `glob` files, or `stdlib` for the standard
+    library's docstrings) is kept whole; sentences of `corpora` are mixed in by a seeded
+    shuffle until `max_bytes` are collected. Every sentence of an `exclude` file is left out.
+    Reading the machine's documentation takes a minute, so the result is cached (by the
+    options and the names, sizes and times of the files read) under planc_cache_dir().
+    """
+    path = planc_cache_dir() / "corpus" / f"{_sources_stamp(data, base)}.json"
+    if cache and path.is_file():
+        return json.loads(path.read_text(encoding="utf-8"))
+    sentences = _collect_sentences(data, base)
+    if cache:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        tmp.write_text(json.dumps(sentences), encoding="utf-8")
+        os.replace(tmp, path)
+    return sentences
+
+
+def _collect_sentences(data: dict[str, Any], base: Path) -> list[str]:
+    low, high = data.get("min_words", 5), data.get("max_words", 60)
+    excluded = set()
+    for name in data.get("exclude", []):
+        path = Path(name) if Path(name).is_absolute() else base / name
+        if not path.is_file():
+            raise FileNotFoundError(f"data.exclude names {path}, which does not exist")
+        for line in path.read_text(encoding="utf-8").splitlines():
+            excluded.add(_normalized(line))
+            excluded.update(_normalized(s) for s in prose_sentences(line, 1, 10_000))
+    seen: set[str] = set()
+
+    def take(texts: Iterator[str], budget: int) -> list[str]:
+        found = []
+        for text in texts:
+            for sentence in prose_sentences(text, low, high):
+                key = _normalized(sentence)
+                if key not in seen and key not in excluded:
+                    seen.add(key)
+                    found.append(sentence)
+                    budget -= len(sentence) + 1
+            if budget <= 0:
+                break
+        return found
+
+    if data["path"] == "stdlib":
+        own = take(_stdlib_docstrings(), data["max_bytes"])
+    else:
+        root = Path(data["path"]) if Path(data["path"]).is_absolute() else base / data["path"]
+        files = [root] if root.is_file() else sorted(p for p in root.rglob(data.get("glob", "*.txt")) if p.is_file())
+        if not files:
+            raise FileNotFoundError(f"training data {root} does not exist or holds no {data.get('glob')} files")
+        # One sentence per line is the usual layout of a sentence file: lines are paragraphs.
+        own = take(("\n\n".join(_read_text(f, data["max_bytes"]).splitlines()) for f in files), data["max_bytes"])
+    extra: list[str] = []
+    for name in data.get("corpora", []):
+        if name not in CORPORA:
+            raise ValueError(f"unknown corpus {name!r}; known: {sorted(CORPORA)}")
+        extra += take(CORPORA[name](), 1 << 62)  # all of it: the shuffle below mixes every file in
+    random.Random(0).shuffle(extra)
+    budget = data["max_bytes"] - sum(len(s) + 1 for s in own)
+    for i, sentence in enumerate(extra):
+        budget -= len(sentence) + 1
+        if budget < 0:
+            extra = extra[:i]
+            break
+    sentences = own + extra
+    if not sentences:
+        raise ValueError(f"no sentences of {low}-{high} words in the training data ({data['path']}, {data.get('corpora')})")
+    return sentences
+
+
+def augment_sentence(sentence: str, kind: str, rng: random.Random, vocabulary: Sequence[str] = ()) -> str:
+    """An altered copy of `sentence`.
+
+    `word_dropout` drops ~10% of its words (keeping at least four); `span_shuffle` swaps two
+    adjacent spans of words; `word_swap` replaces ~20% of its words by random whole words of the
+    model's vocabulary, so the student meets words the corpus lacks, in context.
+    """
+    words = sentence.split()
+    if kind == "word_dropout":
+        drop = max(1, round(0.1 * len(words)))
+        if len(words) - drop < 4:
+            return sentence
+        gone = set(rng.sample(range(len(words)), drop))
+        return " ".join(w for i, w in enumerate(words) if i not in gone)
+    if kind == "span_shuffle":
+        if len(words) < 4:
+            return sentence
+        cut = rng.randrange(1, len(words) - 1)
+        start = rng.randrange(0, cut)
+        end = rng.randrange(cut + 1, len(words) + 1)
+        return " ".join(words[:start] + words[cut:end] + words[start:cut] + words[end:])
+    if kind == "word_swap":
+        if not vocabulary:
+            raise ValueError("word_swap needs the model's vocabulary")
+        common = vocabulary[:WORD_SWAP_VOCABULARY]
+        out = []
+        for word in words:
+            core = word.strip(".,;:!?\"'()")
+            if core.isalpha() and rng.random() < WORD_SWAP_RATE:
+                new = rng.choice(common)
+                out.append(word.replace(core, new.capitalize() if core[0].isupper() else new, 1))
+            else:
+                out.append(word)
+        return " ".join(out)
+    raise ValueError(f"unknown augmentation {kind!r}: word_dropout, span_shuffle or word_swap")
+
+
+#: word_swap: the share of words replaced, and how many of the vocabulary's first (for WordPiece
+#: vocabularies: most frequent) whole words replacements are drawn from.
+WORD_SWAP_RATE = 0.2
+WORD_SWAP_VOCABULARY = 8000
+
+
+def vocabulary_words(tokenizer: Any) -> list[str]:
+    """Whole lowercase words of at least three letters of a WordPiece/BPE vocabulary, in id
+    order (BERT's vocabulary lists words by frequency, so the first ones are the common ones)."""
+    ordered = sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])
+    words = [w.lstrip("\u0120") for w, _ in ordered]
+    return list(dict.fromkeys(w for w in words if len(w) >= 3 and w.isascii() and w.isalpha() and w.islower()))
+
+
+@dataclass
+class SentenceSet:
+    """Tokenized sentences: one sample each, with the pad id to batch them."""
+
+    texts: list[str]
+    ids: list[list[int]]
+    pad_id: int
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def mean_tokens(self) -> float:
+        return sum(map(len, self.ids)) / max(1, len(self.ids))
+
+    def fingerprint(self) -> str:
+        """A digest of the token ids: equal sets have equal fingerprints on every machine."""
+        import hashlib
+
+        digest = hashlib.sha256()
+        for row in self.ids:
+            digest.update(torch.tensor(row, dtype=torch.int32).numpy().tobytes() + b"|")
+        return digest.hexdigest()[:16]
+
+    def subset(self, indices: Sequence[int]) -> SentenceSet:
+        return SentenceSet([self.texts[i] for i in indices], [self.ids[i] for i in indices], self.pad_id)
+
+    def collate(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
+        """Samples `indices` padded to the longest of them: input_ids, attention_mask, index."""
+        rows = [self.ids[i] for i in indices]
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for j, row in enumerate(rows):
+            ids[j, : len(row)] = torch.tensor(row, dtype=torch.long)
+            mask[j, : len(row)] = 1
+        return {"input_ids": ids, "attention_mask": mask, "index": torch.tensor(list(indices), dtype=torch.long)}
+
+
+def load_sentence_corpus(data: dict[str, Any], model_spec: dict[str, Any], base: Path) -> tuple[SentenceSet, SentenceSet]:
+    """(train, heldout) sentences of the plan's `data` block, tokenized with the model's tokenizer.
+
+    The order is a seeded shuffle of the collected sentences, so the held-out tail (`heldout`)
+    mixes every source; only training sentences get augmented copies.
+    """
+    if model_spec["kind"] != "hf":
+        raise ValueError("sentence data needs a Hugging Face model's tokenizer (data.tokenizer = model)")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoTokenizer
+
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        if dist.get_rank() == 0:
+            collect_sentences(data, base)  # reads the machine's text once and caches it for every rank
+        dist.barrier()
+    texts = collect_sentences(data, base)
+    random.Random(0).shuffle(texts)
+    held = min(len(texts) - 1, math.ceil(len(texts) * data["heldout"])) if data["heldout"] > 0 else 0
+    train_texts, heldout_texts = texts[: len(texts) - held], texts[len(texts) - held :]
+    tokenizer = AutoTokenizer.from_pretrained(hf_directory(model_spec))
+    rng, originals = random.Random(1), list(train_texts)
+    vocabulary = vocabulary_words(tokenizer) if "word_swap" in data.get("augment", []) else []
+    for kind in data.get("augment", []):
+        chosen = [t for t in originals if rng.random() < data.get("augment_fraction", 0.5)]
+        train_texts += [augment_sentence(t, kind, rng, vocabulary) for t in chosen]
+
+    def encode(batch: list[str]) -> SentenceSet:
+        ids = tokenizer(batch, truncation=True, max_length=data["seq_len"])["input_ids"] if batch else []
+        return SentenceSet(batch, [list(map(int, row)) for row in ids], int(tokenizer.pad_token_id))
+
+    return encode(train_texts), encode(heldout_texts)
+
+
+class SentenceBatches:
+    """This data-parallel rank's micro-batches of sentences, seeded and resumable like BatchStream.
+
+    Each rank owns a fixed shard (every dp_size-th sample), so cached teacher outputs stay on
+    the rank that computed them. Each epoch shuffles the shard, sorts windows of 50 batches by
+    length (little padding) and shuffles the batches again.
+    """
+
+    def __init__(self, samples: SentenceSet, micro_batch: int, dp_rank: int, dp_size: int, seed: int):
+        per_rank = len(samples) // dp_size
+        self.samples, self.micro_batch, self.seed = samples, micro_batch, seed
+        self.shard = list(range(dp_rank, per_rank * dp_size, dp_size))
+        self.per_epoch = per_rank // micro_batch
+        if self.per_epoch == 0:
+            raise ValueError(
+                f"{len(samples)} training sentences cannot fill one micro-batch of {micro_batch} on each of "
+                f"{dp_size} data-parallel ranks: add text (data.path, data.corpora) or lower micro_batch"
+            )
+        self._epoch, self._batches = -1, []
+
+    def _plan_epoch(self, epoch: int) -> list[list[int]]:
+        rng = random.Random(self.seed * 1_000_003 + epoch)
+        order = list(self.shard)
+        rng.shuffle(order)
+        order = order[: self.per_epoch * self.micro_batch]
+        window = 50 * self.micro_batch
+        batches = []
+        for start in range(0, len(order), window):
+            chunk = sorted(order[start : start + window], key=lambda i: len(self.samples.ids[i]))
+            batches += [chunk[i : i + self.micro_batch] for i in range(0, len(chunk), self.micro_batch)]
+        rng.shuffle(batches)
+        return batches
+
+    def batch(self, index: int) -> dict[str, torch.Tensor]:
+        epoch, position = divmod(index, self.per_epoch)
+        if epoch != self._epoch:
+            self._epoch, self._batches = epoch, self._plan_epoch(epoch)
+        return self.samples.collate(self._batches[position])
+
+
+def sentence_heldout_batches(samples: SentenceSet, micro_batch: int, dp_rank: int, dp_size: int,
+                             limit: int) -> list[dict[str, torch.Tensor]]:
+    """This rank's share of the first `limit` held-out sentences, in length-sorted batches."""
+    count = min(limit, len(samples))
+    count -= count % dp_size
+    mine = sorted(range(dp_rank, count, dp_size), key=lambda i: len(samples.ids[i]))
+    return [samples.collate(mine[i : i + micro_batch]) for i in range(0, len(mine), micro_batch)]
+
+
+def sentence_inputs(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """The model's keyword inputs of a sentence batch, on `device`."""
+    return {"input_ids": batch["input_ids"].to(device), "attention_mask": batch["attention_mask"].to(device)}
+
+
+def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Hidden states averaged over real tokens (attention_mask 1) [batch, hidden], fp32."""
+    weights = mask.to(torch.float32).unsqueeze(-1)
+    return (hidden.float() * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
+
+
 # ============================================================================ 4. compression
 
 
@@ -376,16 +771,29 @@ def _replace(model: nn.Module, path: str, new: nn.Module) -> None:
     setattr(_module(model, parent), child, new)
 
 
+def _has(module: nn.Module, dotted: str) -> bool:
+    try:
+        module.get_submodule(dotted)
+    except AttributeError:
+        return False
+    return True
+
+
 def _owners(model: nn.Module, paths: Sequence[str], children: tuple[str, ...]) -> list[str]:
-    """Paths of the modules that own all of `children`, found from the paths a selector matched
-    (the owner itself or one of its children), in model order."""
+    """Paths of the modules that own all of `children` (dotted paths below them), found from the
+    paths a selector matched (anything at or above one of the children: the child, a module
+    between it and the owner, the owner, an ancestor), in model order."""
     owners = []
     for name, module in model.named_modules():
-        if all(hasattr(module, c) for c in children):
+        if all(_has(module, c) for c in children):
             own = [f"{name}.{c}" if name else c for c in children]
-            if any(p == name or p in own for p in paths):
+            if any(_within(c, p) for c in own for p in paths):
                 owners.append(name)
     return owners
+
+
+def _within(path: str, ancestor: str) -> bool:
+    return ancestor == "" or path == ancestor or path.startswith(ancestor + ".")
 
 
 def _importance(parts: list[torch.Tensor], norm: str) -> torch.Tensor:
@@ -400,10 +808,14 @@ def _keep_count(total: int, sparsity: float) -> int:
 
 @dataclass
 class Shrink:
-    """Record of a structural shrink, so the saved weights can be laid out at the original size."""
+    """Record of structural edits, so the saved weights can be laid out at the original size."""
 
     #: Linear weight path -> (dim shrunk, original size, kept indices).
     cuts: dict[str, tuple[int, int, list[int]]] = field(default_factory=dict)
+    #: Block list path -> original indices of the blocks kept, in order.
+    blocks: dict[str, list[int]] = field(default_factory=dict)
+    #: Weights of removed blocks (original values, CPU): saved back in their place.
+    removed: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 @torch.no_grad()
@@ -418,45 +830,70 @@ def _slice_linear(linear: nn.Linear, dim: int, keep: torch.Tensor) -> nn.Linear:
     return new
 
 
+#: (q, k, v, out) projections of an attention module: the example GPT's and Hugging Face BERT's.
+ATTENTION_LAYOUTS = (
+    ("q_proj", "k_proj", "v_proj", "out_proj"),
+    ("self.query", "self.key", "self.value", "output.dense"),
+)
+#: (up-projection, down-projection) of an MLP: the example GPT's and a BERT layer's.
+MLP_LAYOUTS = (("fc_in", "fc_out"), ("intermediate.dense", "output.dense"))
+#: Attributes naming the head size on attention modules.
+HEAD_DIM_ATTRS = ("head_dim", "attention_head_size")
+
+
+def _head_dim(attn: nn.Module, name: str) -> int:
+    for module in attn.modules():
+        for attr in HEAD_DIM_ATTRS:
+            value = getattr(module, attr, None)
+            if isinstance(value, int) and value > 0:
+                return value
+    raise ValueError(f"{name} has no head_dim / attention_head_size attribute: cannot tell its heads apart")
+
+
 def shrink_attention_heads(
     model: nn.Module, paths: Sequence[str], record: Shrink, sparsity: float, importance: str = "l2"
 ) -> int:
     """Remove the least important `sparsity` fraction of heads of each selected attention.
 
-    An attention is selected by its own path or any of its q/k/v/out projections. Head h owns
-    rows h*d..(h+1)*d of q/k/v and the same columns of out_proj; importance is the l1/l2 norm of
-    all of them. Works on eager modules laid out like examples/models/gpt.py (`head_dim`,
-    q_proj, k_proj, v_proj, out_proj), whose forward infers the head count from the shapes.
-    Returns how many heads were removed.
+    An attention is selected by its own path, an ancestor, or any of its q/k/v/out projections
+    (GPT layout q_proj/k_proj/v_proj/out_proj, or BERT's self.query/key/value + output.dense).
+    Head h owns rows h*d..(h+1)*d of q/k/v and the same columns of the out projection;
+    importance is the l1/l2 norm of all of them. Both forwards infer the head count from the
+    shapes, so slicing the projections is enough. Returns how many heads were removed.
     """
-    projections = ("q_proj", "k_proj", "v_proj", "out_proj")
-    owners = _owners(model, paths, projections)
-    if not owners:
+    removed, found = 0, False
+    for layout in ATTENTION_LAYOUTS:
+        for name in _owners(model, paths, layout):
+            found = True
+            removed += _shrink_heads(model, name, layout, record, sparsity, importance)
+    if not found:
         raise ValueError(
-            "prune method=heads found no attention with q_proj/k_proj/v_proj/out_proj among "
-            f"the selected modules {list(paths)[:4]}"
+            "prune method=heads found no attention (q_proj/k_proj/v_proj/out_proj or BERT self.query/key/value + "
+            f"output.dense) among the selected modules {list(paths)[:4]}"
         )
-    removed = 0
-    for name in owners:
-        attn = _module(model, name)
-        head_dim = getattr(attn, "head_dim", None)
-        if head_dim is None:
-            raise ValueError(f"{name} has no head_dim attribute: cannot tell its heads apart")
-        heads = attn.q_proj.out_features // head_dim
-        q, k, v = (getattr(attn, p).weight.view(heads, head_dim, -1) for p in ("q_proj", "k_proj", "v_proj"))
-        out = attn.out_proj.weight.view(attn.out_proj.out_features, heads, head_dim).transpose(0, 1)
-        score = _importance([q, k, v, out], importance)
-        kept_heads = score.topk(_keep_count(heads, sparsity)).indices.sort().values
-        rows = (kept_heads[:, None] * head_dim + torch.arange(head_dim, device=kept_heads.device)).reshape(-1)
-        for proj in ("q_proj", "k_proj", "v_proj"):
-            path = f"{name}.{proj}" if name else proj
-            record.cuts[path] = (0, getattr(attn, proj).out_features, rows.tolist())
-            setattr(attn, proj, _slice_linear(getattr(attn, proj), 0, rows))
-        out_path = f"{name}.out_proj" if name else "out_proj"
-        record.cuts[out_path] = (1, attn.out_proj.in_features, rows.tolist())
-        attn.out_proj = _slice_linear(attn.out_proj, 1, rows)
-        removed += heads - len(kept_heads)
     return removed
+
+
+def _shrink_heads(model: nn.Module, name: str, layout: tuple[str, ...], record: Shrink, sparsity: float,
+                  importance: str) -> int:
+    attn = _module(model, name)
+    head_dim = _head_dim(attn, name)
+    q, k, v, out = (attn.get_submodule(p) for p in layout)
+    heads = q.out_features // head_dim
+    parts = [lin.weight.view(heads, head_dim, -1) for lin in (q, k, v)]
+    parts.append(out.weight.view(out.out_features, heads, head_dim).transpose(0, 1))
+    kept_heads = _importance(parts, importance).topk(_keep_count(heads, sparsity)).indices.sort().values
+    rows = (kept_heads[:, None] * head_dim + torch.arange(head_dim, device=kept_heads.device)).reshape(-1)
+    prefix = f"{name}." if name else ""
+    for proj in layout[:3]:
+        record.cuts[prefix + proj] = (0, heads * head_dim, rows.tolist())
+        _replace(attn, proj, _slice_linear(attn.get_submodule(proj), 0, rows))
+    record.cuts[prefix + layout[3]] = (1, heads * head_dim, rows.tolist())
+    _replace(attn, layout[3], _slice_linear(out, 1, rows))
+    for module in attn.modules():  # keep BERT's bookkeeping attributes truthful
+        if hasattr(module, "num_attention_heads") and hasattr(module, "all_head_size"):
+            module.num_attention_heads, module.all_head_size = len(kept_heads), len(kept_heads) * head_dim
+    return heads - len(kept_heads)
 
 
 def shrink_mlp_channels(
@@ -464,26 +901,71 @@ def shrink_mlp_channels(
 ) -> int:
     """Remove the least important `sparsity` fraction of hidden channels of each selected MLP.
 
-    Channel c is row c of fc_in (and its bias) and column c of fc_out. Returns channels removed.
+    Channel c is row c of the up-projection (fc_in, or BERT's intermediate.dense) with its bias
+    and column c of the down-projection (fc_out, or BERT's output.dense). Returns channels removed.
     """
-    owners = _owners(model, paths, ("fc_in", "fc_out"))
-    if not owners:
+    removed, found = 0, False
+    for up_name, down_name in MLP_LAYOUTS:
+        for name in _owners(model, paths, (up_name, down_name)):
+            found = True
+            mlp = _module(model, name)
+            up, down = mlp.get_submodule(up_name), mlp.get_submodule(down_name)
+            width = up.out_features
+            keep = _importance([up.weight, down.weight.t()], importance).topk(_keep_count(width, sparsity))
+            keep = keep.indices.sort().values
+            prefix = f"{name}." if name else ""
+            record.cuts[prefix + up_name] = (0, width, keep.tolist())
+            record.cuts[prefix + down_name] = (1, width, keep.tolist())
+            _replace(mlp, up_name, _slice_linear(up, 0, keep))
+            _replace(mlp, down_name, _slice_linear(down, 1, keep))
+            removed += width - len(keep)
+    if not found:
         raise ValueError(
-            f"prune method=channels found no MLP with fc_in/fc_out among the selected modules {list(paths)[:4]}"
+            "prune method=channels found no MLP (fc_in/fc_out or BERT intermediate.dense/output.dense) among the "
+            f"selected modules {list(paths)[:4]}"
         )
-    removed = 0
-    for name in owners:
-        mlp = _module(model, name)
-        width = mlp.fc_in.out_features
-        score = _importance([mlp.fc_in.weight, mlp.fc_out.weight.t()], importance)
-        keep = score.topk(_keep_count(width, sparsity)).indices.sort().values
-        prefix = f"{name}." if name else ""
-        record.cuts[prefix + "fc_in"] = (0, width, keep.tolist())
-        record.cuts[prefix + "fc_out"] = (1, width, keep.tolist())
-        mlp.fc_in = _slice_linear(mlp.fc_in, 0, keep)
-        mlp.fc_out = _slice_linear(mlp.fc_out, 1, keep)
-        removed += width - len(keep)
     return removed
+
+
+def _block_list_of(model: nn.Module, paths: Sequence[str]) -> tuple[str, nn.ModuleList, list[int]]:
+    """The block list (a ModuleList) holding the selected modules, and its selected indices."""
+    found = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 1 and name:
+            selected = [i for i in range(len(module))
+                        if any(_within(p, f"{name}.{i}") or _within(f"{name}.{i}", p) for p in paths)]
+            if selected:
+                found.append((name, module, selected))
+    if len(found) != 1:
+        raise ValueError(
+            f"prune method=layers needs the selection inside one list of blocks; found {[f[0] for f in found]}"
+        )
+    return found[0]
+
+
+@torch.no_grad()
+def drop_blocks(model: nn.Module, paths: Sequence[str], record: Shrink, keep: Sequence[int]) -> int:
+    """Remove the selected blocks not in `keep` (original indices) from the model's block list.
+
+    The list is replaced by the kept blocks, in order: the model runs them back to back, so
+    block i-1's output feeds block i+1. Run this after every edit that names modules by path
+    (their paths use the original numbering); the removed blocks' weights are remembered so the
+    saved state has every original key. Returns how many blocks were removed.
+    """
+    name, blocks, selected = _block_list_of(model, paths)
+    if any(i >= len(blocks) for i in keep):
+        raise ValueError(f"keep = {list(keep)} names blocks past the {len(blocks)} of {name}")
+    kept = [i for i in range(len(blocks)) if i in keep or i not in selected]
+    for i in range(len(blocks)):
+        if i not in kept:
+            for key, value in blocks[i].state_dict().items():
+                record.removed[f"{name}.{i}.{key}"] = value.detach().cpu().clone()
+    record.blocks[name] = kept
+    _replace(model, name, nn.ModuleList([blocks[i] for i in kept]))
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "num_hidden_layers"):
+        config.num_hidden_layers = len(kept)
+    return len(blocks) - len(kept)
 
 
 class LowRankLinear(nn.Module):
@@ -720,8 +1202,11 @@ def dense_state_dict(state: dict[str, torch.Tensor], shrink: Shrink) -> dict[str
 
     Low-rank pairs are multiplied back into one weight; removed heads/channels come back as
     zero rows/columns (the function is unchanged: a zeroed head or channel contributes nothing),
-    and a later structured prune finds them first.
+    and a later structured prune finds them first. Kept blocks get their original indices back
+    and removed blocks their weights from before training, so the original model loads the
+    state and `prune { method = layers, keep = ... }` removes the same blocks again.
     """
+    state = _renumber_blocks(state, shrink)
     out: dict[str, torch.Tensor] = {}
     for key, value in state.items():
         if key.endswith(".down.weight"):
@@ -743,6 +1228,24 @@ def dense_state_dict(state: dict[str, torch.Tensor], shrink: Shrink) -> dict[str
         if dim == 0 and f"{path}.bias" in out:
             bias = out[f"{path}.bias"]
             out[f"{path}.bias"] = bias.new_zeros(size).index_copy_(0, index, bias)
+    return out
+
+
+def _renumber_blocks(state: dict[str, torch.Tensor], shrink: Shrink) -> dict[str, torch.Tensor]:
+    """Student keys `list.k.*` -> `list.<k-th kept index>.*`, plus the removed blocks' weights."""
+    if not shrink.blocks:
+        return state
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        for name, kept in shrink.blocks.items():
+            head = name + "."
+            if key.startswith(head):
+                index, _, rest = key[len(head):].partition(".")
+                if index.isdigit():
+                    key = f"{head}{kept[int(index)]}.{rest}"
+                break
+        out[key] = value
+    out.update(shrink.removed)
     return out
 
 
@@ -807,6 +1310,259 @@ class Distiller:
         if task_loss is None:
             return distill
         return (1 - self.alpha) * task_loss + self.alpha * distill
+
+
+def hidden_states_of(output: Any) -> tuple[torch.Tensor, ...]:
+    """(embeddings, block 0 output, block 1 output, ...) of a Hugging Face encoder run with
+    output_hidden_states=True."""
+    states = getattr(output, "hidden_states", None)
+    if states is None:
+        raise ValueError("the encoder returned no hidden states: call it with output_hidden_states=True")
+    return tuple(states)
+
+
+def _module_digest(module: nn.Module) -> str:
+    """A digest of a module's weights: the teacher cache is valid for these weights only."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for key, value in sorted(module.state_dict().items()):
+        digest.update(key.encode())
+        digest.update(value.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+class _Ragged:
+    """Per-sample tensors of different first dimensions, stored as one flat tensor + offsets."""
+
+    def __init__(self, flat: torch.Tensor, offsets: torch.Tensor):
+        self.flat, self.offsets = flat, offsets
+
+    @classmethod
+    def of(cls, pieces: list[torch.Tensor]) -> _Ragged:
+        sizes = torch.tensor([p.shape[0] for p in pieces], dtype=torch.long)
+        offsets = torch.cat([torch.zeros(1, dtype=torch.long), sizes.cumsum(0)])
+        return cls(torch.cat(pieces) if pieces else torch.zeros(0), offsets)
+
+    def get(self, i: int) -> torch.Tensor:
+        return self.flat[self.offsets[i] : self.offsets[i + 1]]
+
+
+class TeacherTargets:
+    """The teacher's outputs on every sample of a SentenceSet, computed once before training.
+
+    Kept per sample: the sentence embedding (mean-pooled, fp32), the hidden states of the
+    teacher blocks in `layers` (fp16, real tokens only) and, for `attention_layers`, the
+    head-averaged attention map (fp16, real tokens only). Training reads them by sample index
+    (`gather`) instead of running the teacher every step; the set is saved under `cache_dir`
+    by a key of the teacher's weights, the samples and the layers, so a later run loads it.
+    """
+
+    def __init__(self, embeddings: torch.Tensor, hidden: dict[int, _Ragged], attention: dict[int, _Ragged]):
+        self.embeddings, self.hidden, self.attention = embeddings, hidden, attention
+
+    @classmethod
+    @torch.no_grad()
+    def compute(cls, teacher: nn.Module, samples: SentenceSet, layers: Sequence[int], attention_layers: Sequence[int],
+                device: torch.device, batch: int = 64) -> TeacherTargets:
+        teacher.eval()
+        order = sorted(range(len(samples)), key=lambda i: len(samples.ids[i]))
+        embeddings = torch.zeros(len(samples), 0)
+        hidden: dict[int, list[torch.Tensor | None]] = {t: [None] * len(samples) for t in layers}
+        maps: dict[int, list[torch.Tensor | None]] = {t: [None] * len(samples) for t in attention_layers}
+        for start in range(0, len(order), batch):
+            chosen = order[start : start + batch]
+            inputs = sentence_inputs(samples.collate(chosen), device)
+            output = teacher(**inputs, output_hidden_states=True, output_attentions=bool(attention_layers))
+            states = hidden_states_of(output)
+            pooled = F.normalize(mean_pool(states[-1], inputs["attention_mask"]), dim=-1).cpu()
+            if embeddings.shape[1] == 0:
+                embeddings = torch.zeros(len(samples), pooled.shape[1])
+            embeddings[chosen] = pooled
+            lengths = inputs["attention_mask"].sum(1).tolist()
+            for t in layers:
+                for j, i in enumerate(chosen):
+                    hidden[t][i] = states[t + 1][j, : lengths[j]].to(torch.float16).cpu()
+            for t in attention_layers:
+                mean = output.attentions[t].float().mean(1)
+                for j, i in enumerate(chosen):
+                    maps[t][i] = mean[j, : lengths[j], : lengths[j]].to(torch.float16).cpu().reshape(-1, 1)
+        return cls(embeddings, {t: _Ragged.of(v) for t, v in hidden.items()},
+                   {t: _Ragged.of(v) for t, v in maps.items()})
+
+    @classmethod
+    def cached(cls, teacher: nn.Module, samples: SentenceSet, layers: Sequence[int], attention_layers: Sequence[int],
+               device: torch.device, cache_dir: Path | None) -> TeacherTargets:
+        """`compute`, or its saved result for the same teacher weights, samples and layers."""
+        if cache_dir is None:
+            return cls.compute(teacher, samples, layers, attention_layers, device)
+        key = f"{_module_digest(teacher)}-{samples.fingerprint()}-h{'.'.join(map(str, sorted(layers)))}" \
+              f"-a{'.'.join(map(str, sorted(attention_layers)))}"
+        path = cache_dir / f"{key}.pt"
+        if path.is_file():
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            log.info("teacher outputs for %d samples loaded from %s", len(samples), path)
+            return cls(state["embeddings"],
+                       {int(t): _Ragged(*v) for t, v in state["hidden"].items()},
+                       {int(t): _Ragged(*v) for t, v in state["attention"].items()})
+        started = time.perf_counter()
+        targets = cls.compute(teacher, samples, layers, attention_layers, device)
+        log.info("teacher outputs for %d samples computed in %.0f s", len(samples), time.perf_counter() - started)
+        save_atomically({
+            "embeddings": targets.embeddings,
+            "hidden": {str(t): (r.flat, r.offsets) for t, r in targets.hidden.items()},
+            "attention": {str(t): (r.flat, r.offsets) for t, r in targets.attention.items()},
+        }, path)
+        return targets
+
+    def gather(self, indices: Sequence[int], width: int) -> dict[str, Any]:
+        """Targets of samples `indices`, zero-padded to `width` tokens."""
+        picked = list(indices)
+        out: dict[str, Any] = {"embedding": self.embeddings[picked], "hidden": {}, "attention": {}}
+        for t, ragged in self.hidden.items():
+            rows = torch.zeros(len(picked), width, ragged.flat.shape[1])
+            for j, i in enumerate(picked):
+                piece = ragged.get(i)
+                rows[j, : piece.shape[0]] = piece.float()
+            out["hidden"][t] = rows
+        for t, ragged in self.attention.items():
+            maps = torch.zeros(len(picked), width, width)
+            for j, i in enumerate(picked):
+                piece = ragged.get(i).reshape(-1)
+                n = int(round(piece.numel() ** 0.5))
+                maps[j, :n, :n] = piece.float().reshape(n, n)
+            out["attention"][t] = maps
+        return out
+
+
+class EncoderDistiller:
+    """Distillation of an encoder from cached teacher outputs (see TeacherTargets).
+
+    loss = sum of weight x term over the requested terms:
+      embedding   1 - cosine (or MSE) between mean-pooled sentence embeddings
+      similarity  MSE between the batch's pairwise cosine-similarity matrices (off-diagonal):
+                  what similarity search and ranking see
+      hidden      per layer_map pair (student block s, teacher block t): squared error of the
+                  block outputs over real tokens, relative to the teacher's squared norm
+      attention   per layer_map pair: KL(teacher || student) of the head-averaged attention
+                  maps (robust to pruned heads), over real query tokens
+    Student layers count the student's blocks (after layer dropping), teacher layers the
+    original model's.
+    """
+
+    def __init__(self, teacher: nn.Module, losses: Sequence[str], layer_map: Sequence[Sequence[int]],
+                 weights: dict[str, float], embedding_metric: str = "cosine", cache_teacher: bool = True,
+                 student_blocks: int | None = None, **_unused: Any):
+        self.teacher = teacher.eval().requires_grad_(False)
+        self.losses, self.weights, self.metric = list(losses), dict(weights), embedding_metric
+        self.cache_teacher = cache_teacher
+        self.layer_map = [tuple(pair) for pair in layer_map]
+        needs_map = {"hidden", "attention"} & set(self.losses)
+        if needs_map and not self.layer_map:
+            count = student_blocks if student_blocks is not None else len(find_blocks(teacher)[1])
+            self.layer_map = [(i, i) for i in range(count)]
+        teacher_blocks = len(find_blocks(teacher)[1])
+        for s, t in self.layer_map:
+            if t >= teacher_blocks or (student_blocks is not None and s >= student_blocks):
+                raise ValueError(f"layer_map pair [{s}, {t}]: the student has {student_blocks} blocks, the teacher {teacher_blocks}")
+        if "attention" in self.losses:
+            self.teacher.set_attn_implementation("eager")  # sdpa does not return attention maps
+        self.targets: dict[str, TeacherTargets] = {}
+        self.local: dict[str, dict[int, int]] = {}
+
+    @property
+    def hidden_layers(self) -> list[int]:
+        return sorted({t for _, t in self.layer_map}) if "hidden" in self.losses else []
+
+    @property
+    def attention_layers(self) -> list[int]:
+        return sorted({t for _, t in self.layer_map}) if "attention" in self.losses else []
+
+    def prepare_student(self, student: nn.Module) -> None:
+        """Make the student return what the losses compare (attention maps need eager attention)."""
+        if "attention" in self.losses:
+            student.set_attn_implementation("eager")
+
+    def prepare(self, name: str, samples: SentenceSet, indices: Sequence[int], device: torch.device,
+                cache_dir: Path | None) -> None:
+        """Compute (or load) the teacher's outputs on samples `indices` (this rank's share),
+        kept under `name`; with `cache_teacher`, also saved in `cache_dir` for later runs."""
+        self.teacher.to(device)
+        indices = list(indices)
+        self.local[name] = {index: position for position, index in enumerate(indices)}
+        self.targets[name] = TeacherTargets.cached(
+            self.teacher, samples.subset(indices), self.hidden_layers, self.attention_layers, device,
+            cache_dir if self.cache_teacher else None)
+
+    def _targets(self, name: str, batch: dict[str, torch.Tensor], width: int) -> dict[str, Any]:
+        local = self.local[name]
+        return self.targets[name].gather([local[i] for i in batch["index"].tolist()], width)
+
+    def student_options(self) -> dict[str, bool]:
+        return {"output_hidden_states": True, "output_attentions": "attention" in self.losses}
+
+    def terms(self, output: Any, batch: dict[str, torch.Tensor], name: str = "train") -> dict[str, torch.Tensor]:
+        """Each requested loss term for a batch the student has just run on (unweighted)."""
+        mask = batch["attention_mask"]
+        states = hidden_states_of(output)
+        device = states[-1].device
+        mask = mask.to(device)
+        target = self._targets(name, batch, mask.shape[1])
+        pooled = mean_pool(states[-1], mask)
+        student = F.normalize(pooled, dim=-1)
+        teacher = target["embedding"].to(device)
+        terms: dict[str, torch.Tensor] = {}
+        if "embedding" in self.losses:
+            if self.metric == "cosine":
+                terms["embedding"] = (1 - (student * teacher).sum(-1)).mean()
+            else:
+                terms["embedding"] = F.mse_loss(student, teacher) * student.shape[-1]
+        if "similarity" in self.losses and len(student) > 1:
+            off = ~torch.eye(len(student), dtype=torch.bool, device=device)
+            terms["similarity"] = F.mse_loss((student @ student.t())[off], (teacher @ teacher.t())[off])
+        real = mask.to(torch.float32).unsqueeze(-1)
+        if "hidden" in self.losses:
+            errors = []
+            for s, t in self.layer_map:
+                want = target["hidden"][t].to(device)
+                diff = (states[s + 1].float() - want).pow(2) * real
+                errors.append(diff.sum() / (want.pow(2) * real).sum().clamp(min=1e-6))
+            terms["hidden"] = torch.stack(errors).mean()
+        if "attention" in self.losses:
+            divergences = []
+            for s, t in self.layer_map:
+                want = target["attention"][t].to(device)
+                got = output.attentions[s].float().mean(1)
+                kl = (want * (torch.log(want + 1e-8) - torch.log(got + 1e-8))).sum(-1)
+                divergences.append((kl * real.squeeze(-1)).sum() / real.sum())
+            terms["attention"] = torch.stack(divergences).mean()
+        return terms
+
+    def loss(self, output: Any, batch: dict[str, torch.Tensor], name: str = "train") -> torch.Tensor:
+        terms = self.terms(output, batch, name)
+        return torch.stack([self.weights.get(k, 1.0) * v for k, v in terms.items()]).sum()
+
+    @torch.no_grad()
+    def cosines(self, output: Any, batch: dict[str, torch.Tensor], name: str) -> torch.Tensor:
+        """Cosine between each sample's student and teacher sentence embeddings."""
+        states = hidden_states_of(output)
+        student = F.normalize(mean_pool(states[-1], batch["attention_mask"].to(states[-1].device)), dim=-1)
+        local = self.local[name]
+        teacher = self.targets[name].embeddings[[local[i] for i in batch["index"].tolist()]].to(student.device)
+        return (student * teacher).sum(-1)
+
+
+def freeze(model: nn.Module, patterns: Sequence[str]) -> int:
+    """Stop training the parameters whose module path matches one of the globs; returns how many."""
+    from fnmatch import fnmatchcase
+
+    count = 0
+    for name, param in model.named_parameters():
+        owner = name.rpartition(".")[0]
+        if any(fnmatchcase(owner, p) or fnmatchcase(name, p) for p in patterns):
+            param.requires_grad_(False)
+            count += param.numel()
+    return count
 
 
 # ============================================================================ 6. step mechanics

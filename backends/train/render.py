@@ -33,6 +33,8 @@ class Program:
     compression: list[tuple[PassOptions, list[str]]]
     stage_cuts: list[int] | None
     plan_name: str
+    #: data.exclude resolved to absolute paths (encoders).
+    exclude_paths: tuple[str, ...] = ()
 
     @property
     def strategy(self) -> set[str]:
@@ -65,6 +67,11 @@ class Program:
     @property
     def prunes(self) -> list[tuple[int, Prune, list[str]]]:
         return [(i, o, p) for i, (o, p) in enumerate(self.compression, 1) if isinstance(o, Prune)]
+
+    @property
+    def encoder(self) -> bool:
+        """Encoders distill on sentences against cached teacher outputs (no next-token loss)."""
+        return self.task == "encoder"
 
     @property
     def masked(self) -> list[tuple[int, Prune, list[str]]]:
@@ -167,26 +174,47 @@ def constants_block(p: Program) -> str:
             {"warmup": t.schedule.warmup, "decay": t.schedule.decay, "min_ratio": t.schedule.min_lr_ratio},
         ),
         "",
-        "# Data: tokenized once per run, packed into sequences; the held-out tail is never trained on.",
-        _const("DATA", {**t.data.model_dump(), "path": p.data_path}),
+        *_data_constants(p),
         _const("EVAL_SEQUENCES", t.eval_sequences, "held-out sequences evaluated, over all ranks"),
         _const("LOG_EVERY", t.log_every),
         _const("CHECKPOINT", t.checkpoint.model_dump()),
         _const("SAVE", t.save, "trained weights, relative to this folder"),
     ]
+    if t.freeze:
+        lines.append(_const("FREEZE", list(t.freeze), "module path globs kept frozen"))
     if t.distill is not None:
         d = t.distill
-        lines += [
-            "",
-            "# Knowledge distillation from the unmodified model (the teacher, frozen).",
-            _const(
-                "DISTILL",
-                {"temperature": d.temperature, "alpha": d.alpha, "losses": list(d.losses),
-                 "layer_map": [list(pair) for pair in d.layer_map]},
-            ),
-        ]
+        distill: dict[str, Any] = {"temperature": d.temperature, "alpha": d.alpha, "losses": list(d.losses),
+                                   "layer_map": [list(pair) for pair in d.layer_map]}
+        comment = "# Knowledge distillation from the unmodified model (the teacher, frozen)."
+        if p.encoder:
+            distill = {"losses": list(d.losses), "layer_map": distill["layer_map"],
+                       "weights": d.weights.model_dump(), "embedding_metric": d.embedding_metric,
+                       "cache_teacher": d.cache_teacher}
+            comment = ("# Knowledge distillation from the unmodified model (the teacher, frozen), whose outputs\n"
+                       "# are computed once per sample before training (student layer -> teacher layer in layer_map).")
+        lines += ["", comment, _const("DISTILL", distill)]
     lines += _compression_constants(p)
     return "\n".join(lines)
+
+
+#: The `data` options a decoder's packed-token corpus uses.
+_PACKED_DATA = ("path", "glob", "tokenizer", "seq_len", "max_bytes", "heldout")
+
+
+def _data_constants(p: Program) -> list[str]:
+    data = {**p.target.data.model_dump(), "path": p.data_path}
+    if not p.encoder:
+        return [
+            "# Data: tokenized once per run, packed into sequences; the held-out tail is never trained on.",
+            _const("DATA", {k: data[k] for k in _PACKED_DATA}),
+        ]
+    data["exclude"] = list(p.exclude_paths)
+    return [
+        "# Data: sentences (one sample each, padded per batch) from the plan's text and the machine's",
+        "# own prose, none from `exclude`; the held-out share is never trained on.",
+        _const("DATA", data),
+    ]
 
 
 def _strategy_words(p: Program) -> str:
@@ -208,6 +236,8 @@ def _strategy_words(p: Program) -> str:
 def step_arguments(options: PassOptions) -> dict[str, Any]:
     """The options a compression step's runtime function takes (those that matter for its method)."""
     if isinstance(options, Prune):
+        if options.method == "layers":
+            return {"keep": list(options.keep or [])}
         if options.method in ("heads", "channels"):
             return {"sparsity": options.sparsity, "importance": options.importance}
         if options.method == "nm":
@@ -233,14 +263,17 @@ def _compression_constants(p: Program) -> list[str]:
                 "nm": f"keep {options.n} of every {options.m} weights along the input",
                 "heads": f"remove {options.sparsity:.0%} of attention heads ({options.importance} importance)",
                 "channels": f"remove {options.sparsity:.0%} of MLP channels ({options.importance} importance)",
+                "layers": f"keep blocks {options.keep} of the selected ones, remove the others",
             }[options.method]
             when = (
                 "before training"
-                if options.method in ("heads", "channels")
+                if options.method in ("heads", "channels", "layers")
                 else "ramped up during training" if options.schedule == "gradual" else "kept through training"
             )
             lines += ["", f"# Step {i}, prune: {what}, {when}."]
         elif isinstance(options, Quantize):
+            if not p.target.qat:
+                continue  # trained in full precision; the compile after training quantizes
             act = "weights only" if options.mode == "weight_only" else "weights and activations"
             lines += ["", f"# Step {i}, quantize: {options.scheme} fake-quantization of {act} (QAT, straight-through gradients)."]
         elif isinstance(options, LowRank):
@@ -281,11 +314,20 @@ def build_block(p: Program) -> str:
             code.append(f"masks_{i} = rt.PruneMasks(model, STEP{i}_MODULES, **STEP{i})")
         code.append(f"masks_{i}.update(step=0)  # masks from the initial weights, on the whole model")
     for i, (options, _) in enumerate(p.compression, 1):
-        if isinstance(options, Quantize):
+        if isinstance(options, Quantize) and p.target.qat:
             code.append(f"rt.fake_quantize(model, STEP{i}_MODULES, **STEP{i})")
+    for i, options, _ in p.prunes:
+        if options.method == "layers":
+            code.append(f"rt.drop_blocks(model, STEP{i}_MODULES, shrink, **STEP{i})  # last: the paths above are original")
+    if p.target.freeze:
+        code.append('log.info("%d parameters frozen", rt.freeze(model, FREEZE))')
     code.append("if ACTIVATION_CHECKPOINTING:\n    rt.checkpoint_blocks(rt.find_blocks(model)[1])")
     masks = "[" + ", ".join(mask_names) + "]"
-    if p.target.distill is not None:
+    if p.target.distill is not None and p.encoder:
+        code.append("distiller = rt.EncoderDistiller(teacher, **DISTILL, student_blocks=len(rt.find_blocks(model)[1]))")
+        code.append("distiller.prepare_student(model)")
+        code.append(f"return model, distiller, shrink, {masks}")
+    elif p.target.distill is not None:
         code.append(
             "distiller = rt.Distiller(teacher, model, **DISTILL)"
         )
@@ -423,9 +465,9 @@ def train_step_block(p: Program) -> str:
     return torch.stack(losses).mean() if losses else torch.zeros((), device=par.device)
 '''
     distill = p.target.distill is not None
-    if p.task == "encoder":
-        loss = "loss = distiller.loss(output, inputs, None)"
-    elif distill:
+    if p.encoder:
+        return _encoder_train_step(p)
+    if distill:
         loss = "loss = distiller.loss(output, inputs, rt.causal_lm_loss(rt.logits_of(output), targets))"
     else:
         loss = "loss = rt.causal_lm_loss(rt.logits_of(output), targets)"
@@ -457,6 +499,40 @@ def train_step_block(p: Program) -> str:
     total = torch.zeros((), device=par.device)
     for i, batch in enumerate(micro_batches):
         inputs, targets = batch[:, :-1].to(par.device), batch[:, 1:].to(par.device)
+        last = i == len(micro_batches) - 1
+{body}
+        total += loss.detach()
+    return total / len(micro_batches)
+'''
+
+
+def _encoder_train_step(p: Program) -> str:
+    backward = "scaler.scale(loss / ACCUMULATION).backward()" if p.fp16 else "(loss / ACCUMULATION).backward()"
+    forward = [
+        "with rt.autocast(AUTOCAST, par.device):",
+        "    output = trained(**rt.sentence_inputs(batch, par.device), **distiller.student_options())",
+        "    loss = distiller.loss(output, batch)",
+        backward,
+    ]
+    if p.ddp:
+        sync_doc = ";\n    DDP all-reduces gradients on the last one only"
+        lines = ["sync = contextlib.nullcontext() if last else trained.no_sync()", "with sync:"]
+        lines += ["    " + line for line in forward]
+    else:
+        sync_doc = ";\n    FSDP reduce-scatters gradients on the last one only" if p.fsdp else ""
+        lines = ["trained.set_requires_gradient_sync(last)"] if p.fsdp else []
+        lines += forward
+    body = _indent("\n".join(lines), 2)
+    params = ["trained: torch.nn.Module", "distiller: rt.EncoderDistiller", "micro_batches: list[dict]",
+              "par: rt.Parallel"]
+    params += ["scaler: torch.amp.GradScaler"] if p.fp16 else []
+    return f'''{_signature("train_step", params, "torch.Tensor")}
+    """Forward and backward over the step's ACCUMULATION batches of sentences{sync_doc}.
+
+    The loss compares the student with the teacher's outputs cached for each sentence.
+    """
+    total = torch.zeros((), device=par.device)
+    for i, batch in enumerate(micro_batches):
         last = i == len(micro_batches) - 1
 {body}
         total += loss.detach()
@@ -561,11 +637,24 @@ def evaluate(
     return {"eval_loss": rt.global_mean(total, count, par)}
 '''
     distill = p.target.distill is not None
-    if p.task == "encoder":
-        measure = """\
+    if p.encoder:
+        return '''@torch.no_grad()
+def evaluate(
+    trained: torch.nn.Module, distiller: rt.EncoderDistiller, heldout: list[dict], par: rt.Parallel
+) -> dict[str, float]:
+    """Held-out distillation loss and student-teacher cosine of the sentence embeddings."""
+    trained.eval()
+    sums = {key: torch.zeros((), device=par.device) for key in ("eval_loss", "eval_cosine")}
+    count = 0
+    for batch in heldout:
         with rt.autocast(AUTOCAST, par.device):
-            output = trained(inputs)
-            sums["eval_loss"] += distiller.loss(output, inputs, None).float() * len(batch)"""
+            output = trained(**rt.sentence_inputs(batch, par.device), **distiller.student_options())
+            sums["eval_loss"] += distiller.loss(output, batch, "heldout").float() * len(batch["index"])
+        sums["eval_cosine"] += distiller.cosines(output, batch, "heldout").sum()
+        count += len(batch["index"])
+    trained.train()
+    return {key: rt.global_mean(total, count, par) for key, total in sums.items()}
+'''
     else:
         measure = """\
         with rt.autocast(AUTOCAST, par.device):
@@ -615,7 +704,7 @@ def summary(p: Program) -> str:
         features.append("activation checkpointing")
     if t.distill is not None:
         features.append(f"distillation ({', '.join(t.distill.losses)})")
-    steps = [_step_words(o) for o, _ in p.compression]
+    steps = [_step_words(o) for o, _ in p.compression if p.target.qat or not isinstance(o, Quantize)]
     if steps:
         features.append("compression-aware: " + ", ".join(steps))
     return textwrap.fill(
@@ -651,6 +740,45 @@ def imports_block(p: Program) -> str:
     return "\n".join(stdlib) + "\n\n" + "\n".join(third) + "\n\nimport planc_runtime as rt"
 
 
+def load_data_block(p: Program) -> str:
+    if p.encoder:
+        return _indent("""
+            train_set, heldout_set = rt.load_sentence_corpus(DATA, MODEL, HERE)
+            log.info("data: %d training and %d held-out sentences, %.1f tokens on average",
+                     len(train_set), len(heldout_set), train_set.mean_tokens)
+            """, 1)
+    return _indent("""
+        train_rows, heldout_rows = rt.load_token_corpus(DATA, MODEL, HERE)
+        log.info("data: %d training and %d held-out sequences of %d tokens",
+                 len(train_rows), len(heldout_rows), DATA["seq_len"])
+        """, 1)
+
+
+def tokens_per_step(p: Program) -> str:
+    if p.encoder:
+        return "tokens_per_step = MICRO_BATCH * ACCUMULATION * par.dp_size * train_set.mean_tokens  # on average"
+    return 'tokens_per_step = MICRO_BATCH * ACCUMULATION * par.dp_size * DATA["seq_len"]'
+
+
+def streams_block(p: Program) -> str:
+    if p.encoder:
+        return _indent("""
+            stream = rt.SentenceBatches(train_set, MICRO_BATCH, par.dp_rank, par.dp_size, seed=SEED)
+            heldout = rt.sentence_heldout_batches(heldout_set, MICRO_BATCH, par.dp_rank, par.dp_size, EVAL_SEQUENCES)
+            # The teacher runs once per sentence, now: on this rank's shard and held-out share.
+            teacher_cache = rt.planc_cache_dir() / "teacher"
+            distiller.prepare("train", train_set, stream.shard, par.device, teacher_cache)
+            distiller.prepare("heldout", heldout_set, [int(i) for b in heldout for i in b["index"]], par.device,
+                              teacher_cache)
+            """, 1)
+    return _indent(f"""
+        stream = rt.BatchStream(train_rows, MICRO_BATCH, par.dp_rank, par.dp_size, seed=SEED)
+        heldout = rt.heldout_batches(
+            heldout_rows, MICRO_BATCH, par.dp_rank, par.dp_size, EVAL_SEQUENCES{", multiple=MICROBATCHES" if p.pipeline else ""}
+        )
+        """, 1)
+
+
 def render_train_py(p: Program) -> str:
     imports = imports_block(p)
     constants = constants_block(p)
@@ -675,7 +803,9 @@ def render_train_py(p: Program) -> str:
         extra_metrics=extra_metrics(p),
         extra_checkpoint=extra_checkpoint(p),
         eval_args=eval_args(p),
-        eval_multiple=", multiple=MICROBATCHES" if p.pipeline else "",
+        load_data=load_data_block(p),
+        tokens_per_step=tokens_per_step(p),
+        streams=streams_block(p),
     )
     # A placeholder alone on its line that renders to nothing removes its line.
     blocks = {k: v if v or k in _INLINE else _DROP for k, v in blocks.items()}
@@ -684,7 +814,7 @@ def render_train_py(p: Program) -> str:
 
 
 _DROP = "<planc: drop this line>"
-_INLINE = {"extra_metrics", "extra_checkpoint", "eval_multiple"}
+_INLINE = {"extra_metrics", "extra_checkpoint", "tokens_per_step"}
 
 
 def render_launch_sh(target: TrainTarget, plan_name: str) -> str:
