@@ -8,22 +8,8 @@ target (batch sizes, mesh shapes, unsupported combinations) for the plan's diagn
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from backends.train.checks import TrainPlanError, check_batch_config
+from backends.train.emit import emit_training_program
+from backends.train.launch import launch
 
-#: Public names and the module that defines each; loaded on first use, so that `planc check`
-#: (which needs only `checks`) does not pay for the emitter.
-_EXPORTS = {
-    "TrainPlanError": "backends.train.checks",
-    "check_batch_config": "backends.train.checks",
-    "emit_training_program": "backends.train.emit",
-    "launch": "backends.train.launch",
-}
-
-__all__ = list(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'backends.train' has no attribute {name!r}")
-    return getattr(importlib.import_module(_EXPORTS[name]), name)
+__all__ = ["TrainPlanError", "check_batch_config", "emit_training_program", "launch"]
