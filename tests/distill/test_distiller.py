@@ -85,8 +85,8 @@ def test_loss_falls_and_cosine_to_the_teacher_rises(minilm, tmp_path):
 
     loss_before, cosine_before = measure()
     optimizer = rt.make_optimizer(student, "adamw", 1e-3, 0.0, [0.9, 0.95], 0.9)
-    stream = rt.SentenceBatches(samples, 16, 0, 1, seed=0)
-    for step in range(12):
+    stream = rt.SentenceBatches(samples, 8, 0, 1, seed=0)
+    for step in range(10):
         b = stream.batch(step)
         loss = distiller.loss(student(**rt.sentence_inputs(b, torch.device("cpu")), **distiller.student_options()), b)
         loss.backward()
