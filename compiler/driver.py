@@ -281,7 +281,9 @@ def trained_weights(plan: ir.Plan, resolved: list, train_dir: Path, note: Progre
 
     train = plan.target("train")
     assert train is not None
-    key = cache.plan_key(explain(plan), plan.model)
+    task = plan.model.task if plan.model.task != "auto" else "encoder" if plan.model.kind == "hf" else "causal_lm"
+    corpus = cache.corpus_fingerprint(train.options, plan.model.base_dir, task)
+    key = cache.plan_key(explain(plan), plan.model, corpus=corpus)
     cached = cache.cached_weights(key)
     if cached is not None:
         note(f"reusing trained weights {cached}")
