@@ -59,6 +59,9 @@ HELDOUT = REPO / "examples" / "data" / "heldout_sentences.txt"
 RESULTS = REPO / "bench" / "results"
 CPU = ["CPUExecutionProvider"]
 SHAPES = ((1, 128), (8, 128))
+#: Targets drawn on the plot, (speedup at batch 1, floor) per metric: prune+distill+int8 >= 3x at
+#: min cosine and Spearman >= 0.95; layer-drop+distill+int8 >= 4x at min cosine >= 0.85, Spearman >= 0.95.
+GOALS = {"min_cosine": ((3.0, 0.95), (4.0, 0.85)), "spearman": ((3.0, 0.95), (4.0, 0.95))}
 
 
 def minilm_source() -> ModelSource:
@@ -211,6 +214,8 @@ def plot(result: dict, path: Path) -> None:
             axis.scatter(row["speedup_b1"], row[metric], s=40)
             axis.annotate(row["variant"].removeprefix("planc "), (row["speedup_b1"], row[metric]),
                           textcoords="offset points", xytext=(4, 4), fontsize=8)
+        for speedup, floor in GOALS[metric]:  # the done-when corners: right of and above
+            axis.plot([speedup, speedup, axis.get_xlim()[1]], [1.0, floor, floor], ls="--", lw=0.8, color="grey")
         axis.set_xlabel("speedup vs eager fp32 (batch 1, seq 128)")
         axis.set_ylabel(label)
         axis.grid(alpha=0.3)

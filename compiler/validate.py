@@ -22,7 +22,7 @@ from compiler import ir
 from dsl import ast
 from dsl.parser import parse_file
 from dsl.source import Diagnostic, PlanError, Source, Span, did_you_mean
-from passes.options import PASS_OPTIONS, Cast, Partition, Quantize
+from passes.options import PASS_OPTIONS, Cast, Partition, Prune, Quantize
 
 TARGETS: dict[str, type[BaseModel]] = {"onnx": OnnxTarget, "train": TrainTarget}
 SELECTOR_FUNCTIONS = ("name", "regex", "layers", "type")
@@ -436,6 +436,15 @@ class _Validator:
         train = plan.target("train")
         if train is not None:
             self.check_train(plan, train)
+        else:
+            for step in plan.pipeline:
+                if isinstance(step.options, Prune) and step.options.measures_activations:
+                    option = "reconstruct" if step.options.reconstruct else "importance"
+                    self.error(
+                        f"{option} measures activations on the training text, which only the training program reads",
+                        step.option_spans.get(option, step.span),
+                        ("add a `target train` block (e.g. with distill), or use importance = l2 without reconstruct",),
+                    )
 
     def check_train(self, plan: ir.Plan, train: ir.Target) -> None:
         options = train.options

@@ -37,8 +37,14 @@ class Prune(PassOptions):
     m: int = Field(4, ge=2)
     #: Magnitude threshold per layer (local) or one threshold over all selected layers (global).
     scope: Literal["local", "global"] = "local"
-    #: Importance of a head or channel for structured pruning.
-    importance: Literal["l1", "l2"] = "l2"
+    #: Importance of a head or channel for structured pruning: the l1/l2 norm of its weights, or
+    #: `activation`, the energy of its contribution to the block's output on the training text
+    #: (measured by the training program: needs `target train`).
+    importance: Literal["l1", "l2", "activation"] = "l2"
+    #: Heads/channels: after the cut, refit the projection reading the kept ones (out-projection,
+    #: down-projection) by least squares, so the block's output on the training text stays as
+    #: close to the original's as the kept ones allow (training program: needs `target train`).
+    reconstruct: bool = False
     #: oneshot prunes at compile time; gradual ramps sparsity during training (train target).
     schedule: Literal["oneshot", "gradual"] = "oneshot"
     #: method = layers: indices of the repeated blocks to keep (0-based, as in `layers(...)`);
@@ -58,7 +64,14 @@ class Prune(PassOptions):
                 raise ValueError("method = layers removes whole blocks at once: use schedule = oneshot")
         elif self.keep is not None:
             raise ValueError("keep = [...] belongs to method = layers")
+        if self.method not in ("heads", "channels") and (self.reconstruct or self.importance == "activation"):
+            raise ValueError("reconstruct and importance = activation belong to method = heads or channels")
         return self
+
+    @property
+    def measures_activations(self) -> bool:
+        """Whether the step needs activations on real text (only the training program has them)."""
+        return self.importance == "activation" or self.reconstruct
 
 
 class LowRank(PassOptions):

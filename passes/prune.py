@@ -135,6 +135,8 @@ def _importance(slices: list[torch.Tensor], norm: str) -> torch.Tensor:
     """Per-channel importance: the l1 or l2 norm over all of a channel's weights.
 
     Each slice is [channels, ...] (rows of row-Linears, transposed columns of col-Linears).
+    `activation` (with or without `reconstruct`) is measured by the training program, which
+    saves the heads/channels it removed as zeros: on those weights the l2 norm finds them again.
     """
     if norm == "l1":
         return sum(s.abs().flatten(1).sum(1) for s in slices)

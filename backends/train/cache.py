@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 #: The code a trained result depends on besides the plan: what the program is rendered from.
 _TRAINING_CODE = (
     Path(__file__).parent / "planc_runtime.py",
+    Path(__file__).parent / "everyday_text.py",
     Path(__file__).parent / "render.py",
     Path(__file__).parent / "templates" / "train.py.tmpl",
 )

@@ -1,4 +1,5 @@
-"""Emit the training program of `target train`: DIR/train.py, launch.sh, planc_runtime.py, plan.resolved.
+"""Emit the training program of `target train`: DIR/train.py, launch.sh, planc_runtime.py (with
+everyday_text.py, the grammar of its `everyday` corpus), plan.resolved.
 
 The emitter resolves everything the program needs (model location, mesh sizes, compressed
 modules) and renders it; it imports no torch, so it runs as fast as `planc check`.
@@ -83,6 +84,7 @@ def emit_training_program(
         launch.write_text(render_launch_sh(target, program.plan_name))
         launch.chmod(0o755)
         shutil.copyfile(RUNTIME, tmp / "planc_runtime.py")
+        shutil.copyfile(RUNTIME.with_name("everyday_text.py"), tmp / "everyday_text.py")
         (tmp / "plan.resolved").write_text(plan_resolved)
         _replace_dir(tmp, out_dir, keep=_kept_run_state(out_dir, tmp, target))
     finally:

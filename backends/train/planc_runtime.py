@@ -465,11 +465,20 @@ def _system_docs(root: Path = Path("/usr/share/doc")) -> Iterator[str]:
                 yield text
 
 
+def _everyday() -> Iterator[str]:
+    if __package__:  # imported from the planc package
+        from . import everyday_text
+    else:  # next to a generated train.py
+        import everyday_text
+    yield from everyday_text.sentences()
+
+
 #: Offline prose the `corpora` option names.
 CORPORA: dict[str, Callable[[], Iterator[str]]] = {
     "docstrings": _stdlib_docstrings,
     "pydoc_topics": _pydoc_topics,
     "system_docs": _system_docs,
+    "everyday": _everyday,
 }
 
 
@@ -495,6 +504,8 @@ def _sources_stamp(data: dict[str, Any], base: Path) -> str:
         roots.append(Path(data["path"]) if Path(data["path"]).is_absolute() else base / data["path"])
     if "system_docs" in data.get("corpora", []):
         roots.append(Path("/usr/share/doc"))
+    if "everyday" in data.get("corpora", []):
+        digest.update(Path(__file__).with_name("everyday_text.py").read_bytes())  # the grammar itself
     for root in roots:
         for path in [root] if root.is_file() else sorted(root.rglob("*")) if root.is_dir() else []:
             if path.is_file():
@@ -830,6 +841,86 @@ def _slice_linear(linear: nn.Linear, dim: int, keep: torch.Tensor) -> nn.Linear:
     return new
 
 
+@torch.no_grad()
+def input_gram(model: nn.Module, linear: nn.Linear, batches: Sequence[dict[str, torch.Tensor]]) -> torch.Tensor:
+    """G = sum over real tokens of [x, 1]^T [x, 1], x the input of `linear` as `model` runs on
+    `batches` (eval mode, no dropout): float64, [in + 1, in + 1], last row/column the constant.
+
+    It is all a least-squares refit of `linear`'s input columns needs (refit_columns), and its
+    diagonal with the weights gives each input's output energy (output_energy).
+    """
+    if not batches:
+        raise ValueError("importance = activation and reconstruct need calibration batches of training text")
+    device = linear.weight.device
+    gram = torch.zeros(linear.in_features + 1, linear.in_features + 1, dtype=torch.float64, device=device)
+    real: list[torch.Tensor] = []
+
+    def accumulate(_module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+        x = inputs[0].detach()
+        x = x[real[0]] if x.dim() == 3 else x
+        x = torch.cat([x.double(), x.new_ones(len(x), 1, dtype=torch.float64)], 1)
+        gram.add_(x.t() @ x)
+
+    handle = linear.register_forward_pre_hook(accumulate)
+    training = model.training
+    model.eval()
+    try:
+        for batch in batches:
+            ids = batch["input_ids"].to(device)
+            if "attention_mask" in batch:  # sentences: skip the padding
+                mask = batch["attention_mask"].to(device)
+                real[:] = [mask.bool()]
+                model(input_ids=ids, attention_mask=mask)
+            else:  # packed token rows: every token is real
+                real[:] = [torch.ones_like(ids, dtype=torch.bool)]
+                model(ids)
+    finally:
+        handle.remove()
+        model.train(training)
+    return gram
+
+
+def output_energy(weight: torch.Tensor, gram: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+    """Per group of input columns (rows of `groups`: a head's, or one channel), the summed
+    squared norm of what those inputs add to the output, sum_tokens |W[:, g] x_g|^2."""
+    w = weight.detach().double().t()  # [in, out]
+    return torch.stack([((gram[g][:, g] @ w[g]) * w[g]).sum() for g in groups]).float()
+
+
+@torch.no_grad()
+def refit_columns(linear: nn.Linear, gram: torch.Tensor, keep: torch.Tensor, ridge: float = 1e-3) -> nn.Linear:
+    """A Linear reading only input columns `keep`, refit by (ridge) least squares so that on the
+    tokens behind `gram` it reproduces the original's output: the kept columns and the bias
+    absorb what the removed ones contributed (e.g. their mean)."""
+    device, dtype, bias = linear.weight.device, linear.weight.dtype, linear.bias is not None
+    constant = gram.shape[0] - 1
+    full = linear.weight.double()
+    if bias:
+        full = torch.cat([full, linear.bias.double()[:, None]], 1)  # [out, in + 1]
+    index = keep.to(device)
+    if bias:
+        index = torch.cat([index, torch.tensor([constant], device=device)])
+    kept = gram[index][:, index]
+    damping = ridge * kept.diagonal().mean() * torch.eye(len(index), dtype=torch.float64, device=device)
+    solution = torch.linalg.solve(kept + damping, gram[index][:, : full.shape[1]] @ full.t())  # [kept (+1), out]
+    new = nn.Linear(len(keep), linear.out_features, bias=bias).to(device=device, dtype=dtype)
+    new.weight.copy_(solution[: len(keep)].t())
+    if bias:
+        new.bias.copy_(solution[-1])
+    return new
+
+
+def calibration_batches(samples: SentenceSet | torch.Tensor, count: int = 1024,
+                        micro_batch: int = 32) -> list[dict[str, torch.Tensor]]:
+    """The first `count` training sentences (or packed token rows), the same on every rank, in
+    batches: the text that importance = activation and reconstruct measure."""
+    if isinstance(samples, torch.Tensor):
+        rows = samples[: max(1, count // 8)]  # rows hold many sentences' worth of tokens
+        return [{"input_ids": rows[i : i + micro_batch]} for i in range(0, len(rows), micro_batch)]
+    chosen = sorted(range(min(count, len(samples))), key=lambda i: len(samples.ids[i]))
+    return [samples.collate(chosen[i : i + micro_batch]) for i in range(0, len(chosen), micro_batch)]
+
+
 #: (q, k, v, out) projections of an attention module: the example GPT's and Hugging Face BERT's.
 ATTENTION_LAYOUTS = (
     ("q_proj", "k_proj", "v_proj", "out_proj"),
@@ -851,21 +942,24 @@ def _head_dim(attn: nn.Module, name: str) -> int:
 
 
 def shrink_attention_heads(
-    model: nn.Module, paths: Sequence[str], record: Shrink, sparsity: float, importance: str = "l2"
+    model: nn.Module, paths: Sequence[str], record: Shrink, sparsity: float, importance: str = "l2",
+    reconstruct: bool = False, calibration: Sequence[dict[str, torch.Tensor]] = (),
 ) -> int:
     """Remove the least important `sparsity` fraction of heads of each selected attention.
 
     An attention is selected by its own path, an ancestor, or any of its q/k/v/out projections
     (GPT layout q_proj/k_proj/v_proj/out_proj, or BERT's self.query/key/value + output.dense).
     Head h owns rows h*d..(h+1)*d of q/k/v and the same columns of the out projection;
-    importance is the l1/l2 norm of all of them. Both forwards infer the head count from the
-    shapes, so slicing the projections is enough. Returns how many heads were removed.
+    importance is the l1/l2 norm of all of them, or (`activation`) the energy of the head's
+    output on the `calibration` batches; `reconstruct` refits the out projection to the kept
+    heads (see refit_columns). Both forwards infer the head count from the shapes, so slicing
+    the projections is enough. Returns how many heads were removed.
     """
     removed, found = 0, False
     for layout in ATTENTION_LAYOUTS:
         for name in _owners(model, paths, layout):
             found = True
-            removed += _shrink_heads(model, name, layout, record, sparsity, importance)
+            removed += _shrink_heads(model, name, layout, record, sparsity, importance, reconstruct, calibration)
     if not found:
         raise ValueError(
             "prune method=heads found no attention (q_proj/k_proj/v_proj/out_proj or BERT self.query/key/value + "
@@ -875,21 +969,26 @@ def shrink_attention_heads(
 
 
 def _shrink_heads(model: nn.Module, name: str, layout: tuple[str, ...], record: Shrink, sparsity: float,
-                  importance: str) -> int:
+                  importance: str, reconstruct: bool, calibration: Sequence[dict[str, torch.Tensor]]) -> int:
     attn = _module(model, name)
     head_dim = _head_dim(attn, name)
     q, k, v, out = (attn.get_submodule(p) for p in layout)
     heads = q.out_features // head_dim
-    parts = [lin.weight.view(heads, head_dim, -1) for lin in (q, k, v)]
-    parts.append(out.weight.view(out.out_features, heads, head_dim).transpose(0, 1))
-    kept_heads = _importance(parts, importance).topk(_keep_count(heads, sparsity)).indices.sort().values
-    rows = (kept_heads[:, None] * head_dim + torch.arange(head_dim, device=kept_heads.device)).reshape(-1)
+    gram = input_gram(model, out, calibration) if importance == "activation" or reconstruct else None
+    if importance == "activation":
+        scores = output_energy(out.weight, gram, torch.arange(heads * head_dim).view(heads, head_dim))
+    else:
+        parts = [lin.weight.view(heads, head_dim, -1) for lin in (q, k, v)]
+        parts.append(out.weight.view(out.out_features, heads, head_dim).transpose(0, 1))
+        scores = _importance(parts, importance)
+    kept_heads = scores.topk(_keep_count(heads, sparsity)).indices.sort().values.cpu()
+    rows = (kept_heads[:, None] * head_dim + torch.arange(head_dim)).reshape(-1)
     prefix = f"{name}." if name else ""
     for proj in layout[:3]:
         record.cuts[prefix + proj] = (0, heads * head_dim, rows.tolist())
-        _replace(attn, proj, _slice_linear(attn.get_submodule(proj), 0, rows))
+        _replace(attn, proj, _slice_linear(attn.get_submodule(proj), 0, rows.to(q.weight.device)))
     record.cuts[prefix + layout[3]] = (1, heads * head_dim, rows.tolist())
-    _replace(attn, layout[3], _slice_linear(out, 1, rows))
+    _replace(attn, layout[3], refit_columns(out, gram, rows) if reconstruct else _slice_linear(out, 1, rows.to(out.weight.device)))
     for module in attn.modules():  # keep BERT's bookkeeping attributes truthful
         if hasattr(module, "num_attention_heads") and hasattr(module, "all_head_size"):
             module.num_attention_heads, module.all_head_size = len(kept_heads), len(kept_heads) * head_dim
@@ -897,12 +996,14 @@ def _shrink_heads(model: nn.Module, name: str, layout: tuple[str, ...], record: 
 
 
 def shrink_mlp_channels(
-    model: nn.Module, paths: Sequence[str], record: Shrink, sparsity: float, importance: str = "l2"
+    model: nn.Module, paths: Sequence[str], record: Shrink, sparsity: float, importance: str = "l2",
+    reconstruct: bool = False, calibration: Sequence[dict[str, torch.Tensor]] = (),
 ) -> int:
     """Remove the least important `sparsity` fraction of hidden channels of each selected MLP.
 
     Channel c is row c of the up-projection (fc_in, or BERT's intermediate.dense) with its bias
-    and column c of the down-projection (fc_out, or BERT's output.dense). Returns channels removed.
+    and column c of the down-projection (fc_out, or BERT's output.dense). Importance and
+    `reconstruct` work as in shrink_attention_heads. Returns channels removed.
     """
     removed, found = 0, False
     for up_name, down_name in MLP_LAYOUTS:
@@ -911,13 +1012,17 @@ def shrink_mlp_channels(
             mlp = _module(model, name)
             up, down = mlp.get_submodule(up_name), mlp.get_submodule(down_name)
             width = up.out_features
-            keep = _importance([up.weight, down.weight.t()], importance).topk(_keep_count(width, sparsity))
-            keep = keep.indices.sort().values
+            gram = input_gram(model, down, calibration) if importance == "activation" or reconstruct else None
+            if importance == "activation":
+                scores = output_energy(down.weight, gram, torch.arange(width).view(width, 1))
+            else:
+                scores = _importance([up.weight, down.weight.t()], importance)
+            keep = scores.topk(_keep_count(width, sparsity)).indices.sort().values.cpu()
             prefix = f"{name}." if name else ""
             record.cuts[prefix + up_name] = (0, width, keep.tolist())
             record.cuts[prefix + down_name] = (1, width, keep.tolist())
-            _replace(mlp, up_name, _slice_linear(up, 0, keep))
-            _replace(mlp, down_name, _slice_linear(down, 1, keep))
+            _replace(mlp, up_name, _slice_linear(up, 0, keep.to(up.weight.device)))
+            _replace(mlp, down_name, refit_columns(down, gram, keep) if reconstruct else _slice_linear(down, 1, keep.to(down.weight.device)))
             removed += width - len(keep)
     if not found:
         raise ValueError(
@@ -1550,6 +1655,21 @@ class EncoderDistiller:
         local = self.local[name]
         teacher = self.targets[name].embeddings[[local[i] for i in batch["index"].tolist()]].to(student.device)
         return (student * teacher).sum(-1)
+
+
+def set_dropout(model: nn.Module, probability: float) -> None:
+    """Set every dropout of the model, its modules' and its config's (Hugging Face attention
+    reads `attention_dropout` / `dropout` attributes at call time, not an nn.Dropout)."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = probability
+        for attr in ("dropout_prob", "attention_dropout"):
+            if isinstance(getattr(module, attr, None), float):
+                setattr(module, attr, probability)
+    config = getattr(model, "config", None)
+    for attr in ("hidden_dropout_prob", "attention_probs_dropout_prob", "resid_pdrop", "attn_pdrop", "embd_pdrop"):
+        if config is not None and hasattr(config, attr):
+            setattr(config, attr, probability)
 
 
 def freeze(model: nn.Module, patterns: Sequence[str]) -> int:

@@ -74,6 +74,10 @@ class Program:
         return self.task == "encoder"
 
     @property
+    def measures_activations(self) -> bool:
+        return any(options.measures_activations for _, options, _ in self.prunes)
+
+    @property
     def masked(self) -> list[tuple[int, Prune, list[str]]]:
         return [(i, o, p) for i, o, p in self.prunes if o.method in ("magnitude", "nm")]
 
@@ -182,6 +186,8 @@ def constants_block(p: Program) -> str:
     ]
     if t.freeze:
         lines.append(_const("FREEZE", list(t.freeze), "module path globs kept frozen"))
+    if t.dropout is not None:
+        lines.append(_const("DROPOUT", t.dropout, "every dropout probability of the trained model"))
     if t.distill is not None:
         d = t.distill
         distill: dict[str, Any] = {"temperature": d.temperature, "alpha": d.alpha, "losses": list(d.losses),
@@ -239,7 +245,8 @@ def step_arguments(options: PassOptions) -> dict[str, Any]:
         if options.method == "layers":
             return {"keep": list(options.keep or [])}
         if options.method in ("heads", "channels"):
-            return {"sparsity": options.sparsity, "importance": options.importance}
+            args = {"sparsity": options.sparsity, "importance": options.importance}
+            return {**args, "reconstruct": True} if options.reconstruct else args
         if options.method == "nm":
             return {"method": "nm", "n": options.n, "m": options.m}
         return {"method": "magnitude", "sparsity": options.sparsity, "scope": options.scope}
@@ -296,10 +303,11 @@ def build_block(p: Program) -> str:
     code.append("shrink = rt.Shrink()  # structural cuts, undone (as zeros) when the weights are saved")
     mask_names = []
     for i, options, _ in p.prunes:
+        measured = ", calibration=calibration" if options.measures_activations else ""
         if options.method == "heads":
-            code.append(f"rt.shrink_attention_heads(model, STEP{i}_MODULES, shrink, **STEP{i})")
+            code.append(f"rt.shrink_attention_heads(model, STEP{i}_MODULES, shrink, **STEP{i}{measured})")
         elif options.method == "channels":
-            code.append(f"rt.shrink_mlp_channels(model, STEP{i}_MODULES, shrink, **STEP{i})")
+            code.append(f"rt.shrink_mlp_channels(model, STEP{i}_MODULES, shrink, **STEP{i}{measured})")
     for i, (options, _) in enumerate(p.compression, 1):
         if isinstance(options, LowRank):
             code.append(f"rt.factor_low_rank(model, STEP{i}_MODULES, **STEP{i})")
@@ -321,6 +329,8 @@ def build_block(p: Program) -> str:
             code.append(f"rt.drop_blocks(model, STEP{i}_MODULES, shrink, **STEP{i})  # last: the paths above are original")
     if p.target.freeze:
         code.append('log.info("%d parameters frozen", rt.freeze(model, FREEZE))')
+    if p.target.dropout is not None:
+        code.append("rt.set_dropout(model, DROPOUT)")
     code.append("if ACTIVATION_CHECKPOINTING:\n    rt.checkpoint_blocks(rt.find_blocks(model)[1])")
     masks = "[" + ", ".join(mask_names) + "]"
     if p.target.distill is not None and p.encoder:
@@ -338,11 +348,12 @@ def build_block(p: Program) -> str:
 
 
 def build_call(p: Program) -> str:
-    return (
-        "model, distiller, shrink, masks = build_model(par)"
-        if p.target.distill is not None
-        else "model, shrink, masks = build_model(par)"
-    )
+    returned = "model, distiller, shrink, masks" if p.target.distill is not None else "model, shrink, masks"
+    if not p.measures_activations:
+        return f"{returned} = build_model(par)"
+    text = "train_set" if p.encoder else "train_rows"
+    return (f"calibration = rt.calibration_batches({text})  # the text pruning measures activations on\n"
+            f"    {returned} = build_model(par, calibration)")
 
 
 # ------------------------------------------------------------------------------ parallelize
@@ -790,6 +801,7 @@ def render_train_py(p: Program) -> str:
         imports=imports,
         constants=constants,
         build_body=build_block(p),
+        build_params="par: rt.Parallel, calibration: list[dict]" if p.measures_activations else "par: rt.Parallel",
         parallelize=parallelize_block(p),
         train_step=train_step_block(p),
         evaluate=evaluate_block(p),

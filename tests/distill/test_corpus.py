@@ -96,3 +96,35 @@ def test_sentence_set_batches_are_sharded_seeded_and_padded_per_batch(tmp_path):
     assert batch["input_ids"].shape[1] == int(lengths.max())  # padded to its own longest sentence
     for row, index in zip(batch["input_ids"], batch["index"]):
         assert row[: len(train.ids[index])].tolist() == train.ids[index]
+
+
+def test_everyday_grammar_is_seeded_prose_and_never_echoes_the_heldout_set(tmp_path):
+    from backends.train import everyday_text
+
+    generated = everyday_text.sentences(5000)
+    assert generated == everyday_text.sentences(5000) and len(set(generated)) == 5000
+    assert everyday_text.sentences(200, seed=1) != generated[:200]
+    assert len(rt.prose_sentences("\n\n".join(generated), 5, 60)) >= 0.9 * len(generated)
+
+    def four_grams(sentence: str) -> set[tuple[str, ...]]:
+        words = sentence.lower().strip(".?!").replace(",", "").split()
+        return {tuple(words[i : i + 4]) for i in range(len(words) - 3)}
+
+    seen = set().union(*map(four_grams, everyday_text.sentences()))
+    echoed = [s for s in HELDOUT.read_text().splitlines() if s.strip() and four_grams(s) & seen]
+    assert not echoed, echoed[:3]
+    options = data(SENTENCES, corpora=["everyday"], max_bytes=20_000)
+    mixed = rt.collect_sentences(options, tmp_path, cache=False)
+    assert len(mixed) > 200 and set(mixed) & set(everyday_text.sentences())
+
+
+def test_corpus_cache_follows_the_everyday_grammar(tmp_path, monkeypatch):
+    """A changed grammar is a changed corpus: its stamp (the cache key) changes with the file."""
+    grammar = tmp_path / "everyday_text.py"
+    grammar.write_text("one grammar")
+    monkeypatch.setattr(rt, "__file__", str(tmp_path / "planc_runtime.py"))
+    options = data(SENTENCES, corpora=["everyday"])
+    before = rt._sources_stamp(options, tmp_path)
+    assert rt._sources_stamp(data(SENTENCES), tmp_path) != before
+    grammar.write_text("another grammar")
+    assert rt._sources_stamp(options, tmp_path) != before

@@ -30,7 +30,7 @@ target train {
   schedule { warmup = 3 }
   data {
     path = "data/sentences.txt"
-    corpora = [pydoc_topics]
+    corpora = [pydoc_topics, everyday]
     exclude = ["data/heldout_sentences.txt"]
     tokenizer = model
   }
@@ -44,7 +44,7 @@ target onnx {
 """
 
 
-@pytest.mark.frontier  # issue 7, open: fails today; run with `pytest -m frontier`
+@pytest.mark.slow
 def test_distil_then_compile_beats_the_untrained_cut(tmp_path, monkeypatch):
     from compiler.driver import compile_plan
     from compiler.evaluate import agreement, artifact_embeddings, eager_embeddings, read_sentences

@@ -40,7 +40,7 @@ def test_emits_program_launcher_runtime_and_plan(tmp_path: Path) -> None:
     plan = target(corpus, strategy=["ddp"], world_size=4, nodes=2, rdzv_endpoint="node0:29400", max_restarts=3,
                   micro_batch=4, accumulation=2, global_batch=32)
     out = emit_training_program(plan, gpt_source(), [], None, tmp_path / "run", "model gpt = ...\n")
-    assert sorted(p.name for p in out.iterdir()) == ["launch.sh", "plan.resolved", "planc_runtime.py", "train.py"]
+    assert sorted(p.name for p in out.iterdir()) == ["everyday_text.py", "launch.sh", "plan.resolved", "planc_runtime.py", "train.py"]
     assert (out / "plan.resolved").read_text() == "model gpt = ...\n"
     values = constants(out / "train.py")
     assert values["STEPS"] == 6 and values["MICRO_BATCH"] == 4 and values["ACCUMULATION"] == 2
