@@ -283,7 +283,10 @@ def trained_weights(plan: ir.Plan, resolved: list, train_dir: Path, note: Progre
     assert train is not None
     task = plan.model.task if plan.model.task != "auto" else "encoder" if plan.model.kind == "hf" else "causal_lm"
     corpus = cache.corpus_fingerprint(train.options, plan.model.base_dir, task)
-    key = cache.plan_key(explain(plan), plan.model, corpus=corpus)
+    # The weights depend on the model, the pipeline and the training target, not on how the
+    # onnx target exports or verifies them: a new verify goal reuses the trained weights.
+    trained_by = plan.model_copy(update={"targets": (train,)})
+    key = cache.plan_key(explain(trained_by), plan.model, corpus=corpus)
     cached = cache.cached_weights(key)
     if cached is not None:
         note(f"reusing trained weights {cached}")

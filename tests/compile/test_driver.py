@@ -63,3 +63,38 @@ def test_compile_without_output_or_target_is_a_plan_error(plans: Path) -> None:
     plan.write_text(GPT)
     code, _, err = planc("compile", str(plan), "-o", str(plans / "out"))
     assert code == 1 and "the plan has no target" in err and not (plans / "out").exists()
+
+
+def test_trained_weights_are_reused_when_only_the_onnx_target_changes(plans: Path, monkeypatch) -> None:
+    """The weight cache is keyed by model, pipeline and training target: a new verify goal
+    reuses the trained weights, a new training option trains again."""
+    import importlib
+
+    from compiler import driver
+    from compiler.validate import load_plan
+
+    monkeypatch.setenv("PLANC_CACHE", str(plans / "cache"))
+    runs: list[Path] = []
+
+    def fake_launch(directory: Path, *args, **kwargs) -> int:
+        runs.append(directory)
+        (directory / "trained.pt").write_bytes(b"weights %d" % len(runs))
+        return 0
+
+    # the module, not the package's `launch` function of the same name
+    monkeypatch.setattr(importlib.import_module("backends.train.launch"), "launch", fake_launch)
+
+    def weights(train: str, goal: str) -> bytes:
+        plan_file = plans / "t.plan"
+        plan_file.write_text(
+            GPT + "pipeline { prune Linear { sparsity = 50% } }\n"
+            f"target train {{ {train} }}\n"
+            f'target onnx {{ verify {{ metric = max_abs, goal = "{goal}" }} }}\n'
+        )
+        plan, _ = load_plan(plan_file)
+        resolved = driver.resolve_steps(plan, driver.module_table_of(driver.load_model(plan, None)))
+        return driver.trained_weights(plan, resolved, plans / "out" / "train", lambda *_: None).read_bytes()
+
+    first = weights("steps = 5", "<= 0.1")
+    assert weights("steps = 5", "<= 0.5") == first and len(runs) == 1
+    assert weights("steps = 6", "<= 0.1") != first and len(runs) == 2
