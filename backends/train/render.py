@@ -272,6 +272,8 @@ def _compression_constants(p: Program) -> list[str]:
                 "channels": f"remove {options.sparsity:.0%} of MLP channels ({options.importance} importance)",
                 "layers": f"keep blocks {options.keep} of the selected ones, remove the others",
             }[options.method]
+            if options.reconstruct:
+                what = what.replace(" importance)", " importance, least-squares refit)")
             when = (
                 "before training"
                 if options.method in ("heads", "channels", "layers")
