@@ -14,11 +14,12 @@ from __future__ import annotations
 import random
 
 PEOPLE = [
-    "my neighbor", "the teacher", "an old woman", "our manager", "the doctor", "my sister",
-    "his father", "the waiter", "a tourist", "two students", "the nurse", "my best friend",
-    "the new intern", "a farmer", "the children", "her grandmother", "the landlord", "a police officer",
-    "the cashier", "my brother", "the coach", "a customer", "the pilot", "our guide", "the baker",     "the mechanic", "my roommate", "the librarian", "the chef", "my uncle", "the engineer",
-    "a couple", "our dentist", "the mail carrier", "a stranger", "the painter", "my aunt",
+    "my neighbor", "the teacher", "an old woman", "our manager", "the doctor", "my sister", "his father",
+    "the waiter", "a tourist", "two students", "the nurse", "my best friend", "the new intern", "a farmer",
+    "the children", "her grandmother", "the landlord", "a police officer", "the cashier", "my brother",
+    "the coach", "a customer", "the pilot", "our guide", "the baker", "the mechanic", "my roommate",
+    "the librarian", "the chef", "my uncle", "the engineer", "a couple", "our dentist", "the mail carrier",
+    "a stranger", "the painter", "my aunt",
 ]
 ANIMALS = [
     "the dog", "the horse", "a bird", "a puppy", "the cow", "a squirrel", "the kitten",
@@ -63,9 +64,9 @@ INTRANSITIVE = [
     ("study", "studied", "studying"), ("travel", "traveled", "traveling"), ("complain", "complained", "complaining"),
 ]
 ADJECTIVES = [
-    "broken", "expensive", "quiet", "crowded", "cold", "delicious", "late", "heavy", "bright", "noisy", "empty",
-    "wet", "cheap", "tired", "busy", "clean", "dirty", "warm", "strange", "beautiful", "slow", "new", "old",
-    "useful", "dangerous", "comfortable", "boring", "friendly", "fresh", "difficult",
+    "broken", "expensive", "quiet", "crowded", "cold", "delicious", "late", "heavy", "bright", "noisy",
+    "empty", "wet", "cheap", "tired", "busy", "clean", "dirty", "warm", "strange", "beautiful", "slow", "new",
+    "old", "useful", "dangerous", "comfortable", "boring", "friendly", "fresh", "difficult",
 ]
 GOODS = [
     "bread", "rent", "electricity", "train tickets", "fresh fruit", "used cars",
@@ -80,16 +81,21 @@ WEATHER = [
     "it rained all day", "the snow kept falling", "the wind was strong", "the sun finally came out",
     "a storm knocked out the power", "the fog was thick", "it was unusually hot", "the roads were icy",
 ]
-FEELINGS = ["happy", "worried", "angry", "surprised", "nervous", "relieved", "excited", "sad", "proud", "bored"]
+FEELINGS = [
+    "happy", "worried", "angry", "surprised", "nervous", "relieved", "excited", "sad", "proud", "bored",
+]
 FOODS = [
     "soup", "pasta", "a salad", "rice and beans", "pancakes", "apple pie", "fresh bread", "grilled cheese",
     "an omelet", "noodles", "chocolate cookies", "roast chicken", "lemon cake", "vegetable curry", "tacos",
 ]
 HEALTH = [
     "has a terrible headache", "caught a cold", "broke an arm while skiing", "needs more sleep",
-    "feels much better today", "is allergic to peanuts", "twisted an ankle", "has a fever", "stopped eating sugar",
+    "feels much better today", "is allergic to peanuts", "twisted an ankle", "has a fever",
+    "stopped eating sugar",
 ]
-DEVICES = ["phone", "tablet", "printer", "router", "television", "camera", "smart watch", "desktop", "headphones"]
+DEVICES = [
+    "phone", "tablet", "printer", "router", "television", "camera", "smart watch", "desktop", "headphones",
+]
 TROUBLES = [
     "keeps freezing", "will not charge", "crashes every time I open it", "makes a strange noise",
     "is running very slowly", "lost all my photos", "shows a blank screen", "disconnects every few minutes",
@@ -108,7 +114,10 @@ REASONS = [
     "it was too late", "the store was closed", "nobody asked", "the weather was bad", "there was no time",
     "it cost too much", "the line was too long", "everyone was tired",
 ]
-CONTESTS = ["chess tournament", "spelling contest", "soccer match", "school election", "cooking competition", "tennis final"]
+CONTESTS = [
+    "chess tournament", "spelling contest", "soccer match", "school election", "cooking competition",
+    "tennis final",
+]
 EVENTS = [
     "the meeting", "the wedding", "the game", "the concert", "the exam", "the party", "the trip",
     "the interview", "the flight", "the holidays", "the deadline", "the race",

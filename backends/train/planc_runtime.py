@@ -988,7 +988,10 @@ def _shrink_heads(model: nn.Module, name: str, layout: tuple[str, ...], record: 
         record.cuts[prefix + proj] = (0, heads * head_dim, rows.tolist())
         _replace(attn, proj, _slice_linear(attn.get_submodule(proj), 0, rows.to(q.weight.device)))
     record.cuts[prefix + layout[3]] = (1, heads * head_dim, rows.tolist())
-    _replace(attn, layout[3], refit_columns(out, gram, rows) if reconstruct else _slice_linear(out, 1, rows.to(out.weight.device)))
+    if reconstruct:
+        _replace(attn, layout[3], refit_columns(out, gram, rows))
+    else:
+        _replace(attn, layout[3], _slice_linear(out, 1, rows.to(out.weight.device)))
     for module in attn.modules():  # keep BERT's bookkeeping attributes truthful
         if hasattr(module, "num_attention_heads") and hasattr(module, "all_head_size"):
             module.num_attention_heads, module.all_head_size = len(kept_heads), len(kept_heads) * head_dim
@@ -1022,7 +1025,10 @@ def shrink_mlp_channels(
             record.cuts[prefix + up_name] = (0, width, keep.tolist())
             record.cuts[prefix + down_name] = (1, width, keep.tolist())
             _replace(mlp, up_name, _slice_linear(up, 0, keep.to(up.weight.device)))
-            _replace(mlp, down_name, refit_columns(down, gram, keep) if reconstruct else _slice_linear(down, 1, keep.to(down.weight.device)))
+            if reconstruct:
+                _replace(mlp, down_name, refit_columns(down, gram, keep))
+            else:
+                _replace(mlp, down_name, _slice_linear(down, 1, keep.to(down.weight.device)))
             removed += width - len(keep)
     if not found:
         raise ValueError(
