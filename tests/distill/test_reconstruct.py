@@ -126,3 +126,28 @@ def test_options_and_plans_say_where_activations_come_from(tmp_path):
     assert (problem.span.line, problem.span.col) == (3, 60)  # the `activation` value
     assert "training text" in problem.message and "target train" in " ".join(problem.notes)
 
+
+def test_packed_token_rows_calibrate_a_decoder():
+    """A decoder's training data is packed token rows (no padding): every token counts, and the
+    refit keeps the example GPT closer to itself than slicing does."""
+    from distill_helpers import REPO
+    from shared_models import example_gpt_module
+
+    torch.manual_seed(0)
+    model = example_gpt_module().gpt(n_layer=2, d_model=64, n_head=4).eval()
+    text = torch.tensor(list((REPO / "examples" / "data" / "sentences.txt").read_bytes()[:8192]))
+    rows = text[: len(text) // 64 * 64].view(-1, 64)
+    calibration = rt.calibration_batches(rows[:96], count=8 * 64)
+    assert sum(len(b["input_ids"]) for b in calibration) == 64 and "attention_mask" not in calibration[0]
+    paths = [name for name, m in model.named_modules() if hasattr(m, "fc_in") and hasattr(m, "fc_out")]
+    heldout = rows[64:72]
+    with torch.no_grad():
+        reference = model(heldout)
+
+    def error(**options) -> float:
+        student = copy.deepcopy(model)
+        rt.shrink_mlp_channels(student, paths, rt.Shrink(), 0.5, **options)
+        with torch.no_grad():
+            return float((rt.logits_of(student(heldout)) - rt.logits_of(reference)).pow(2).mean())
+
+    assert error(importance="activation", reconstruct=True, calibration=calibration) < error()
