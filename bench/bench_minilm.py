@@ -12,7 +12,8 @@ Variants, all on the same inputs and the same 2 threads:
 Protocol: every ORT session has `session.intra_op.allow_spinning = 0`; each round runs all
 variants once in a freshly shuffled order (so load from neighbours hits all alike) and the
 median over rounds is kept. Accuracy is the cosine between each variant's sentence embedding
-(mean-pooled, normalized) and eager's, one sentence per run, over the bundled sentences.
+(mean-pooled, normalized) and eager's, one sentence per run, over the bundled sentences, and the
+Spearman correlation of all pairwise sentence similarities against eager's.
 
     python bench/bench_minilm.py out/minilm-int8 out/minilm-int4
     python bench/bench_minilm.py --plan examples/minilm_int8.plan --rounds 50 --json bench.json
@@ -40,6 +41,7 @@ from backends.onnx import runtime  # noqa: E402
 from backends.onnx.artifact import MODEL_FILE, _bench_inputs  # noqa: E402
 from backends.onnx.export import files_size  # noqa: E402
 from backends.onnx.timing import interleaved_medians, torch_threads  # noqa: E402
+from backends.onnx.verify import similarity_spearman  # noqa: E402
 from bench.minilm_common import compile_plans, export_fp32, minilm_source, ort_quantize_dynamic  # noqa: E402
 from compiler import frontend  # noqa: E402
 
@@ -104,12 +106,12 @@ def main(argv: list[str] | None = None) -> int:
         fp32_bytes = files_size(models["ort fp32"])
         for name in calls:
             if name == "eager fp32":
-                size, cosines = None, np.ones(len(texts))
+                size, got = None, reference
             else:
                 session = sessions[name]
                 size = files_size(models[name])
                 got = embeddings(lambda x, s=session: next(iter(runtime.run(s, x).values())), loaded, texts)
-                cosines = (got * reference).sum(-1)
+            cosines = (got * reference).sum(-1)
             rows.append(
                 {
                     "variant": name,
@@ -121,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
                     "vs_quantize_dynamic_per_channel": round(medians[name] / medians["quantize_dynamic per-channel"], 3),
                     "cosine_min": round(float(cosines.min()), 4),
                     "cosine_mean": round(float(cosines.mean()), 4),
+                    "spearman": round(similarity_spearman(got, reference), 4),
                 }
             )
 
@@ -129,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
 
     title = f"all-MiniLM-L6-v2, batch {args.batch}, seq {args.seq}, {args.threads} threads, median of {args.rounds} interleaved rounds; cosine over {len(texts)} sentences"
     table = Table(title=title)
-    headers = ["variant", "size MB", "x fp32 size", "ms", "speedup vs eager", "x quantize_dynamic", "x qd per-channel", "cos min", "cos mean"]
+    headers = ["variant", "size MB", "x fp32 size", "ms", "speedup vs eager", "x quantize_dynamic", "x qd per-channel", "cos min", "cos mean", "Spearman"]
     for header in headers:
         table.add_column(header, justify="left" if header == "variant" else "right")
     for row in rows:

@@ -107,11 +107,13 @@ def cmd_schema(args: argparse.Namespace) -> int:
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
-    from compiler.explain import explain
+    from compiler.explain import explain, target_notes
     from compiler.validate import load_plan
 
     plan, _ = load_plan(args.file)
     print(explain(plan), end="")
+    for line in target_notes(plan):
+        print(line)
     if args.passes:
         from compiler.driver import capture_model, run_pipeline
 
@@ -172,6 +174,13 @@ def _print_report(report: dict) -> None:
         table.add_row(f"accuracy ({accuracy.get('metric')})", f"{accuracy.get('value'):.4f} (goal {accuracy.get('goal')})")
     table.add_row("provider", str(report.get("provider")))
     Console().print(table)
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from compiler.environment import doctor_lines
+
+    print("\n".join(doctor_lines()))
+    return 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -239,6 +248,19 @@ class _UsageError(Exception):
     pass
 
 
+class _Version(argparse.Action):
+    """`--version`: the versions are read only when asked for (package metadata, no imports)."""
+
+    def __init__(self, option_strings: list[str], dest: str, **kwargs) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        from compiler.environment import version_line
+
+        print(version_line())
+        parser.exit()
+
+
 # ----------------------------------------------------------------------------- entry point
 
 
@@ -246,6 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="planc", description="Compile optimization plans for PyTorch language models.")
     parser.add_argument("--debug", action="store_true", help="show Python tracebacks for internal errors")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what each stage does")
+    parser.add_argument("--version", action=_Version, help="print planc's version and those of torch, onnxruntime, transformers")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     check = commands.add_parser("check", help="validate plans (fast; does not load torch)")
@@ -293,6 +316,9 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--top-p", type=float, default=1.0)
     generate.add_argument("--seed", type=int, default=0)
     generate.set_defaults(run=cmd_generate)
+
+    doctor = commands.add_parser("doctor", help="print versions, the CPU target and ONNX Runtime's providers (for bug reports)")
+    doctor.set_defaults(run=cmd_doctor)
 
     train = commands.add_parser("train", help="compile a plan's training program and launch it with torchrun")
     train.add_argument("file")

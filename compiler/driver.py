@@ -145,6 +145,7 @@ def run_pipeline(plan: ir.Plan, captured: Captured, stop_after: str | None = Non
                 targets=frozenset(targets),
                 source=str(step.span),
                 load_samples=lambda path, count: frontend.load_samples(loaded, path, count),
+                cpu=target_cpu(plan),
             ),
         )
         for step, targets in resolved
@@ -157,6 +158,12 @@ def run_pipeline(plan: ir.Plan, captured: Captured, stop_after: str | None = Non
         step = _step_of(plan, error)
         raise error_at(step.span if step else plan.span, error.message) from error
     return graph, records, resolved
+
+
+def target_cpu(plan: ir.Plan) -> str:
+    """The CPU int8 weights are made for: the onnx target's `cpu`, else the compiling machine."""
+    onnx = plan.target("onnx")
+    return onnx.options.cpu if onnx is not None else "auto"
 
 
 def _step_of(plan: ir.Plan, error: Exception) -> ir.PassStep | None:

@@ -31,6 +31,20 @@ def explain(plan: ir.Plan) -> str:
     return format_document(ast.Document(tuple(statements), Source("<resolved>", "")))
 
 
+def target_notes(plan: ir.Plan) -> list[str]:
+    """Comment lines on what the plan's defaults resolve to on this machine (the int8 format)."""
+    from passes.cpu import host_cpu, int8_format
+    from passes.options import Quantize
+
+    if not any(isinstance(s.options, Quantize) and s.options.scheme == "int8" for s in plan.pipeline):
+        return []
+    onnx = plan.target("onnx")
+    requested = onnx.options.cpu if onnx is not None else "auto"
+    fmt = int8_format(requested)
+    where = f"auto = {fmt.cpu} (this machine)" if requested == "auto" else f"{fmt.cpu} (this machine is {host_cpu()})"
+    return [f"# cpu {where}: int8 steps store {fmt.label}", f"#   because {fmt.why}"]
+
+
 def value_node(value: Any) -> ast.Value:
     """A Python option value as plan syntax: True -> true, 'cpu' -> cpu, 0.5 -> 0.5."""
     if isinstance(value, bool):

@@ -809,9 +809,9 @@ def _module_table_from_meta(gm: torch.fx.GraphModule) -> list[tuple[str, str]]:
 
 
 def load_samples(
-    loaded: LoadedModel, path: str | Path, count: int, seq: int | None = None
+    loaded: LoadedModel, path: str | Path, count: int | None, seq: int | None = None
 ) -> list[dict[str, torch.Tensor]]:
-    """Up to `count` samples from a text file (one per non-blank line), each a batch of one.
+    """Up to `count` (None: all) samples from a text file (one per non-blank line), each a batch of one.
 
     A relative `path` resolves against the plan's directory. With `seq`, every sample is padded
     (left for decoders) or truncated to exactly `seq` tokens.
@@ -828,7 +828,7 @@ def load_samples(
     texts = [line for line in lines if line][:count]
     if not texts:
         raise FrontendError(f"sample file '{path}' has no non-blank lines")
-    if len(texts) < count:
+    if count is not None and len(texts) < count:
         logger.warning("sample file '%s' has %d samples, %d were asked for", path, len(texts), count)
     pad_left = loaded.task == "causal_lm"
     return [loaded.tokenizer.encode_batch([text], seq=seq, pad_left=pad_left) for text in texts]

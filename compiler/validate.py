@@ -422,7 +422,9 @@ class _Validator:
             options = onnx.options
             assert isinstance(options, OnnxTarget)
             if options.verify.data:
-                self.require_file(base, options.verify.data, onnx.option_spans.get("verify.data", onnx.span))
+                data_span = onnx.option_spans.get("verify.data", onnx.span)
+                self.require_file(base, options.verify.data, data_span)
+                self.check_heldout(plan, options.verify.data, data_span)
             if options.decode and options.decode.heldout:
                 self.require_file(base, options.decode.heldout, onnx.option_spans.get("decode.heldout", onnx.span))
             if options.providers == ["cpu"]:
@@ -445,6 +447,20 @@ class _Validator:
                         step.option_spans.get(option, step.span),
                         ("add a `target train` block (e.g. with distill), or use importance = l2 without reconstruct",),
                     )
+
+    def check_heldout(self, plan: ir.Plan, data: str, span: Span) -> None:
+        """Verification text must be held out: a file the passes calibrated on proves nothing."""
+        base = plan.model.base_dir
+        verify_file = (base / data).resolve()
+        for step in plan.pipeline:
+            calibration = getattr(step.options, "calibration", None)
+            if calibration and (base / calibration).resolve() == verify_file:
+                self.error(
+                    f"the verification data '{data}' is also the calibration file of '{step.name}' "
+                    f"(line {step.span.line}): a model verified on what it was calibrated on is not verified",
+                    span,
+                    ("verify on held-out text, e.g. examples/data/heldout_sentences.txt",),
+                )
 
     def check_train(self, plan: ir.Plan, train: ir.Target) -> None:
         options = train.options

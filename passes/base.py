@@ -47,6 +47,8 @@ class PassContext:
     source: str
     #: text file, count -> model input dicts (calibration); provided by the frontend.
     load_samples: Callable[[str, int], list[dict[str, torch.Tensor]]] | None = None
+    #: The CPU an int8 artifact is compiled for (`passes/cpu.py`): its weight range and arithmetic.
+    cpu: str = "auto"
     #: Free-form per-pass extras.
     report: dict = field(default_factory=dict)
 

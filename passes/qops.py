@@ -8,8 +8,10 @@ ONNX / ONNX Runtime operators. Importing this module registers the ops.
 
 Ops and layouts
 ---------------
-1. `planc::linear_int8_dynamic(Tensor x, Tensor qweight, Tensor w_scale, Tensor? bias) -> Tensor`
-   - `qweight`: int8 [out, in], symmetric (zero point 0), values in [-127, 127].
+1. `planc::linear_int8_dynamic(Tensor x, Tensor qweight, Tensor w_scale, Tensor? bias,
+   bool saturate=False) -> Tensor`
+   - `qweight`: int8 [out, in], symmetric (zero point 0), values in [-127, 127] (or the 7-bit
+     [-63, 63] of a target CPU whose kernels saturate, see `passes/cpu.py`).
    - `w_scale`: fp32 [out] (per output channel) or [1] (per tensor); `w = qweight * w_scale`.
    - Numerics mirror ONNX Runtime's `DynamicQuantizeLinear` + `MatMulInteger`: `x` is quantized
      at run time to uint8, asymmetric, per tensor, with
@@ -18,8 +20,12 @@ Ops and layouts
      `xq = clamp(round(x / x_scale) + x_zp, 0, 255)` (round half to even);
      then `y = ((xq - x_zp) @ qweight^T) * (x_scale * w_scale) + bias` with an exact integer
      accumulation (done in float64, exact for any realistic `in`).
+   - `saturate = True` models the target CPU's arithmetic where ONNX Runtime's u8 x s8 kernels
+     saturate each pair of products to int16 (AVX2 without VNNI):
+     `acc = sum_{k even} sat16(xq[k] w[k] + xq[k+1] w[k+1]) - x_zp * sum_k w[k]`. With 7-bit
+     weights no pair can saturate, and the result equals the exact one.
 2. `planc::linear_int8_static(Tensor x, float x_scale, int x_zero_point, Tensor qweight,
-   Tensor w_scale, Tensor? bias) -> Tensor`
+   Tensor w_scale, Tensor? bias, bool saturate=False) -> Tensor`
    - as 1., but `x` is quantized with the calibrated, fixed `x_scale` / `x_zero_point` (uint8),
      i.e. ONNX `QuantizeLinear` + `MatMulInteger`.
 3. `planc::linear_int4(Tensor x, Tensor packed, Tensor scales, Tensor? zero_points,
@@ -56,33 +62,74 @@ __all__ = [
     "quantize_per_channel_int8",
     "quantize_per_tensor_int8",
     "quantize_activation_params",
+    "integer_accumulate",
     "pack_int4",
     "unpack_int4",
     "int4_layout",
 ]
 
 _INT8_MAX = 127
+_INT16_MIN, _INT16_MAX = -32768, 32767
+#: Rows of activations per chunk of the saturating product (bounds its [rows, out, in/2] buffer).
+_SAT_CHUNK_ELEMENTS = 1 << 24
 
 
 # ----------------------------------------------------------------------------- helpers
 
 
-def quantize_per_channel_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric int8 per output row: returns (q int8 [out, in], scale fp32 [out])."""
+def quantize_per_channel_int8(w: torch.Tensor, weight_max: int = _INT8_MAX) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 per output row in [-weight_max, weight_max]: (q int8 [out, in], scale fp32 [out])."""
     w = w.detach().float()
     amax = w.abs().amax(dim=1)
-    scale = torch.where(amax > 0, amax / _INT8_MAX, torch.ones_like(amax))
-    q = torch.clamp(torch.round(w / scale[:, None]), -_INT8_MAX, _INT8_MAX).to(torch.int8)
+    scale = torch.where(amax > 0, amax / weight_max, torch.ones_like(amax))
+    q = torch.clamp(torch.round(w / scale[:, None]), -weight_max, weight_max).to(torch.int8)
     return q, scale.float()
 
 
-def quantize_per_tensor_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric int8 with one scale: returns (q int8 like w, scale fp32 [1])."""
+def quantize_per_tensor_int8(w: torch.Tensor, weight_max: int = _INT8_MAX) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 with one scale, in [-weight_max, weight_max]: (q int8 like w, scale fp32 [1])."""
     w = w.detach().float()
     amax = w.abs().amax()
-    scale = amax / _INT8_MAX if amax > 0 else torch.tensor(1.0)
-    q = torch.clamp(torch.round(w / scale), -_INT8_MAX, _INT8_MAX).to(torch.int8)
+    scale = amax / weight_max if amax > 0 else torch.tensor(1.0)
+    q = torch.clamp(torch.round(w / scale), -weight_max, weight_max).to(torch.int8)
     return q, scale.reshape(1).float()
+
+
+def integer_accumulate(xq: torch.Tensor, x_zero_point: torch.Tensor | float, qweight: torch.Tensor, saturate: bool) -> torch.Tensor:
+    """int32-valued `(xq - zp) @ qweight^T` (as float64), exact or as a saturating u8 x s8 kernel sums.
+
+    `xq` holds raw uint8 values (zero point not subtracted), `qweight` is int8 [out, in].
+    `saturate` follows `passes/cpu.py`: each pair of products along `in` is clamped to int16
+    before the int32 sum, and the zero point's share `zp * sum_k w[k]` is subtracted after.
+    """
+    zp = float(x_zero_point)
+    if not saturate or _pairs_cannot_saturate(qweight):
+        # Integer products summed in float64 are exact (|sum| < 2^53), like MatMulInteger's int32.
+        return torch.matmul(xq.double() - zp, qweight.double().t())
+    rows = xq.reshape(-1, xq.shape[-1]).to(torch.int32)
+    w = qweight.to(torch.int32)
+    if rows.shape[1] % 2:
+        rows = torch.nn.functional.pad(rows, (0, 1))
+        w = torch.nn.functional.pad(w, (0, 1))
+    n_out, k = w.shape
+    pairs_w = w.reshape(n_out, k // 2, 2)
+    chunk = max(1, _SAT_CHUNK_ELEMENTS // max(1, n_out * k // 2))
+    out = []
+    for start in range(0, rows.shape[0], chunk):
+        pairs_a = rows[start : start + chunk].reshape(-1, 1, k // 2, 2)
+        pair_sums = (pairs_a * pairs_w.unsqueeze(0)).sum(-1).clamp(_INT16_MIN, _INT16_MAX)
+        out.append(pair_sums.sum(-1).double())
+    acc = torch.cat(out) - zp * w.sum(dim=1).double()
+    return acc.reshape(*xq.shape[:-1], n_out)
+
+
+def _pairs_cannot_saturate(qweight: torch.Tensor) -> bool:
+    """Whether no pair of adjacent weights can push a u8 x s8 pair sum past int16."""
+    w = qweight.to(torch.int32).abs()
+    if w.shape[-1] % 2:
+        w = torch.nn.functional.pad(w, (0, 1))
+    worst = int(w.reshape(w.shape[0], -1, 2).sum(-1).max()) if w.numel() else 0
+    return 255 * worst <= _INT16_MAX
 
 
 def quantize_activation_params(x_min: float, x_max: float) -> tuple[float, int]:
@@ -179,12 +226,12 @@ def _integer_linear(
     qweight: torch.Tensor,
     w_scale: torch.Tensor,
     bias: torch.Tensor | None,
+    saturate: bool = False,
 ) -> torch.Tensor:
     """y = ((xq - zp) @ qweight^T) * x_scale * w_scale + bias, x quantized to uint8."""
     xf = x.float()
     xq = torch.clamp(torch.round(xf / x_scale) + x_zero_point, 0, 255)
-    # Integer products summed in float64 are exact (|sum| < 2^53), like MatMulInteger's int32.
-    acc = torch.matmul(xq.double() - float(x_zero_point), qweight.double().t()).float()
+    acc = integer_accumulate(xq, x_zero_point, qweight, saturate).float()
     y = acc * (x_scale * w_scale.float())
     if bias is not None:
         y = y + bias.float()
@@ -201,10 +248,10 @@ def _out_shape(x: torch.Tensor, n_out: int) -> tuple:
 @torch.library.custom_op(
     "planc::linear_int8_dynamic",
     mutates_args=(),
-    schema="(Tensor x, Tensor qweight, Tensor w_scale, Tensor? bias) -> Tensor",
+    schema="(Tensor x, Tensor qweight, Tensor w_scale, Tensor? bias, bool saturate=False) -> Tensor",
 )
 def linear_int8_dynamic(
-    x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None
+    x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None, saturate: bool = False
 ) -> torch.Tensor:
     xf = x.float()
     lo = torch.clamp(xf.min(), max=0.0)
@@ -212,11 +259,11 @@ def linear_int8_dynamic(
     x_scale = (hi - lo) / 255.0
     x_scale = torch.where(x_scale > 0, x_scale, torch.ones_like(x_scale))
     x_zero_point = torch.clamp(torch.round(-lo / x_scale), 0, 255)
-    return _integer_linear(x, x_scale, x_zero_point, qweight, w_scale, bias)
+    return _integer_linear(x, x_scale, x_zero_point, qweight, w_scale, bias, saturate)
 
 
 @linear_int8_dynamic.register_fake
-def _(x, qweight, w_scale, bias):
+def _(x, qweight, w_scale, bias, saturate=False):
     return x.new_empty(_out_shape(x, qweight.shape[0]))
 
 
@@ -224,8 +271,8 @@ def _(x, qweight, w_scale, bias):
     "planc::linear_int8_static",
     mutates_args=(),
     schema=(
-        "(Tensor x, float x_scale, int x_zero_point, Tensor qweight, Tensor w_scale, Tensor? bias)"
-        " -> Tensor"
+        "(Tensor x, float x_scale, int x_zero_point, Tensor qweight, Tensor w_scale, Tensor? bias,"
+        " bool saturate=False) -> Tensor"
     ),
 )
 def linear_int8_static(
@@ -235,12 +282,13 @@ def linear_int8_static(
     qweight: torch.Tensor,
     w_scale: torch.Tensor,
     bias: torch.Tensor | None,
+    saturate: bool = False,
 ) -> torch.Tensor:
-    return _integer_linear(x, float(x_scale), int(x_zero_point), qweight, w_scale, bias)
+    return _integer_linear(x, float(x_scale), int(x_zero_point), qweight, w_scale, bias, saturate)
 
 
 @linear_int8_static.register_fake
-def _(x, x_scale, x_zero_point, qweight, w_scale, bias):
+def _(x, x_scale, x_zero_point, qweight, w_scale, bias, saturate=False):
     return x.new_empty(_out_shape(x, qweight.shape[0]))
 
 

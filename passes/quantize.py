@@ -1,13 +1,16 @@
 """Replace selected Linear/Embedding layers by integer-weight ops from `passes/qops.py`.
 
 Rewrite rules
-1. `scheme = int8, mode = dynamic`: `linear(x, W, b)` -> `planc.linear_int8_dynamic(x, Wq, s, b)`,
-   Wq int8 symmetric per output channel (`granularity = per_channel`) or per tensor.
+1. `scheme = int8, mode = dynamic`: `linear(x, W, b)` -> `planc.linear_int8_dynamic(x, Wq, s, b, sat)`,
+   Wq int8 symmetric per output channel (`granularity = per_channel`) or per tensor, in the
+   weight range of the target CPU (`ctx.cpu`, see `passes/cpu.py`: +-127 where ONNX Runtime's
+   integer sums are exact, +-63 where they saturate); `sat` says whether the target's kernel
+   saturates, so the op computes what ONNX Runtime will on that CPU.
 2. `scheme = int8, mode = static`: observers are inserted on the inputs of the selected Linears,
    the graph runs on the calibration samples (`ctx.load_samples(calibration, samples)`, or the
    example inputs when no loader is given), the observed [min, max] gives a fixed uint8
    (scale, zero_point) per Linear, and the node becomes
-   `planc.linear_int8_static(x, x_scale, x_zp, Wq, s, b)`. Observers are removed again.
+   `planc.linear_int8_static(x, x_scale, x_zp, Wq, s, b, sat)`. Observers are removed again.
 3. `scheme = int4` (weight-only, group-wise round-to-nearest, symmetric or not):
    `linear` -> `planc.linear_int4(x, packed, scales, zero_points, in, group_size, b)` in
    ONNX Runtime's MatMulNBits layout.
@@ -37,6 +40,7 @@ import torch
 from torch import fx, nn
 
 import passes.qops as qops
+from passes.cpu import int8_format
 from passes.base import GraphPass, PassContext, PassError, PassResult
 from passes.graph_utils import (
     EmbeddingSite,
@@ -119,6 +123,7 @@ class QuantizePass(GraphPass[Quantize]):
 
     def call(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         opts = self.options
+        self._int8 = int8_format(ctx.cpu)
         linears = select_linears(gm, ctx.targets)
         embeddings = select_embeddings(gm, ctx.targets)
         smoothed = self._smooth(gm, ctx, linears) if opts.smooth is not None and linears else {}
@@ -156,6 +161,9 @@ class QuantizePass(GraphPass[Quantize]):
         if smoothed:
             summary += f"; smoothed {len(smoothed)} input(s) with alpha {opts.smooth}"
         details = {"scheme": opts.scheme, "mode": opts.mode, "layers": layers, "bytes_before": fp_bytes, "bytes_after": q_bytes}
+        if opts.scheme == "int8" and linears:
+            summary += f"; {self._int8.label} for {self._int8.cpu}"
+            details["int8"] = self._int8.as_dict()
         if smoothed:
             details["smooth"] = smoothed
         return PassResult(summary, details)
@@ -188,16 +196,17 @@ class QuantizePass(GraphPass[Quantize]):
             stored = [packed, scales] + ([zero_points] if zero_points is not None else [])
             info.update(group_size=opts.group_size, symmetric=opts.symmetric)
         else:
+            weight_max = self._int8.weight_max
             if opts.granularity == "per_tensor":
-                q, scale = qops.quantize_per_tensor_int8(w)
+                q, scale = qops.quantize_per_tensor_int8(w, weight_max)
             else:
-                q, scale = qops.quantize_per_channel_int8(w)
+                q, scale = qops.quantize_per_channel_int8(w, weight_max)
             names = {"qweight": f"{base}.qweight", "w_scale": f"{base}.w_scale"}
             set_tensor(gm, names["qweight"], q, buffer=True)
             set_tensor(gm, names["w_scale"], scale, buffer=True)
             w_hat = q.float() * (scale[:, None] if scale.numel() > 1 else scale)
             stored = [q, scale]
-            info.update(granularity=opts.granularity)
+            info.update(granularity=opts.granularity, weight_max=weight_max)
         info["bytes_after"] = sum(t.numel() * t.element_size() for t in stored)
         info["max_abs_error"] = float((w - w_hat).abs().max())
         return names, info
@@ -224,15 +233,16 @@ class QuantizePass(GraphPass[Quantize]):
         x = node.args[0]
         bias = node.args[2] if len(node.args) > 2 else None
         attrs = {key: get_attr_node(gm, target, before=node) for key, target in names.items()}
+        saturate = self._int8.arithmetic == "u8s8_sat16"
         if self.options.scheme == "int4":
             in_features = info["shape"][1]
             args = (x, attrs["packed"], attrs["scales"], attrs.get("zero_points"), in_features, self.options.group_size, bias)
             op = OP_INT4
         elif self.options.mode == "static":
-            args = (x, info["x_scale"], info["x_zero_point"], attrs["qweight"], attrs["w_scale"], bias)
+            args = (x, info["x_scale"], info["x_zero_point"], attrs["qweight"], attrs["w_scale"], bias, saturate)
             op = OP_STATIC
         else:
-            args = (x, attrs["qweight"], attrs["w_scale"], bias)
+            args = (x, attrs["qweight"], attrs["w_scale"], bias, saturate)
             op = OP_DYNAMIC
         with gm.graph.inserting_before(node):
             new = gm.graph.call_function(op, args)

@@ -135,6 +135,27 @@ def _measure_latency(loaded: Any, session: Any, target: OnnxTarget) -> dict[str,
     }
 
 
+def cpu_report(requested: str, int8: bool) -> dict[str, Any]:
+    """The `cpu` entry of a report: the target CPU, the int8 weight format chosen for it and why."""
+    from passes.cpu import host_cpu, int8_format
+
+    fmt = int8_format(requested)
+    return {"target": fmt.cpu, "requested": requested, "compiled_on": host_cpu(), "int8": fmt.as_dict() if int8 else None}
+
+
+def numerics_warning(report: dict[str, Any]) -> str | None:
+    """One line when this CPU sums the artifact's int8 weights differently from its target CPU."""
+    from passes.cpu import host_cpu, numerics_differ
+
+    int8 = (report.get("cpu") or {}).get("int8")
+    if int8 and numerics_differ(int(int8["weight_max"])):
+        return (
+            f"this CPU ({host_cpu()}) saturates the int8 sums of weights made for {int8['cpu']}: its outputs "
+            f"differ from the verified ones; recompile with `target onnx {{ cpu = {host_cpu()} }}` (or cpu = auto here)"
+        )
+    return None
+
+
 def _element_types(model: Any) -> set[str]:
     types = {v.const_value.dtype.name for v in model.graph.initializers.values() if v.const_value is not None}
     for node in model.graph:
@@ -248,13 +269,18 @@ def build_onnx_artifact(
             _ort_optimize(raw, final, providers, target)
         del model
 
+        cpu = cpu_report(target.cpu, scheme == "int8")
+        if numerics_warning({"cpu": cpu}):
+            logger.warning("verifying on %s, whose int8 sums saturate for %s weights: the figures are this CPU's, "
+                           "not the target's (compile here with cpu = auto for exact sums)", cpu["compiled_on"], cpu["target"])
         session = runtime.create_session(final, providers, target.bench.threads, target.optimization)
         verification = verify_session(loaded, session, verification_samples(loaded, target.verify), target.verify)
         if verification.passed is False:
             raise VerificationFailed(
                 f"{verification.metric} = {verification.value:.4f} does not meet the goal "
-                f"'{verification.goal}' (min {verification.min:.4f}, mean {verification.mean:.4f} "
-                f"over {verification.samples} samples)"
+                f"'{verification.goal}' (min {verification.min:.4f}, mean {verification.mean:.4f}"
+                + (f", similarity Spearman {verification.spearman:.4f}" if verification.spearman is not None else "")
+                + f" over {verification.samples} samples)"
             )
         latency = _measure_latency(loaded, session, target)
 
@@ -273,6 +299,7 @@ def build_onnx_artifact(
             "providers": providers,
             "opset": target.opset,
             "optimization": target.optimization,
+            "cpu": cpu,
             "size_bytes": {"original": original_bytes, "optimized": optimized_bytes},
             "size_ratio": round(optimized_bytes / original_bytes, 4),
             "latency_ms": latency,
@@ -315,6 +342,9 @@ def load_report(directory: str | Path) -> dict[str, Any]:
 
 
 def _artifact_session(directory: Path, report: dict[str, Any], threads: int | None) -> Any:
+    warning = numerics_warning(report)
+    if warning:
+        logger.warning("%s: %s", directory, warning)
     providers = [p for p in report.get("providers", []) if p in runtime.available_providers()]
     threads = threads or report.get("bench", {}).get("threads", 1)
     return runtime.create_session(directory / MODEL_FILE, providers or [runtime.PROVIDERS["cpu"]], threads)

@@ -16,6 +16,7 @@ The artifact directory holds `model.onnx`, `decoder.json` (a `DecoderSpec`) and 
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
@@ -184,6 +185,8 @@ class HFCacheAdapter(CacheAdapter):
         super().__init__()
         self.model = model
         self.family = model.config.model_type
+        # transformers 5.x renames `past_key_values` to `cache` (the old name warns, then goes).
+        self.cache_argument = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
     def forward(self, input_ids, attention_mask, position_ids, past):
         from transformers import DynamicCache
@@ -195,11 +198,11 @@ class HFCacheAdapter(CacheAdapter):
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=cache,
             use_cache=True,
+            **{self.cache_argument: cache},
         )
         presents = []
-        for layer in out.past_key_values.layers:
+        for layer in getattr(out, self.cache_argument).layers:
             presents += [layer.keys, layer.values]
         return (out.logits, *presents)
 
@@ -340,7 +343,7 @@ def export_onnx(adapter: CacheAdapter, opset: int = 18, graph: torch.fx.GraphMod
     return model
 
 
-def quantize_with_planc(model: nn.Module, scheme: Quantization, group_size: int = 32) -> torch.fx.GraphModule:
+def quantize_with_planc(model: nn.Module, scheme: Quantization, group_size: int = 32, cpu: str = "auto") -> torch.fx.GraphModule:
     """The decoder graph with every Linear rewritten by planc's quantize pass (integer weights)."""
     from passes.base import PassContext
     from passes.graph_utils import linear_sites
@@ -363,6 +366,7 @@ def quantize_with_planc(model: nn.Module, scheme: Quantization, group_size: int 
         example_inputs={"input_ids": ids, "attention_mask": mask, "position_ids": positions},
         targets=targets,
         source="decoder export",
+        cpu=cpu,
     )
     quantize.requires(gm, ctx)
     result = quantize.call(gm, ctx)
@@ -524,6 +528,7 @@ def export_decoder(
     eos_token_id: int | list[int] | None = None,
     pad_token_id: int | None = None,
     graph: torch.fx.GraphModule | None = None,
+    cpu: str = "auto",
 ) -> DecoderSpec:
     """Write a decoder artifact (`model.onnx`, `decoder.json`, tokenizer files) to `out_dir`.
 
@@ -535,6 +540,7 @@ def export_decoder(
     model's projections are Linears, else ort: GPT-2's Conv1D). `graph` is a `capture_decoder`
     graph already transformed by planc passes (then `quantize` must be None). `tokenizer` is a
     directory holding tokenizer.json, "bytes", or None (the HF model's own directory, else bytes).
+    `cpu` is the target CPU of int8 weights (`passes/cpu.py`: 7-bit where its sums saturate).
     """
     if not isinstance(model, nn.Module):
         model = load_hf_decoder(model)
@@ -551,7 +557,7 @@ def export_decoder(
     if quantize is not None and quantizer == "auto":
         quantizer = "planc" if _has_linear_projections(model) else "ort"
     if quantize is not None and quantizer == "planc":
-        graph = quantize_with_planc(model, quantize, group_size)
+        graph = quantize_with_planc(model, quantize, group_size, cpu)
     onnx_model = export_onnx(adapter, opset, graph)
     # Plain MatMuls first: quantizers need them, and onnxscript's MHA fusion drops the Reshape
     # that feeds a 2-D Gemm (GPT-2's Conv1D), which leaves the Gemm a 3-D input.
@@ -570,7 +576,7 @@ def export_decoder(
         if quantize is not None and quantizer == "ort":
             from backends.onnx.decoder_quantize import quantize_decoder
 
-            quantize_decoder(path, path, quantize, group_size=group_size)
+            quantize_decoder(path, path, quantize, group_size=group_size, cpu=cpu)
         tok_entry = _copy_tokenizer(tokenizer_dir, Path(tmp))
         spec = DecoderSpec(
             family=adapter.family,

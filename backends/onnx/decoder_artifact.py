@@ -27,6 +27,7 @@ from backends.onnx.artifact import (
     _publish,
     _remove_stale_temporaries,
     _write_json,
+    cpu_report,
 )
 from backends.onnx.options import OnnxTarget
 from backends.onnx.verify import goal_met
@@ -67,7 +68,7 @@ def build_decoder_artifact(
     try:
         scheme = quantize.scheme if quantize else None
         spec = export_decoder(model, temporary, quantize=scheme, group_size=quantize.group_size if quantize else 32,
-                              fusions=target.fusions, opset=target.opset)
+                              fusions=target.fusions, opset=target.opset, cpu=target.cpu)
         metrics = verify_decoder(temporary, model, decode.prompts, decode.max_new_tokens, heldout=heldout)
         if scheme is None and not metrics["greedy_equal"]:
             raise VerificationFailed("the fp32 decoder's greedy tokens differ from the eager model's")
@@ -94,6 +95,7 @@ def build_decoder_artifact(
             "task": "causal_lm",
             "provider": providers[0],
             "providers": providers,
+            "cpu": cpu_report(target.cpu, scheme == "int8"),
             "decoder": {"layers": spec.n_layer, "kv_heads": spec.n_head, "head_dim": spec.head_dim, "vocab": spec.vocab,
                         "quantization": spec.quantization, "quantizer": spec.quantizer, "fusions": spec.fusions},
             "size_bytes": {"original": original_bytes, "optimized": files_size(temporary / MODEL_FILE)},

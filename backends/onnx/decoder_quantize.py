@@ -119,8 +119,11 @@ def _weight_matmuls(model: onnx.ModelProto) -> list[str]:
     return [n.name for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in weights]
 
 
-def quantize_int8(src: Path, dst: Path) -> None:
+def quantize_int8(src: Path, dst: Path, cpu: str = "auto") -> None:
+    """ORT's `quantize_dynamic`, with 7-bit weights (`reduce_range`) where the target's sums saturate."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from passes.cpu import int8_format
 
     nodes = _weight_matmuls(onnx.load(src, load_external_data=False))
     if not nodes:
@@ -132,6 +135,7 @@ def quantize_int8(src: Path, dst: Path) -> None:
         nodes_to_quantize=nodes,
         per_channel=True,
         weight_type=QuantType.QInt8,
+        reduce_range=int8_format(cpu).arithmetic == "u8s8_sat16",
         extra_options={"MatMulConstBOnly": True},
     )
 
@@ -157,7 +161,7 @@ def quantize_int4(src: Path, dst: Path, block_size: int, symmetric: bool = True)
     onnx.save(quantizer.model.model, dst)
 
 
-def quantize_decoder(src: str | Path, dst: str | Path, scheme: str, *, group_size: int = 32) -> dict[str, int]:
+def quantize_decoder(src: str | Path, dst: str | Path, scheme: str, *, group_size: int = 32, cpu: str = "auto") -> dict[str, int]:
     """Quantize the weight MatMuls of the graph at `src` into `dst` (may be the same path).
 
     Returns the op counts of the result (e.g. MatMulInteger / MatMulNBits) for the report.
@@ -175,7 +179,7 @@ def quantize_decoder(src: str | Path, dst: str | Path, scheme: str, *, group_siz
         logging.disable(logging.WARNING)  # ORT's quantizers log routine advice on the root logger
         try:
             if scheme == "int8":
-                quantize_int8(staged, out)
+                quantize_int8(staged, out, cpu)
             else:
                 quantize_int4(staged, out, group_size)
         finally:

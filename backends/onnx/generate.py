@@ -11,6 +11,7 @@ numpy with a seeded generator, so a seed reproduces a run exactly.
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from collections.abc import Callable, Sequence
@@ -367,6 +368,17 @@ def read_prompts(path: str | Path) -> list[str]:
     return prompts
 
 
+def warn_if_numerics_differ(artifact_dir: Path) -> None:
+    """Log one line when this CPU would sum the artifact's int8 weights differently than verified."""
+    from backends.onnx.artifact import REPORT_FILE, numerics_warning
+
+    report = artifact_dir / REPORT_FILE
+    if report.is_file():
+        warning = numerics_warning(json.loads(report.read_text(encoding="utf-8")))
+        if warning:
+            logging.getLogger(__name__).warning("%s: %s", artifact_dir, warning)
+
+
 def generate_cli(
     artifact_dir: str | Path,
     prompts: list[str],
@@ -389,6 +401,7 @@ def generate_cli(
     if not prompts:
         raise ValueError("nothing to generate: give --prompt or --batch-file")
     single = len(prompts) == 1
+    warn_if_numerics_differ(Path(artifact_dir))
 
     def stream(row: int, piece: str) -> None:
         out.write(piece)

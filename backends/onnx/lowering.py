@@ -100,12 +100,19 @@ def _add_bias(y: Any, bias: Any | None) -> Any:
     return y if bias is None else op.Add(y, bias)
 
 
-def linear_int8_dynamic(x: Any, qweight: Any, w_scale: Any, bias: Any | None = None) -> Any:
+def linear_int8_dynamic(x: Any, qweight: Any, w_scale: Any, bias: Any | None = None, saturate: bool = False) -> Any:
+    # `saturate` models the target CPU's kernel in planc's reference op; ORT's kernel *is* it.
     return _add_bias(op.MatMul(x, _dequantized_weight_t(qweight, w_scale)), bias)
 
 
 def linear_int8_static(
-    x: Any, x_scale: float, x_zero_point: int, qweight: Any, w_scale: Any, bias: Any | None = None
+    x: Any,
+    x_scale: float,
+    x_zero_point: int,
+    qweight: Any,
+    w_scale: Any,
+    bias: Any | None = None,
+    saturate: bool = False,
 ) -> Any:
     scale = op.Constant(value=ir.tensor(float(x_scale), dtype=ir.DataType.FLOAT))
     zero_point = op.Constant(value=ir.tensor(int(x_zero_point), dtype=ir.DataType.UINT8))

@@ -23,7 +23,10 @@ class Verify(_Frozen):
     #: Text file, one sample per line (tokenized with the model's tokenizer); None = random ids
     #: from the declared input shapes.
     data: str | None = None
-    samples: int = Field(16, ge=1)
+    #: Samples read from `data` (None = every line: a goal met on a lucky few is no goal met).
+    samples: int | None = Field(None, ge=1)
+    #: Stop sampling after this many seconds (the samples seen so far are scored and reported).
+    max_seconds: float = Field(300.0, gt=0)
 
     @field_validator("goal")
     @classmethod
@@ -69,6 +72,9 @@ class OnnxTarget(_Frozen):
     optimization: Literal["disabled", "basic", "extended", "all"] = "all"
     #: Apply ONNX Runtime's transformer fusions (Attention, SkipLayerNorm, BiasGelu, ...).
     fusions: bool = True
+    #: The CPU the artifact will run on (`passes/cpu.py`): it decides the int8 weight format that
+    #: ONNX Runtime sums exactly there. `auto` = the compiling machine.
+    cpu: Literal["auto", "x86_avx2", "x86_vnni", "arm64"] = "auto"
     #: Store the quantized embedding table too (int8, or int4 when the plan quantizes to int4).
     quantize_embeddings: bool = False
     verify: Verify = Field(default_factory=Verify)

@@ -5,6 +5,11 @@ run, as served), or random token ids shaped like the declared inputs. Metrics:
 
 - `cosine`: encoders compare sentence embeddings (mean-pooled, normalized), causal LMs the
   logits vector of every real token; the value is the minimum over samples (also min, mean).
+  Encoders also report the similarity Spearman: the rank correlation of every pair of
+  sentences' similarity, ONNX against eager (what a search or clustering user sees).
+
+Every line of `verify.data` is a sample unless the plan caps `samples`; `max_seconds` bounds the
+time spent, and the report says how many samples were scored.
 - `max_abs`: largest absolute difference of the primary output (real tokens only).
 - `top1`: fraction of real tokens whose argmax over the last axis agrees.
 - `perplexity_delta`: next-token perplexity of the ONNX logits minus that of eager (causal LM).
@@ -12,8 +17,10 @@ run, as served), or random token ids shaped like the declared inputs. Metrics:
 
 from __future__ import annotations
 
+import logging
 import math
 import operator
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -23,6 +30,11 @@ import torch
 
 from backends.onnx import runtime
 from backends.onnx.options import Verify
+
+log = logging.getLogger(__name__)
+
+#: Random-id samples when the plan names no verification text.
+RANDOM_SAMPLES = 16
 
 _OPERATORS: dict[str, Callable[[float, float], bool]] = {
     ">=": operator.ge,
@@ -42,6 +54,8 @@ class Verification:
     min: float
     mean: float
     samples: int
+    #: Encoders: Spearman of the pairwise sentence similarities, ONNX vs eager.
+    spearman: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -54,6 +68,16 @@ def goal_met(value: float, verify: Verify) -> bool | None:
         return None
     op, threshold = parts
     return bool(_OPERATORS[op](value, threshold)) and not math.isnan(value)
+
+
+def similarity_spearman(got: np.ndarray, reference: np.ndarray) -> float:
+    """Spearman correlation of all pairwise cosine similarities of two sets of unit embeddings."""
+    rows, cols = np.triu_indices(len(got), k=1)
+    a, b = (got @ got.T)[rows, cols], (reference @ reference.T)[rows, cols]
+    if a.size < 2:
+        return float("nan")
+    rank_a, rank_b = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
+    return float(np.corrcoef(rank_a, rank_b)[0, 1])
 
 
 def random_samples(loaded: Any, count: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:
@@ -85,7 +109,7 @@ def random_samples(loaded: Any, count: int, seed: int = 0) -> list[dict[str, tor
 def verification_samples(loaded: Any, verify: Verify) -> list[dict[str, torch.Tensor]]:
     """The plan's verification inputs: its text file, else random ids."""
     if verify.data is None:
-        return random_samples(loaded, verify.samples)
+        return random_samples(loaded, verify.samples or RANDOM_SAMPLES)
     from compiler import frontend
 
     return frontend.load_samples(loaded, verify.data, verify.samples)
@@ -126,9 +150,14 @@ def verify_session(loaded: Any, session: Any, samples: list[dict[str, torch.Tens
     if metric == "perplexity_delta" and loaded.task != "causal_lm":
         raise ValueError("metric perplexity_delta needs a causal LM; use cosine for an encoder")
     per_sample: list[float] = []
+    embedded: list[tuple[torch.Tensor, torch.Tensor]] = []
     nll = {"onnx": 0.0, "eager": 0.0}
     tokens = 0
+    deadline = time.monotonic() + verify.max_seconds
     for inputs in samples:
+        if per_sample and time.monotonic() > deadline:
+            log.warning("verification stopped after %.0f s: %d of %d samples scored", verify.max_seconds, len(per_sample), len(samples))
+            break
         outputs = _onnx_outputs(session, inputs)
         with torch.no_grad():
             eager_raw = loaded.model(**inputs)
@@ -140,6 +169,7 @@ def verify_session(loaded: Any, session: Any, samples: list[dict[str, torch.Tens
             if loaded.task == "encoder":
                 mask = inputs.get("attention_mask", torch.ones(inputs["input_ids"].shape[:2], dtype=torch.int64))
                 a, b = frontend.embed(outputs, mask), frontend.embed(eager_raw, mask)
+                embedded.append((a, b))
             else:
                 a = torch.nn.functional.normalize(_real_tokens(inputs, got), dim=-1)
                 b = torch.nn.functional.normalize(_real_tokens(inputs, eager), dim=-1)
@@ -166,6 +196,10 @@ def verify_session(loaded: Any, session: Any, samples: list[dict[str, torch.Tens
         if tokens == 0:
             raise ValueError("perplexity needs samples of at least two tokens")
         value = math.exp(nll["onnx"] / tokens) - math.exp(nll["eager"] / tokens)
+    spearman = None
+    if len(embedded) >= 3:
+        got, reference = (torch.cat(side).numpy() for side in zip(*embedded))
+        spearman = similarity_spearman(got, reference)
     return Verification(
         metric=metric,
         value=value,
@@ -173,5 +207,6 @@ def verify_session(loaded: Any, session: Any, samples: list[dict[str, torch.Tens
         passed=goal_met(value, verify),
         min=float(np.nanmin(values)),
         mean=float(np.nanmean(values)),
-        samples=len(samples),
+        samples=len(per_sample),
+        spearman=spearman,
     )

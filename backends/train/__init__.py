@@ -5,12 +5,13 @@ DIR/launch.sh (the torchrun line), DIR/planc_runtime.py (the helpers train.py im
 DIR/everyday_text.py) and
 DIR/plan.resolved; `launch` runs it; `check_batch_config` reports static problems of the
 target (batch sizes, mesh shapes, unsupported combinations) for the plan's diagnostics.
+
+Only the checks are imported here: `planc check` validates plans through them and must not load
+the emitter (`backends.train.emit`) or the launcher (`backends.train.launch`); import those.
 """
 
 from __future__ import annotations
 
 from backends.train.checks import TrainPlanError, check_batch_config
-from backends.train.emit import emit_training_program
-from backends.train.launch import launch
 
-__all__ = ["TrainPlanError", "check_batch_config", "emit_training_program", "launch"]
+__all__ = ["TrainPlanError", "check_batch_config"]

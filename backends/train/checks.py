@@ -122,7 +122,9 @@ def check_batch_config(target: TrainTarget, partition: Partition | None = None) 
             problems.append(
                 f"the 1f1b schedule needs at least as many microbatches as stages ({chunks} < {pp})"
             )
-    if target.nodes > 1 and target.rdzv_endpoint.split(":")[0] in {"localhost", "127.0.0.1"}:
+    if target.nodes > 1 and target.rdzv_endpoint is None:
+        problems.append(f"{target.nodes} nodes need a rdzv_endpoint = \"host:port\" every node can reach")
+    elif target.nodes > 1 and target.rdzv_endpoint.split(":")[0] in {"localhost", "127.0.0.1"}:
         problems.append(
             f"{target.nodes} nodes cannot meet at rdzv_endpoint {target.rdzv_endpoint!r}: "
             "name a host every node can reach"

@@ -136,7 +136,9 @@ class TrainTarget(_Frozen):
     strategy: list[Literal["ddp", "fsdp", "pipeline", "tensor"]] = Field(default_factory=lambda: ["ddp"])
     world_size: int = Field(2, ge=1)
     nodes: int = Field(1, ge=1)
-    rdzv_endpoint: str = "localhost:29500"
+    #: host:port where the nodes meet. None on a single node: torchrun's `--standalone` takes a
+    #: free port at launch, so two trainings on one machine never collide.
+    rdzv_endpoint: str | None = None
     max_restarts: int = Field(0, ge=0)
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     loss_scaling: Literal["dynamic", "none"] = "dynamic"

@@ -837,6 +837,6 @@ def render_launch_sh(target: TrainTarget, plan_name: str) -> str:
         plan_name=plan_name,
         nproc_per_node=target.nproc_per_node,
         nnodes=target.nodes,
-        rdzv_endpoint=target.rdzv_endpoint,
+        rdzv_endpoint=target.rdzv_endpoint or "",
         max_restarts=target.max_restarts,
     )

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from scipy.stats import spearmanr
 
-from backends.train import TrainPlanError, emit_training_program
+from backends.train import TrainPlanError
+from backends.train.emit import emit_training_program
 from backends.train.options import TrainTarget
 from compiler.evaluate import agreement, pairwise_cosines, spearman
 from compiler.ir import InputSpec, ModelSource

@@ -211,3 +211,44 @@ def test_large_models_keep_weights_in_external_data(gpt_int8, tmp_path, monkeypa
     assert "model.onnx.data" in files and files["model.onnx.data"] > files["model.onnx"]
     assert result.report["size_bytes"]["optimized"] == files["model.onnx"] + files["model.onnx.data"]
     assert next(iter(run_artifact(result.path, ["import os"]).values())).shape[:2] == (1, 9)
+
+
+def test_verify_gate_is_not_fooled_by_a_lucky_sample(tiny_bert, tmp_path):
+    """A model broken only on words of the later sentences passes a 16-sample check, not the gate."""
+    import copy
+
+    loaded, gm = tiny_bert
+    lines = [line.strip() for line in SENTENCES.read_text(encoding="utf-8").splitlines() if line.strip()]
+    ids = [set(loaded.tokenizer.encode_batch([line])["input_ids"].flatten().tolist()) for line in lines]
+    early = set().union(*ids[:16])
+    late = sorted(set().union(*ids[16:]) - early)
+    assert len(late) > 50
+    damaged = copy.deepcopy(gm)
+    table = next(p for p in damaged.parameters() if p.shape == (30522, 64))
+    with torch.no_grad():
+        table[late] = torch.randn(len(late), 64, generator=torch.Generator().manual_seed(0)) * 3
+    goal = {"metric": "cosine", "goal": ">= 0.99", "data": str(SENTENCES)}
+    lucky = OnnxTarget.model_validate({"verify": {**goal, "samples": 16}, "bench": {"runs": 3, "seq": 32}})
+    passed = build_onnx_artifact(damaged, loaded, lucky, tmp_path / "lucky", [], "")
+    assert passed.report["accuracy"]["min"] > 0.999 and passed.report["accuracy"]["samples"] == 16
+    every = OnnxTarget.model_validate({"verify": goal, "bench": {"runs": 3, "seq": 32}})
+    with pytest.raises(VerificationFailed, match=rf"over {len(lines)} samples"):
+        build_onnx_artifact(damaged, loaded, every, tmp_path / "gated", [], "")
+    assert not (tmp_path / "gated").exists()
+
+
+def test_encoder_report_has_min_mean_and_similarity_spearman(tiny_bert, tmp_path):
+    from passes.cpu import host_cpu
+
+    loaded, gm = tiny_bert
+    graph, summaries = run_passes(loaded, gm, (Quantize(scheme="int8"), linear_paths(loaded)))
+    target = OnnxTarget.model_validate({"verify": {"metric": "cosine", "data": str(SENTENCES)}, "bench": {"runs": 3, "seq": 32}})
+    report = build_onnx_artifact(graph, loaded, target, tmp_path / "bert", summaries, "").report
+    accuracy = report["accuracy"]
+    lines = [line for line in SENTENCES.read_text(encoding="utf-8").splitlines() if line.strip()]
+    assert accuracy["samples"] == len(lines)  # every line by default
+    assert accuracy["min"] <= accuracy["mean"] <= 1.0 and 0.5 < accuracy["spearman"] <= 1.0
+    assert report["cpu"]["target"] == host_cpu() and report["cpu"]["compiled_on"] == host_cpu()
+    weights = [i for i in onnx.load(str(tmp_path / "bert" / "model.onnx")).graph.initializer if i.data_type == onnx.TensorProto.INT8]
+    widest = max(int(np.abs(onnx.numpy_helper.to_array(w)).max()) for w in weights)
+    assert widest == report["cpu"]["int8"]["weight_max"]

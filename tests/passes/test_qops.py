@@ -7,6 +7,10 @@ import pytest
 import torch
 
 import passes.qops as qops
+from passes.cpu import FORMATS, cpu_of, int8_format
+
+#: Whether ONNX Runtime's u8 x s8 kernels saturate on the CPU running this test (read, not assumed).
+HOST_SATURATES = int8_format("auto").arithmetic == "u8s8_sat16"
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
@@ -36,7 +40,7 @@ def data():
 def test_int8_dynamic_matches_onnxruntime(data):
     w, b, x = data
     q, scale = qops.quantize_per_channel_int8(w)
-    ours = torch.ops.planc.linear_int8_dynamic(x, q, scale, b).numpy()
+    ours = torch.ops.planc.linear_int8_dynamic(x, q, scale, b, HOST_SATURATES).numpy()
     nodes = [
         helper.make_node("DynamicQuantizeLinear", ["X"], ["xq", "xs", "xz"]),
         helper.make_node("MatMulInteger", ["xq", "WT", "xz", "wz"], ["acc"]),
@@ -62,7 +66,7 @@ def test_int8_static_matches_quantize_linear(data):
     w, b, x = data
     q, scale = qops.quantize_per_tensor_int8(w)
     x_scale, x_zp = qops.quantize_activation_params(float(x.min()), float(x.max()))
-    ours = torch.ops.planc.linear_int8_static(x, x_scale, x_zp, q, scale, None).numpy()
+    ours = torch.ops.planc.linear_int8_static(x, x_scale, x_zp, q, scale, None, HOST_SATURATES).numpy()
     nodes = [
         helper.make_node("QuantizeLinear", ["X", "xs", "xz"], ["xq"]),
         helper.make_node("MatMulInteger", ["xq", "WT", "xz"], ["acc"]),
@@ -161,3 +165,79 @@ def test_ops_trace_with_dynamic_shapes():
     assert torch.ops.planc.linear_int4.default in targets
     y = program.module()(torch.randn(3, 9, 32))
     assert y.shape == (3, 9, 16)
+
+
+# ----------------------------------------------------------------------------- target arithmetic
+
+
+def _numpy_kernel(xq: np.ndarray, zp: int, w: np.ndarray, saturate: bool) -> np.ndarray:
+    """The u8 x s8 kernel by hand: `acc = sum_{k even} sat16(a_k b_k + a_k+1 b_k+1) - zp sum_k b_k`."""
+    a, b = xq.astype(np.int64), w.astype(np.int64)  # [M, K], [N, K]
+    if a.shape[1] % 2:
+        a, b = np.pad(a, ((0, 0), (0, 1))), np.pad(b, ((0, 0), (0, 1)))
+    pairs = a[:, None, 0::2] * b[None, :, 0::2] + a[:, None, 1::2] * b[None, :, 1::2]  # [M, N, K/2]
+    if saturate:
+        pairs = np.clip(pairs, -32768, 32767)
+    return pairs.sum(-1) - zp * b.sum(1)[None, :]
+
+
+@pytest.fixture()
+def saturating_case():
+    """Activations near the top of uint8 and full-range weights whose pairs overflow int16."""
+    rng = np.random.default_rng(5)
+    x = torch.from_numpy(rng.uniform(-0.2, 4.0, (6, 96)).astype(np.float32))
+    w = torch.from_numpy(rng.choice([-1.0, 1.0], (48, 1)) * rng.uniform(0.7, 1.0, (48, 96))).float()
+    return x, w
+
+
+@pytest.mark.parametrize("odd", [False, True])
+def test_avx2_arithmetic_is_the_saturating_pair_sum(saturating_case, odd):
+    x, w = saturating_case
+    if odd:
+        x, w = x[:, :95], w[:, :95]
+    q, scale = qops.quantize_per_channel_int8(w)
+    lo, hi = min(0.0, float(x.min())), max(0.0, float(x.max()))
+    x_scale, x_zp = qops.quantize_activation_params(lo, hi)
+    xq = torch.clamp(torch.round(x / x_scale) + x_zp, 0, 255)
+    saturated = qops.integer_accumulate(xq, x_zp, q, saturate=True).numpy()
+    exact = qops.integer_accumulate(xq, x_zp, q, saturate=False).numpy()
+    np.testing.assert_array_equal(saturated, _numpy_kernel(xq.numpy(), x_zp, q.numpy(), saturate=True))
+    np.testing.assert_array_equal(exact, _numpy_kernel(xq.numpy(), x_zp, q.numpy(), saturate=False))
+    assert np.abs(saturated - exact).max() > 1000  # the case really overflows
+    # The op reaches the same sums: static activations make its scales explicit.
+    y = torch.ops.planc.linear_int8_static(x, x_scale, x_zp, q, scale, None, True)
+    np.testing.assert_allclose(y.numpy(), saturated * x_scale * scale.numpy()[None, :], rtol=1e-5, atol=1e-3)
+
+
+def test_seven_bit_weights_never_saturate(saturating_case):
+    x, w = saturating_case
+    fmt = FORMATS["x86_avx2"]
+    q, scale = qops.quantize_per_channel_int8(w, fmt.weight_max)
+    assert int(q.abs().max()) == fmt.weight_max == 63
+    exact = torch.ops.planc.linear_int8_dynamic(x, q, scale, None, False)
+    saturating = torch.ops.planc.linear_int8_dynamic(x, q, scale, None, True)
+    torch.testing.assert_close(saturating, exact, rtol=0, atol=0)
+
+
+def test_cpu_families_from_flags():
+    assert cpu_of({"avx2", "avx512f", "avx512_vnni"}, "x86_64") == "x86_vnni"
+    assert cpu_of({"avx2", "avx_vnni"}, "x86_64") == "x86_vnni"
+    assert cpu_of({"avx2", "avx512f", "avx512bw"}, "x86_64") == "x86_avx2"
+    assert cpu_of({"asimd", "asimddp"}, "aarch64") == "arm64"
+    assert FORMATS["x86_vnni"].weight_max == 127 and FORMATS["x86_vnni"].arithmetic == "exact"
+    assert FORMATS["x86_avx2"].arithmetic == "u8s8_sat16"
+
+
+@pytest.mark.parametrize("case", ["random", "saturating"])
+@pytest.mark.parametrize("cpu", ["x86_avx2", "x86_vnni"])
+def test_each_targets_weights_match_onnxruntime_on_this_cpu(data, saturating_case, cpu, case):
+    """Weights made for either target, run here by ORT, match the reference of THIS CPU."""
+    w, b, x = data
+    if case == "saturating":
+        x, w = saturating_case
+        b = torch.zeros(w.shape[0])
+    q, scale = qops.quantize_per_channel_int8(w, FORMATS[cpu].weight_max)
+    ours = torch.ops.planc.linear_int8_dynamic(x, q, scale, b, HOST_SATURATES).numpy()
+    nodes = [helper.make_node("DynamicQuantizeMatMul", ["X", "W", "ws", "", "B"], ["Y"], domain="com.microsoft")]
+    theirs = _run(nodes, {"X": x.numpy()}, {"W": q.t().contiguous().numpy(), "ws": scale.numpy(), "B": b.numpy()}, opset_ms=True)
+    np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-5)

@@ -28,7 +28,8 @@ from train_helpers import (
     target,
 )
 
-from backends.train import emit_training_program, launch
+from backends.train.emit import emit_training_program
+from backends.train.launch import launch
 from backends.train import planc_runtime as rt
 from passes.options import Prune
 
@@ -202,3 +203,18 @@ def test_fsdp_with_tensor_parallel(workdir: Path, corpus: Path, reference: Path)
                micro_batch=4)
     run_program(out, 4)
     assert_matches_reference(out, reference)
+
+
+def test_two_trainings_on_one_machine_both_finish(workdir: Path, corpus: Path) -> None:
+    """With no rendezvous endpoint in plan or environment, each launch meets on a free port."""
+    outs = [emit(workdir, f"side_by_side_{i}", corpus) for i in range(2)]
+    assert all("--standalone" in (out / "launch.sh").read_text() for out in outs)
+    env = {k: v for k, v in os.environ.items() if k not in ("RDZV_ENDPOINT", "MASTER_PORT", "MASTER_ADDR")}
+    env.update(TORCHRUN=f"{sys.executable} -m torch.distributed.run", OMP_NUM_THREADS="1")
+    jobs = [subprocess.Popen(["bash", str(out / "launch.sh")], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True, start_new_session=True) for out in outs]
+    logs = [job.communicate(timeout=300)[0] for job in jobs]
+    for job, log in zip(jobs, logs):
+        assert job.returncode == 0, log[-3000:]
+    for out in outs:
+        assert list(step_losses(out)) == list(range(1, 7))

@@ -11,7 +11,8 @@ import pytest
 from golden_util import check_golden
 from train_helpers import REPO, gpt_source, target
 
-from backends.train import TrainPlanError, emit_training_program
+from backends.train import TrainPlanError
+from backends.train.emit import emit_training_program
 from compiler.ir import InputSpec, ModelSource
 from passes.options import Cast, LowRank, Partition, Prune, Quantize
 from train_helpers import SPAN
