@@ -184,37 +184,60 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from backends.onnx.artifact import run_artifact
+    directory = Path(args.dir)
+    if (directory / "decoder.json").is_file():  # a decoder with a key/value cache: its next tokens
+        from backends.onnx.generate import generate_cli
 
-    outputs = run_artifact(Path(args.dir), args.input)
-    print(json.dumps({name: array.tolist() for name, array in outputs.items()}, indent=None if args.compact else 2))
+        generate_cli(directory, args.input, max_new_tokens=args.max_new_tokens)
+        return 0
+    from backends.onnx.artifact import detokenizer, load_report, run_artifact
+    from compiler import present
+
+    if args.output and Path(args.output).suffix not in present.OUTPUT_SUFFIXES:
+        raise _UsageError(f"--output must end in {' or '.join(present.OUTPUT_SUFFIXES)}, got {args.output!r}")
+    task = load_report(directory).get("task")
+    outputs = run_artifact(directory, args.input)
+    if task == "encoder":
+        lines = present.encoder_lines(args.input, outputs["sentence_embedding"])
+        main_output = "sentence_embedding"
+    elif "next_token_logits" in outputs:
+        lines = present.next_token_lines(args.input, outputs["next_token_logits"], detokenizer(directory))
+        main_output = next(iter(outputs))
+    else:
+        lines = [f"{name}: shape {list(array.shape)}, dtype {array.dtype}" for name, array in outputs.items()]
+        main_output = next(iter(outputs))
+    print("\n".join(lines))
+    if args.output:
+        present.write_outputs(Path(args.output), outputs, main_output)
+        print(f"wrote {args.output}")
     return 0
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from backends.onnx.artifact import bench_rows
 
-    target = Path(args.target)
-    if target.suffix == ".plan":
-        from compiler.driver import compile_plan
-
+    targets = [Path(t) for t in args.target]
+    if any(t.suffix == ".plan" for t in targets):
+        if len(targets) > 1:
+            raise _UsageError("bench takes one plan, or several artifact directories")
         import tempfile
+
+        from compiler.driver import compile_plan
 
         with tempfile.TemporaryDirectory(prefix="planc-bench-") as scratch:
             with _console().status("compiling"):
-                result = compile_plan(target, Path(scratch) / "artifact", emit="onnx")
+                result = compile_plan(targets[0], Path(scratch) / "artifact", emit="onnx")
             rows = bench_rows(result.artifact, runs=args.runs)
     else:
-        rows = bench_rows(target, runs=args.runs)
-    from rich.console import Console
-    from rich.table import Table
+        rows = bench_rows(targets, runs=args.runs)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    from compiler.present import bench_lines
 
-    table = Table(title=f"bench {target}")
-    for column in rows[0]:
-        table.add_column(column)
-    for row in rows:
-        table.add_row(*(str(value) for value in row.values()))
-    Console().print(table)
+    first = rows[0]
+    print(f"{first['batch']} x {first['seq']} tokens, {first['threads']} threads, median of {args.runs} interleaved runs")
+    print("\n".join(bench_lines(rows)))
     return 0
 
 
@@ -298,12 +321,14 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="run an ONNX artifact on text inputs")
     run.add_argument("dir")
     run.add_argument("--input", nargs="+", required=True, help="input texts (tokenized with the model's tokenizer)")
-    run.add_argument("--compact", action="store_true")
+    run.add_argument("-o", "--output", help="also write the full tensors: FILE.json (every output) or FILE.npy (embeddings / logits)")
+    run.add_argument("--max-new-tokens", type=int, default=16, help="decoder artifacts: tokens to generate")
     run.set_defaults(run=cmd_run)
 
-    bench = commands.add_parser("bench", help="benchmark an artifact directory or a plan")
-    bench.add_argument("target")
+    bench = commands.add_parser("bench", help="benchmark artifact directories (timed interleaved) or a plan")
+    bench.add_argument("target", nargs="+")
     bench.add_argument("--runs", type=int, default=30)
+    bench.add_argument("--json", action="store_true", help="print every measured field as JSON")
     bench.set_defaults(run=cmd_bench)
 
     generate = commands.add_parser("generate", help="generate text with a decoder ONNX artifact")

@@ -390,20 +390,41 @@ def _tokenize(directory: Path, report: dict[str, Any], texts: list[str], seq: in
 def run_artifact(directory: str | Path, inputs: dict[str, Any] | list[str], threads: int | None = None) -> dict[str, np.ndarray]:
     """Run an artifact on token inputs (name -> array) or on texts (tokenized with its tokenizer).
 
-    Returns every graph output by name; encoders given texts also get `sentence_embedding`
-    (mean-pooled over real tokens, L2-normalized).
+    Returns every graph output by name. Given texts, encoders also get `sentence_embedding`
+    (mean-pooled over real tokens, L2-normalized) and causal LMs `next_token_logits` (the
+    logits after each text's last real token, [batch, vocab]).
     """
     directory = Path(directory)
     report = load_report(directory)
     feeds = _tokenize(directory, report, list(inputs)) if isinstance(inputs, list) else dict(inputs)
     outputs = runtime.run(_artifact_session(directory, report, threads), feeds)
-    if isinstance(inputs, list) and report.get("task") == "encoder":
-        hidden = outputs.get("last_hidden_state", next(iter(outputs.values()))).astype(np.float32)
+    if not isinstance(inputs, list):
+        return outputs
+    first = next(iter(outputs.values())).astype(np.float32)
+    mask = feeds.get("attention_mask", np.ones(first.shape[:2], np.int64))
+    if report.get("task") == "encoder":
+        hidden = outputs.get("last_hidden_state", first).astype(np.float32)
         if hidden.ndim == 3:
-            mask = feeds.get("attention_mask", np.ones(hidden.shape[:2]))[..., None].astype(np.float32)
-            hidden = (hidden * mask).sum(1) / np.clip(mask.sum(1), 1e-9, None)
+            weights = mask[..., None].astype(np.float32)
+            hidden = (hidden * weights).sum(1) / np.clip(weights.sum(1), 1e-9, None)
         outputs["sentence_embedding"] = hidden / np.linalg.norm(hidden, axis=-1, keepdims=True)
+    elif report.get("task") == "causal_lm" and first.ndim == 3:
+        last = mask.shape[1] - 1 - np.argmax(mask[:, ::-1], axis=1)  # the last real token (padding is left or right)
+        outputs["next_token_logits"] = first[np.arange(first.shape[0]), last]
     return outputs
+
+
+def detokenizer(directory: str | Path) -> Any:
+    """ids -> text with the tokenizer saved in the artifact (a function of a list of ids)."""
+    directory = Path(directory)
+    kind = load_report(directory).get("tokenizer")
+    if kind == "hf":
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(str(directory / TOKENIZER_DIR)).decode
+    if kind == "bytes":
+        return lambda ids: bytes(i for i in ids if 0 <= i < 256).decode("utf-8", errors="replace")
+    raise ValueError(f"{directory} has no tokenizer to show tokens with")
 
 
 def bench_rows(
@@ -418,8 +439,8 @@ def bench_rows(
 
     Defaults come from the first artifact's bench settings. Rows hold: artifact, provider,
     size_mb, latency_ms, vs_first (latency ratio to the first artifact), metric, accuracy_min,
-    accuracy_mean (from its report), eager_ms (the eager latency its report measured), and the
-    batch, seq and threads used.
+    accuracy_mean (from its report), and the batch, seq and threads used. Only latencies timed in
+    this run are compared: the eager latency a report measured at compile time is left out.
     """
     dirs = [Path(directories)] if isinstance(directories, (str, Path)) else [Path(d) for d in directories]
     if not dirs:
@@ -456,7 +477,6 @@ def bench_rows(
                 "metric": accuracy.get("metric"),
                 "accuracy_min": None if accuracy.get("min") is None else round(accuracy["min"], 4),
                 "accuracy_mean": None if accuracy.get("mean") is None else round(accuracy["mean"], 4),
-                "eager_ms": report.get("latency_ms", {}).get("original_eager"),
                 "batch": batch,
                 "seq": seq,
                 "threads": threads,

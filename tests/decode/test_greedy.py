@@ -75,3 +75,17 @@ def test_decode_beyond_reserved_room(sessions):
 def test_too_long_for_positions(sessions):
     with pytest.raises(ValueError, match="exceeds the model's 128 positions"):
         generate_ids(sessions["gpt"], [[1] * 100], 40)
+
+
+def test_planc_run_on_a_decoder_prints_its_next_tokens(artifacts, decoders, capsys):
+    """`planc run` on a key/value-cache artifact generates: the prompt and its greedy continuation."""
+    from backends.onnx.decoder import DecoderSpec
+    from compiler.cli import main
+
+    art = artifacts("gpt")
+    spec = DecoderSpec.load(art)
+    assert main(["run", str(art), "--input", "def main(", "--max-new-tokens", "6"]) == 0
+    out = capsys.readouterr().out
+    expected = eager_greedy(decoders["gpt"], [list(b"def main(")], 6, spec.pad_token_id, spec.eos_token_ids)[0]
+    assert out == "def main(" + bytes(expected).decode("utf-8", errors="replace") + "\n"
+    assert len(out) < 200

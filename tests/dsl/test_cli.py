@@ -82,3 +82,14 @@ def test_explain_fills_defaults(capsys) -> None:
     assert main(["explain", str(GOLDEN / "parse" / "minimal.plan")]) == 0
     out = capsys.readouterr().out
     assert 'model m = factory("mypkg.models:tiny")' in out and "inputs { input_ids: int64[batch, seq] }" in out
+
+
+def test_version_names_planc_and_its_engines() -> None:
+    from importlib import metadata
+
+    result = planc("--version")
+    assert result.returncode == 0, result.stderr
+    line = result.stdout.strip()
+    assert line.startswith(f"planc {metadata.version('planc')} (")
+    for name in ("torch", "onnxruntime", "transformers"):
+        assert f"{name} {metadata.version(name)}" in line

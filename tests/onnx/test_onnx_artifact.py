@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -252,3 +253,66 @@ def test_encoder_report_has_min_mean_and_similarity_spearman(tiny_bert, tmp_path
     weights = [i for i in onnx.load(str(tmp_path / "bert" / "model.onnx")).graph.initializer if i.data_type == onnx.TensorProto.INT8]
     widest = max(int(np.abs(onnx.numpy_helper.to_array(w)).max()) for w in weights)
     assert widest == report["cpu"]["int8"]["weight_max"]
+
+
+# ----------------------------------------------------------------------------- what the CLI prints
+
+
+@pytest.fixture(scope="module")
+def bert_artifact(tiny_bert, tmp_path_factory):
+    loaded, gm = tiny_bert
+    target = OnnxTarget.model_validate({"verify": {"metric": "cosine", "data": str(SENTENCES), "samples": 4}, "bench": {"runs": 3, "seq": 32}})
+    return build_onnx_artifact(gm, loaded, target, tmp_path_factory.mktemp("cli") / "bert", [], "").path
+
+
+def test_run_prints_sentence_embeddings_and_their_similarities(bert_artifact, capsys, tmp_path):
+    from compiler.cli import main
+
+    texts = ["A cat sat on the mat.", "Dogs bark at night.", "A cat was sitting on a mat."]
+    assert main(["run", str(bert_artifact), "--input", *texts, "--output", str(tmp_path / "e.npy")]) == 0
+    out = capsys.readouterr().out
+    assert len(out) < 1500 and max(len(line) for line in out.splitlines()) <= 80
+    assert "384" not in out and "64 dimensions" in out and "cosine similarity" in out
+    embeddings = np.load(tmp_path / "e.npy")
+    expected = run_artifact(bert_artifact, texts)["sentence_embedding"]
+    np.testing.assert_allclose(embeddings, expected, rtol=1e-6)
+    similarity = embeddings @ embeddings.T
+    lines = out.splitlines()
+    matrix = lines[lines.index("cosine similarity:") + 2 : lines.index("cosine similarity:") + 2 + len(texts)]
+    shown = np.array([[float(v) for v in line.split()[1:]] for line in matrix])
+    np.testing.assert_allclose(shown, similarity, atol=1e-3)
+
+
+def test_run_prints_a_causal_lms_next_tokens(built, capsys, tmp_path):
+    from compiler.cli import main
+
+    assert main(["run", str(built.path), "--input", "def main(", "import os", "--output", str(tmp_path / "all.json")]) == 0
+    out = capsys.readouterr().out
+    assert len(out) < 1000 and out.startswith("next token after each input")
+    logits = run_artifact(built.path, ["def main(", "import os"])["next_token_logits"]
+    best = bytes([int(logits[0].argmax())]).decode("utf-8", errors="replace")
+    assert f"[0] def main(" in out and repr(best) in out.splitlines()[1]
+    written = json.loads((tmp_path / "all.json").read_text())
+    assert np.asarray(written["next_token_logits"]).shape == logits.shape
+
+
+def test_run_refuses_an_unknown_output_format(built):
+    from compiler.cli import main
+
+    assert main(["run", str(built.path), "--input", "x", "--output", "out.csv"]) == 2
+
+
+def test_bench_fits_an_80_column_terminal(built, bert_artifact, tmp_path, capsys):
+    from compiler.cli import main
+    from compiler.present import bench_lines
+
+    deep = tmp_path / ("a-very-long-directory-name-" * 4) / "artifact"
+    shutil.copytree(built.path, deep)
+    assert main(["bench", str(deep), str(bert_artifact), "--runs", "3"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert max(len(line) for line in lines) <= 80 and "eager" not in " ".join(lines)
+    assert len(lines) == 4 and lines[2].split()[-2] == "1.0"  # the first artifact against itself
+    rows = [{"artifact": "x" * 300, "size_mb": 1.5, "latency_ms": 2.0, "vs_first": 1.0, "accuracy_min": 0.99}]
+    assert max(len(line) for line in bench_lines(rows)) <= 80
+    assert main(["bench", str(bert_artifact), "--runs", "3", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["size_mb"] > 0
