@@ -67,7 +67,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_fmt(args: argparse.Namespace) -> int:
-    from compiler.driver import atomic_write_text
+    from compiler.publish import write_text
     from dsl.format import format_document
     from dsl.parser import parse_file
 
@@ -83,7 +83,7 @@ def cmd_fmt(args: argparse.Namespace) -> int:
         if formatted != document.source.text:
             changed.append(path)
             if not args.check:
-                atomic_write_text(path, formatted)
+                write_text(path, formatted)
     verb = "would reformat" if args.check else "reformatted"
     for path in changed:
         print(f"{verb} {path}")
@@ -93,14 +93,13 @@ def cmd_fmt(args: argparse.Namespace) -> int:
 
 
 def cmd_schema(args: argparse.Namespace) -> int:
-    from backends.onnx.options import OnnxTarget
-    from backends.train.options import TrainTarget
+    from compiler.targets import target_kinds
     from passes.options import PASS_OPTIONS
 
     schema = {
         "$comment": "planc plan options: each pass and target block is validated against these schemas",
         "passes": {name: model.model_json_schema() for name, model in PASS_OPTIONS.items()},
-        "targets": {"onnx": OnnxTarget.model_json_schema(), "train": TrainTarget.model_json_schema()},
+        "targets": {name: kind.options.model_json_schema() for name, kind in target_kinds().items()},
     }
     print(json.dumps(schema, indent=2))
     return 0
@@ -315,7 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     compile_ = commands.add_parser("compile", help="compile a plan into an ONNX model or a training program")
     compile_.add_argument("file")
     compile_.add_argument("-o", "--output", help="artifact directory (written atomically)")
-    compile_.add_argument("--emit", help="stop after a stage and print it: ast, ir, resolved, fx, fx-after:<pass>; or build only onnx/train")
+    compile_.add_argument("--emit", help="stop after a stage and print it: ast, ir, resolved, fx, fx-after:<pass>; or build only one target kind (onnx, train)")
     compile_.set_defaults(run=cmd_compile)
 
     run = commands.add_parser("run", help="run an ONNX artifact on text inputs")

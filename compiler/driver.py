@@ -10,8 +10,6 @@ diagnostic at the plan line responsible, so the CLI prints it like a syntax erro
 from __future__ import annotations
 
 import logging
-import os
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,16 +17,16 @@ from typing import Any
 from compiler import ir
 from compiler.explain import explain
 from compiler.irdump import dump_ir
+from compiler.targets import Job, Progress, target_kinds
 from compiler.validate import Checked, load_plan
 from dsl.parser import parse_file
 from dsl.source import Diagnostic, PlanError, Span
 
 log = logging.getLogger(__name__)
 
-EMIT_STAGES = ("ast", "ir", "resolved", "fx", "fx-after:<pass>", "onnx", "train")
-
-#: Called with a short description of the stage being entered (the CLI shows it as progress).
-Progress = Callable[[str], None]
+#: Stages that need no model, and stages that print a graph; target kinds add theirs.
+FRONT_STAGES = ("ast", "ir", "resolved")
+GRAPH_STAGES = ("fx", "fx-after:<pass>")
 
 
 @dataclass
@@ -93,9 +91,13 @@ def module_table_of(loaded: Any) -> list[tuple[str, str]]:
 
 def capture_model(plan: ir.Plan, model: Any = None) -> Captured:
     """Load the plan's model (or use `model`) and capture it as an fx.GraphModule."""
+    return capture_loaded(plan, load_model(plan, model))
+
+
+def capture_loaded(plan: ir.Plan, loaded: Any) -> Captured:
+    """Capture a loaded model; a model that cannot be captured is an error at the model line."""
     from compiler import frontend
 
-    loaded = load_model(plan, model)
     try:
         graph = frontend.capture(loaded)
     except frontend.FrontendError as error:
@@ -161,9 +163,8 @@ def run_pipeline(plan: ir.Plan, captured: Captured, stop_after: str | None = Non
 
 
 def target_cpu(plan: ir.Plan) -> str:
-    """The CPU int8 weights are made for: the onnx target's `cpu`, else the compiling machine."""
-    onnx = plan.target("onnx")
-    return onnx.options.cpu if onnx is not None else "auto"
+    """The CPU int8 weights are made for: a target's `cpu` option, else the compiling machine."""
+    return next((t.options.cpu for t in plan.targets if hasattr(t.options, "cpu")), "auto")
 
 
 def _step_of(plan: ir.Plan, error: Exception) -> ir.PassStep | None:
@@ -174,6 +175,54 @@ def _step_of(plan: ir.Plan, error: Exception) -> ir.PassStep | None:
 # ----------------------------------------------------------------------------- the driver
 
 
+def make_job(plan: ir.Plan, out_dir: Path, model: Any = None, progress: Progress | None = None) -> Job:
+    """A target's view of this compile: the driver's stages as callables (see `Job`)."""
+
+    def run_passes(captured: Captured) -> tuple[Any, list]:
+        graph, records, _ = run_pipeline(plan, captured, progress=progress)
+        return graph, records
+
+    return Job(
+        plan=plan,
+        out_dir=out_dir,
+        progress=progress or (lambda message: log.info(message)),
+        load=lambda: load_model(plan, model),
+        table=module_table_of,
+        resolve=lambda loaded: resolve_steps(plan, module_table_of(loaded)),
+        capture=lambda loaded: capture_loaded(plan, loaded),
+        run_passes=run_passes,
+    )
+
+
+def emit_stages() -> tuple[str, ...]:
+    """Every `--emit` stage: the driver's own, then each target kind's."""
+    return FRONT_STAGES + GRAPH_STAGES + tuple(stage for kind in target_kinds().values() for stage in kind.stages)
+
+
+def graph_text(plan: ir.Plan, job: Job, emit: str) -> Result:
+    """`--emit fx` / `--emit fx-after:PASS`: the captured graph, or the graph after that pass.
+
+    A target may capture and transform its own graph (a decoder's key/value-cache graph);
+    otherwise the model is captured and the pipeline run up to the pass.
+    """
+    from passes.manager import graph_code
+
+    kinds = target_kinds()
+    stop_after = emit.split(":", 1)[1] if emit.startswith("fx-after:") else None
+    job.progress(f"loading and capturing model '{plan.model.name}'")
+    loaded = job.load()
+    for target in plan.targets:
+        kind = kinds[target.kind]
+        graph = kind.capture(target, loaded) if stop_after is None else kind.transform(job, target, loaded, stop_after)
+        if graph is not None:
+            return Result(plan, text=graph_code(graph))
+    captured = job.capture(loaded)
+    if stop_after is None:
+        return Result(plan, text=graph_code(captured.graph))
+    graph, records, _ = run_pipeline(plan, captured, stop_after, job.progress)
+    return Result(plan, text=graph_code(graph), records=records)
+
+
 def compile_plan(
     path: str | Path,
     out_dir: str | Path | None = None,
@@ -181,212 +230,40 @@ def compile_plan(
     model: Any = None,
     progress: Progress | None = None,
 ) -> Result:
-    """Compile the plan at `path`; with `emit`, stop after that stage and return its text."""
+    """Compile the plan at `path`; with `emit`, stop after that stage and return its text.
+
+    Targets build in their kinds' order (a trainer before the export of what it trained), each
+    into `out_dir`, or `out_dir/<kind>` when the plan has several; `--emit KIND` builds one.
+    """
     path = Path(path)
-    note = progress or (lambda message: log.info(message))
     plan, _ = load_plan(path)
-    if emit in ("ast", "ir", "resolved"):
+    if emit in FRONT_STAGES:
         return Result(plan, text=emit_text(path, emit))
-    if emit is not None and emit not in ("fx", "onnx", "train") and not emit.startswith("fx-after:"):
-        raise PlanError([Diagnostic("error", f"unknown --emit stage '{emit}'; expected one of {', '.join(EMIT_STAGES)}", plan.span)])
-    if emit in ("onnx", "train") and plan.target(emit) is None:
-        raise PlanError([Diagnostic("error", f"--emit {emit}: the plan has no `target {emit} {{ ... }}`", plan.span)])
+    kinds = target_kinds()
+    by_stage = {stage: kind for kind in kinds.values() for stage in kind.stages}
+    is_graph_stage = emit == "fx" or (emit or "").startswith("fx-after:")
+    if emit is not None and not is_graph_stage and emit not in by_stage:
+        raise error_at(plan.span, f"unknown --emit stage '{emit}'; expected one of {', '.join(emit_stages())}")
+    job = make_job(plan, Path(out_dir) if out_dir is not None else Path("."), model, progress)
+    if is_graph_stage:
+        return graph_text(plan, job, emit)  # type: ignore[arg-type]
 
-    kinds = [emit] if emit in ("onnx", "train") else [t.kind for t in plan.targets]
-    if emit is None and not kinds:
-        raise PlanError([Diagnostic("error", "the plan has no target: add `target onnx { }` or `target train { }` to compile it", plan.span)])
-    if emit in (None, "onnx", "train") and out_dir is None:
-        raise PlanError([Diagnostic("error", "compile needs an output directory (-o DIR)", plan.span)])
-
-    if kinds == ["train"] and (emit is None or emit == "train"):
-        # The training program rebuilds and compresses the eager model itself: no capture needed.
-        note(f"loading model '{plan.model.name}'")
-        loaded = load_model(plan, model)
-        resolved = resolve_steps(plan, module_table_of(loaded))
-        note("emitting the training program")
-        return Result(plan, artifact=emit_train(plan, resolved, Path(out_dir)))
-
-    if emit is None and set(kinds) == {"train", "onnx"}:
-        return train_then_export(plan, Path(out_dir), model, note)
-    if kinds == ["onnx"] and is_decoder_target(plan):
-        note(f"loading model '{plan.model.name}'")
-        loaded = load_model(plan, model)
-        return emit_decoder(plan, loaded, Path(out_dir), note)
-
-    note(f"loading and capturing model '{plan.model.name}'")
-    captured = capture_model(plan, model)
-    if emit == "fx":
-        from passes.manager import graph_code
-
-        return Result(plan, text=graph_code(captured.graph))
-    stop_after = emit.split(":", 1)[1] if emit and emit.startswith("fx-after:") else None
-    graph, records, resolved = run_pipeline(plan, captured, stop_after, note)
-    if stop_after is not None:
-        from passes.manager import graph_code
-
-        return Result(plan, text=graph_code(graph), records=records)
-
-    assert out_dir is not None
-    out_dir = Path(out_dir)
-    result = Result(plan, records=records)
-    for kind in kinds:
-        directory = out_dir if len(kinds) == 1 else out_dir / kind
-        if kind == "train":
-            note("emitting the training program")
-            result.artifact = emit_train(plan, resolved, directory)
-        else:
-            note("exporting to ONNX, verifying against the eager model, benchmarking")
-            onnx_result = emit_onnx(plan, captured, graph, records, directory)
-            result.artifact, result.report, result.session = onnx_result.path, onnx_result.report, onnx_result.session
+    selected = [t for t in plan.targets if emit is None or t.kind == by_stage[emit].kind]
+    if emit is not None and not selected:
+        raise error_at(plan.span, f"--emit {emit}: the plan has no `target {by_stage[emit].kind} {{ ... }}`")
+    if not selected:
+        raise error_at(plan.span, "the plan has no target: add `target onnx { }` or `target train { }` to compile it")
+    if out_dir is None:
+        raise error_at(plan.span, "compile needs an output directory (-o DIR)")
+    selected.sort(key=lambda t: kinds[t.kind].order)
+    result = Result(plan)
+    for target in selected:
+        job.out_dir = Path(out_dir) if len(selected) == 1 else Path(out_dir) / target.kind
+        job.others = tuple(t.kind for t in selected if t is not target)
+        built = kinds[target.kind].build(job, target)
+        result.artifact, result.report, result.session = built.artifact, built.report, built.session
+        result.records = built.records or result.records
     return result
 
 
-def train_then_export(plan: ir.Plan, out_dir: Path, model: Any, note: Progress) -> Result:
-    """A plan with both targets: train (e.g. distil the compressed student), then export it.
-
-    The training program saves the student in the original model's shapes, removed heads and
-    channels as zeros; the plan's passes then run on those weights exactly as on pretrained ones
-    (zeroed heads have the lowest importance, so the same ones are removed), and the ONNX model
-    is verified against the ORIGINAL model, not against the student.
-    """
-    import dataclasses
-
-    import torch
-
-    note(f"loading model '{plan.model.name}'")
-    original = load_model(plan, model)
-    resolved = resolve_steps(plan, module_table_of(original))
-    weights = trained_weights(plan, resolved, out_dir / "train", note)
-    student = load_model(plan, model)
-    try:
-        student.model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
-    except (RuntimeError, OSError) as error:
-        train = plan.target("train")
-        raise error_at(train.span if train else plan.span, f"cannot load the trained weights {weights}: {error}") from error
-    if is_decoder_target(plan):  # a trained decoder is served as trained: verified against itself
-        return emit_decoder(plan, student, out_dir / "onnx", note)
-
-    from compiler import frontend
-
-    note("capturing the trained model")
-    try:
-        graph = frontend.capture(student)
-    except frontend.FrontendError as error:
-        raise error_at(plan.model.span, f"model '{plan.model.name}': {error}") from error
-    captured = Captured(student, graph, module_table_of(student))
-    graph, records, _ = run_pipeline(plan, captured, progress=note)
-    note("exporting to ONNX, verifying against the original model, benchmarking")
-    reference = Captured(dataclasses.replace(student, model=original.model), graph, captured.table)
-    onnx_result = emit_onnx(plan, reference, graph, records, out_dir / "onnx")
-    return Result(plan, artifact=onnx_result.path, report=onnx_result.report, session=onnx_result.session, records=records)
-
-
-def trained_weights(plan: ir.Plan, resolved: list, train_dir: Path, note: Progress) -> Path:
-    """Run the plan's training program, or reuse the weights of an identical earlier run."""
-    from backends.train import cache
-    from backends.train.launch import launch
-
-    train = plan.target("train")
-    assert train is not None
-    task = plan.model.task if plan.model.task != "auto" else "encoder" if plan.model.kind == "hf" else "causal_lm"
-    corpus = cache.corpus_fingerprint(train.options, plan.model.base_dir, task)
-    # The weights depend on the model, the pipeline and the training target, not on how the
-    # onnx target exports or verifies them: a new verify goal reuses the trained weights.
-    trained_by = plan.model_copy(update={"targets": (train,)})
-    key = cache.plan_key(explain(trained_by), plan.model, corpus=corpus)
-    cached = cache.cached_weights(key)
-    if cached is not None:
-        note(f"reusing trained weights {cached}")
-        return cached
-    directory = emit_train(plan, resolved, train_dir)
-    note(f"training ({train_dir / 'train.py'}, torchrun)")
-    code = launch(directory)
-    weights = directory / train.options.save
-    if code != 0 or not weights.is_file():
-        raise error_at(train.span, f"the training program failed (exit {code}); its log is above, the program is in {directory}")
-    return cache.store_weights(key, weights)
-
-
-def is_decoder_target(plan: ir.Plan) -> bool:
-    target = plan.target("onnx")
-    return target is not None and target.options.decode is not None
-
-
-def emit_decoder(plan: ir.Plan, loaded: Any, directory: Path, note: Progress) -> Result:
-    """`target onnx { decode { ... } }`: a key/value-cache graph plus generation, quantized as planned.
-
-    Decoder graphs take `quantize` steps only (applied to every projection of the model); the
-    model's module table must show that the step's selector covers them.
-    """
-    from backends.onnx import artifact as onnx_artifact
-    from backends.onnx.decoder_artifact import build_decoder_artifact
-    from passes.options import Quantize
-
-    target = plan.target("onnx")
-    assert target is not None and target.options.decode is not None
-    resolved = resolve_steps(plan, module_table_of(loaded))
-    quantize: Quantize | None = None
-    for step, targets in resolved:
-        if not isinstance(step.options, Quantize) or quantize is not None:
-            raise error_at(step.span, f"a decode target takes one quantize step and no other pass (got '{step.name}')")
-        projections = {path for path, kind in module_table_of(loaded) if kind in ("Linear", "Conv1D")}
-        if not projections <= set(targets):
-            missing = sorted(projections - set(targets))[:3]
-            raise error_at(step.selector.span if step.selector else step.span,
-                           f"decoder quantization covers every projection; the selector leaves out {', '.join(missing)}, ...",
-                           "select them all, e.g. `Linear` (or `Conv1D | name(\"lm_head\")` for GPT-2)")
-        quantize = step.options
-    decode = target.options.decode
-    heldout = plan.model.base_dir / decode.heldout if decode.heldout else None
-    note("exporting the decoder to ONNX, verifying generation against the eager model")
-    summaries = [{"name": step.name, "summary": f"{quantize.scheme} weights for {len(targets)} projection(s)"} for step, targets in resolved]
-    try:
-        result = build_decoder_artifact(loaded.model, target.options, quantize, directory, heldout, summaries, explain(plan))
-    except onnx_artifact.VerificationFailed as error:
-        span = target.option_spans.get("verify.goal", target.option_spans.get("verify", target.span))
-        raise error_at(span, f"verification failed: {error}", "no artifact was written") from error
-    except onnx_artifact.ProviderError as error:
-        raise error_at(target.option_spans.get("providers", target.span), str(error)) from error
-    return Result(plan, artifact=result.path, report=result.report, session=result.session)
-
-
-def emit_train(plan: ir.Plan, resolved: list, directory: Path) -> Path:
-    from backends.train.emit import emit_training_program
-    from passes.options import Partition
-
-    target = plan.target("train")
-    assert target is not None
-    compression = [(step.options, targets) for step, targets in resolved if not isinstance(step.options, Partition)]
-    partition = next((step.options for step, _ in resolved if isinstance(step.options, Partition)), None)
-    return emit_training_program(target.options, plan.model, compression, partition, directory, explain(plan))
-
-
-def emit_onnx(plan: ir.Plan, captured: Captured, graph: Any, records: list, directory: Path):
-    from backends.onnx import artifact as onnx_artifact
-
-    target = plan.target("onnx")
-    assert target is not None
-    summaries = [
-        {"name": r.name, "summary": r.summary, "params": [r.before.params, r.after.params], "bytes": [r.before.bytes, r.after.bytes]}
-        for r in records
-    ]
-    try:
-        return onnx_artifact.build_onnx_artifact(
-            graph, captured.loaded, target.options, directory, summaries, explain(plan)
-        )
-    except onnx_artifact.VerificationFailed as error:
-        span = target.option_spans.get("verify.goal", target.span)
-        raise error_at(span, f"verification failed: {error}", "no artifact was written") from error
-    except onnx_artifact.ProviderError as error:
-        span = target.option_spans.get("providers", target.span)
-        raise error_at(span, str(error)) from error
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write a file so readers see the old or the new content, never half of it."""
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    temporary.write_text(text, encoding="utf-8")
-    os.replace(temporary, path)
-
-
-__all__ = ["Checked", "Result", "compile_plan", "atomic_write_text"]
+__all__ = ["Checked", "Result", "compile_plan"]

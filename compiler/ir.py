@@ -2,7 +2,8 @@
 
 Every node is a frozen pydantic model that carries the `Span` of the plan text it came from,
 so any later stage (capture, a pass, a backend) can point its error at the right line.
-Pass and target options are the option models owned by `passes/` and `backends/`.
+Pass and target options are the option models owned by `passes/` and by each target kind
+(`compiler/targets.py`); the IR holds them without knowing which kinds exist.
 """
 
 from __future__ import annotations
@@ -10,10 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny
 
-from backends.onnx.options import OnnxTarget
-from backends.train.options import TrainTarget
 from dsl.source import Span
 from passes.options import PassOptions
 
@@ -137,12 +136,13 @@ class PassStep(Node):
 
 
 class Target(Node):
-    options: OnnxTarget | TrainTarget
+    #: The validated options of the target's kind; `options.kind` names the kind.
+    options: SerializeAsAny[BaseModel]
     option_spans: dict[str, Span] = Field(default_factory=dict, repr=False)
 
     @property
     def kind(self) -> str:
-        return self.options.kind
+        return self.options.kind  # type: ignore[attr-defined]
 
 
 class Plan(Node):

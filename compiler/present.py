@@ -8,8 +8,8 @@ tokens. Full tensors go to a file only on request (`--output FILE`, `.json` or `
 
 from __future__ import annotations
 
+import io
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -63,16 +63,14 @@ OUTPUT_SUFFIXES = (".json", ".npy")
 
 def write_outputs(path: Path, outputs: dict[str, np.ndarray], main: str) -> None:
     """`.npy`: the task's main array; `.json`: every output by name. Written atomically."""
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        if path.suffix == ".npy":
-            with open(temporary, "wb") as handle:
-                np.save(handle, outputs[main])
-        else:
-            temporary.write_text(json.dumps({name: array.tolist() for name, array in outputs.items()}), encoding="utf-8")
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
+    from compiler.publish import write_bytes, write_text
+
+    if path.suffix == ".npy":
+        buffer = io.BytesIO()
+        np.save(buffer, outputs[main])
+        write_bytes(path, buffer.getvalue())
+    else:
+        write_text(path, json.dumps({name: array.tolist() for name, array in outputs.items()}))
 
 
 def bench_lines(rows: list[dict[str, Any]]) -> list[str]:

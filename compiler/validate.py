@@ -1,9 +1,9 @@
 """Give a parsed plan its meaning: syntax tree -> typed IR, collecting every error on the way.
 
 Pass and target options are checked by their own pydantic models; each validation error is
-mapped back to the span of the option that caused it. Cross-field rules that involve more
-than one statement (batch arithmetic, bf16 on a CPU-only target, files that must exist) are
-checked here too, so `planc check` catches them without loading torch.
+mapped back to the span of the option that caused it. Rules that involve more than one
+statement (files that must exist, batch arithmetic, bf16 on a CPU-only target) are checked here
+and by each target kind's `check`, so `planc check` catches them without loading torch.
 """
 
 from __future__ import annotations
@@ -15,16 +15,13 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from backends.onnx.options import OnnxTarget
-from backends.train.checks import check_batch_config
-from backends.train.options import TrainTarget
 from compiler import ir
+from compiler.targets import target_kinds
 from dsl import ast
 from dsl.parser import parse_file
 from dsl.source import Diagnostic, PlanError, Source, Span, did_you_mean
-from passes.options import PASS_OPTIONS, Cast, Partition, Prune, Quantize
+from passes.options import PASS_OPTIONS, Prune, Quantize
 
-TARGETS: dict[str, type[BaseModel]] = {"onnx": OnnxTarget, "train": TrainTarget}
 SELECTOR_FUNCTIONS = ("name", "regex", "layers", "type")
 MODEL_SOURCES = ("factory", "hf")
 
@@ -399,10 +396,12 @@ class _Validator:
         return ir.PassStep(span=step.span, selector=selector, options=validated, option_spans=spans)
 
     def target(self, statement: ast.TargetStmt) -> ir.Target | None:
-        model = TARGETS.get(statement.kind)
-        if model is None:
-            self.error(f"unknown target '{statement.kind}'; expected onnx or train", statement.kind_span, did_you_mean(statement.kind, list(TARGETS)))
+        kind = target_kinds().get(statement.kind)
+        if kind is None:
+            known = sorted(target_kinds())
+            self.error(f"unknown target '{statement.kind}'; expected {' or '.join(known)}", statement.kind_span, did_you_mean(statement.kind, known))
             return None
+        model = kind.options
         options = _block_options(statement.body, self.diagnostics)
         validated = _validate_options(model, options, f"target '{statement.kind}'", statement.kind_span, self.diagnostics)
         if validated is None:
@@ -417,28 +416,9 @@ class _Validator:
         for step in plan.pipeline:
             if isinstance(step.options, Quantize) and step.options.calibration:
                 self.require_file(base, step.options.calibration, step.option_spans.get("calibration", step.span))
-        onnx = plan.target("onnx")
-        if onnx is not None:
-            options = onnx.options
-            assert isinstance(options, OnnxTarget)
-            if options.verify.data:
-                data_span = onnx.option_spans.get("verify.data", onnx.span)
-                self.require_file(base, options.verify.data, data_span)
-                self.check_heldout(plan, options.verify.data, data_span)
-            if options.decode and options.decode.heldout:
-                self.require_file(base, options.decode.heldout, onnx.option_spans.get("decode.heldout", onnx.span))
-            if options.providers == ["cpu"]:
-                for step in plan.pipeline:
-                    if isinstance(step.options, Cast) and step.options.dtype == "bf16":
-                        self.error(
-                            "bf16 is not supported by ONNX Runtime's CPU provider, the only provider this onnx target allows",
-                            step.option_spans.get("dtype", step.span),
-                            ("use dtype = fp16, or add cuda to the onnx target's providers",),
-                        )
-        train = plan.target("train")
-        if train is not None:
-            self.check_train(plan, train)
-        else:
+        for target in plan.targets:
+            self.diagnostics.extend(target_kinds()[target.kind].check(plan, target))
+        if plan.target("train") is None:
             for step in plan.pipeline:
                 if isinstance(step.options, Prune) and step.options.measures_activations:
                     option = "reconstruct" if step.options.reconstruct else "importance"
@@ -447,38 +427,6 @@ class _Validator:
                         step.option_spans.get(option, step.span),
                         ("add a `target train` block (e.g. with distill), or use importance = l2 without reconstruct",),
                     )
-
-    def check_heldout(self, plan: ir.Plan, data: str, span: Span) -> None:
-        """Verification text must be held out: a file the passes calibrated on proves nothing."""
-        base = plan.model.base_dir
-        verify_file = (base / data).resolve()
-        for step in plan.pipeline:
-            calibration = getattr(step.options, "calibration", None)
-            if calibration and (base / calibration).resolve() == verify_file:
-                self.error(
-                    f"the verification data '{data}' is also the calibration file of '{step.name}' "
-                    f"(line {step.span.line}): a model verified on what it was calibrated on is not verified",
-                    span,
-                    ("verify on held-out text, e.g. examples/data/heldout_sentences.txt",),
-                )
-
-    def check_train(self, plan: ir.Plan, train: ir.Target) -> None:
-        options = train.options
-        assert isinstance(options, TrainTarget)
-        partition = next((s.options for s in plan.pipeline if isinstance(s.options, Partition)), None)
-        if options.data.path != "stdlib" and not (plan.model.base_dir / options.data.path).exists():
-            self.error(f"training data not found: {options.data.path}", train.option_spans.get("data.path", train.span))
-        for problem in check_batch_config(options, partition):
-            self.error(problem, self.train_span(train, problem))
-
-    @staticmethod
-    def train_span(train: ir.Target, problem: str) -> Span:
-        """Point a training-configuration problem at the option it names first."""
-        for option in ("global_batch", "micro_batch", "world_size", "rdzv_endpoint", "precision", "distill", "strategy"):
-            if problem.startswith(option) or option in problem.split(":")[0]:
-                if option in train.option_spans:
-                    return train.option_spans[option]
-        return train.option_spans.get("strategy", train.span)
 
     def require_file(self, base: Path, relative: str, span: Span) -> None:
         if not (base / relative).exists():

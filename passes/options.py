@@ -14,14 +14,30 @@ from typing import ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
+#: Every pass known to planc, by the name plans use: each option model below registers itself.
+PASS_OPTIONS: dict[str, type[PassOptions]] = {}
+
+
 class PassOptions(BaseModel):
     """Base of all pass option models: frozen, no unknown fields."""
 
     # defer_build: a plan validates only the passes it uses; `planc check` skips building the rest.
     model_config = ConfigDict(frozen=True, extra="forbid", defer_build=True)
     name: ClassVar[str]
+    #: "module:Class" of the GraphPass implementing these options: the one place a pass is
+    #: wired to its code (imported only when a graph is touched, so `planc check` stays light).
+    impl: ClassVar[str]
     #: Module types the pass acts on when the plan gives no selector.
     default_types: ClassVar[tuple[str, ...]] = ("Linear",)
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if "name" in cls.__dict__:
+            PASS_OPTIONS[cls.name] = cls
+
+    def implementation(self) -> str:
+        """The "module:Class" for these option values (a pass with several methods picks one)."""
+        return self.impl
 
 
 class Prune(PassOptions):
@@ -29,6 +45,7 @@ class Prune(PassOptions):
     whole repeated blocks (layers)."""
 
     name: ClassVar[str] = "prune"
+    impl: ClassVar[str] = "passes.prune:PrunePass"
     method: Literal["magnitude", "nm", "heads", "channels", "layers"] = "magnitude"
     #: Fraction removed: of weights (magnitude), of heads (heads) or of MLP channels (channels).
     sparsity: float = Field(0.5, ge=0.0, lt=1.0)
@@ -78,6 +95,7 @@ class LowRank(PassOptions):
     """Factor a Linear W (out x in) into two Linears of rank r via truncated SVD."""
 
     name: ClassVar[str] = "lowrank"
+    impl: ClassVar[str] = "passes.lowrank:LowRankPass"
     rank: int | None = Field(None, ge=1)
     #: Keep the smallest rank whose singular values hold this fraction of the energy (sum s^2).
     energy: float | None = Field(None, gt=0.0, le=1.0)
@@ -93,6 +111,7 @@ class Quantize(PassOptions):
     """Insert real integer weights (int8 / packed int4) with their scales into the graph."""
 
     name: ClassVar[str] = "quantize"
+    impl: ClassVar[str] = "passes.quantize:QuantizePass"
     scheme: Literal["int8", "int4"] = "int8"
     #: dynamic: activations quantized at run time; static: calibrated fixed activation scales;
     #: weight_only: weights stored as integers, dequantized for the matmul.
@@ -134,6 +153,7 @@ class Cast(PassOptions):
     """Run the selected part of the model in fp16/bf16, keeping numerically fragile ops in fp32."""
 
     name: ClassVar[str] = "cast"
+    impl: ClassVar[str] = "passes.cast:CastPass"
     default_types: ClassVar[tuple[str, ...]] = ()  # no selector: the whole model
     dtype: Literal["fp16", "bf16"] = "fp16"
     #: Op kinds kept in fp32; casts are inserted only at the boundaries.
@@ -146,6 +166,7 @@ class Partition(PassOptions):
     """Cut the model into pipeline stages of balanced cost with torch.fx's split_module."""
 
     name: ClassVar[str] = "partition"
+    impl: ClassVar[str] = "passes.partition:PartitionPass"
     default_types: ClassVar[tuple[str, ...]] = ()
     stages: int = Field(2, ge=2)
     balance: Literal["params", "flops", "time"] = "params"
@@ -153,7 +174,3 @@ class Partition(PassOptions):
     boundary: Literal["blocks", "nodes"] = "blocks"
 
 
-#: Every pass known to planc, by the name plans use.
-PASS_OPTIONS: dict[str, type[PassOptions]] = {
-    cls.name: cls for cls in (Prune, LowRank, Quantize, Cast, Partition)
-}

@@ -18,11 +18,8 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
-import tempfile
 import time
-import uuid
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +30,7 @@ import numpy as np
 from backends.onnx import runtime
 from backends.onnx.options import OnnxTarget
 from backends.onnx.runtime import ProviderError
+from compiler.publish import staged_dir
 
 logger = logging.getLogger(__name__)
 
@@ -188,40 +186,6 @@ def _save_tokenizer(loaded: Any, directory: Path) -> str | None:
     return None
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _remove_stale_temporaries(out_dir: Path) -> None:
-    """Delete temporaries of earlier compiles to `out_dir` whose process is gone (killed)."""
-    for stale in out_dir.parent.glob(f".{out_dir.name}.tmp-*"):
-        try:
-            pid = int(stale.name.rsplit(".tmp-", 1)[1].split("-", 1)[0])
-        except (IndexError, ValueError):
-            continue
-        if pid != os.getpid() and not _pid_alive(pid):
-            shutil.rmtree(stale, ignore_errors=True)
-
-
-def _publish(temporary: Path, out_dir: Path) -> None:
-    """Rename the finished `temporary` directory to `out_dir`, replacing an older artifact."""
-    if out_dir.exists() and not out_dir.is_dir():
-        raise FileExistsError(f"{out_dir} exists and is not a directory")
-    if out_dir.exists():
-        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-        os.replace(out_dir, old)
-        os.replace(temporary, out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(temporary, out_dir)
-
-
 def _write_json(path: Path, data: dict[str, Any]) -> None:
     path.write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
 
@@ -245,13 +209,10 @@ def build_onnx_artifact(
 
     out_dir = Path(out_dir).resolve()
     providers = runtime.resolve_providers(target.providers)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temporaries(out_dir)
-    temporary = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-{os.getpid()}-", dir=out_dir.parent))
-    work = temporary / ".work"
-    work.mkdir()
     started = time.perf_counter()
-    try:
+    with staged_dir(out_dir) as temporary:
+        work = temporary / ".work"
+        work.mkdir()
         logger.info("exporting the optimized graph to ONNX (opset %d)", target.opset)
         model = export_model(gm, loaded.example_inputs, loaded.dynamic_shapes, target.opset)
         scheme, group = quantization_of(gm)
@@ -313,10 +274,6 @@ def build_onnx_artifact(
         }
         _write_json(temporary / REPORT_FILE, report)
         (temporary / PLAN_FILE).write_text(plan_resolved, encoding="utf-8")
-        _publish(temporary, out_dir)
-    except BaseException:
-        shutil.rmtree(temporary, ignore_errors=True)
-        raise
     session = runtime.create_session(out_dir / MODEL_FILE, providers, target.bench.threads, target.optimization)
     logger.info(
         "wrote %s: %.1f MB (%.3fx), %s %.4f, %.2f ms vs eager %.2f ms",

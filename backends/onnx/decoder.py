@@ -221,7 +221,7 @@ class HFCacheAdapter(CacheAdapter):
         return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
 
 
-def _has_linear_projections(model: nn.Module) -> bool:
+def has_linear_projections(model: nn.Module) -> bool:
     """True when the blocks' projections are nn.Linear (planc's quantize pass rewrites those)."""
     linears = sum(isinstance(m, nn.Linear) for m in model.modules())
     return linears > 1  # more than the lm_head alone
@@ -555,7 +555,7 @@ def export_decoder(
     if graph is not None and quantize is not None:
         raise ValueError("export_decoder(graph=...) takes an already transformed graph: quantize it with planc's pass, not here")
     if quantize is not None and quantizer == "auto":
-        quantizer = "planc" if _has_linear_projections(model) else "ort"
+        quantizer = "planc" if has_linear_projections(model) else "ort"
     if quantize is not None and quantizer == "planc":
         graph = quantize_with_planc(model, quantize, group_size, cpu)
     onnx_model = export_onnx(adapter, opset, graph)

@@ -11,9 +11,7 @@ and renamed into place only after verification passed:
 from __future__ import annotations
 
 import logging
-import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -24,11 +22,10 @@ from backends.onnx.artifact import (
     REPORT_FILE,
     OnnxResult,
     VerificationFailed,
-    _publish,
-    _remove_stale_temporaries,
     _write_json,
     cpu_report,
 )
+from compiler.publish import staged_dir
 from backends.onnx.options import OnnxTarget
 from backends.onnx.verify import goal_met
 from passes.options import Quantize
@@ -61,11 +58,8 @@ def build_decoder_artifact(
         raise VerificationFailed(f"decoder artifacts are verified by {' or '.join(DECODER_METRICS)}, not {target.verify.metric}")
     providers = runtime.resolve_providers(target.providers)
     out_dir = Path(out_dir).resolve()
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temporaries(out_dir)
-    temporary = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-{os.getpid()}-", dir=out_dir.parent))
     started = time.perf_counter()
-    try:
+    with staged_dir(out_dir) as temporary:
         scheme = quantize.scheme if quantize else None
         spec = export_decoder(model, temporary, quantize=scheme, group_size=quantize.group_size if quantize else 32,
                               fusions=target.fusions, opset=target.opset, cpu=target.cpu)
@@ -108,9 +102,5 @@ def build_decoder_artifact(
         _write_json(temporary / REPORT_FILE, report)
         (temporary / PLAN_FILE).write_text(plan_resolved, encoding="utf-8")
         del session
-        _publish(temporary, out_dir)
-    except BaseException:
-        shutil.rmtree(temporary, ignore_errors=True)
-        raise
     logger.info("wrote decoder %s: %s, %s %.4f", out_dir, spec.quantization or "fp32", target.verify.metric, value)
     return OnnxResult(out_dir, report, DecoderSession(out_dir, providers=target.providers, threads=target.bench.threads))

@@ -58,6 +58,21 @@ def test_emit_after_a_pass_prints_the_rewritten_graph(plans: Path) -> None:
     assert code == 1 and "the pipeline has no pass 'quantize'" in err
 
 
+def test_graph_stages_of_a_decoder_plan_print_its_cache_graph_and_write_nothing(plans: Path) -> None:
+    """`--emit fx` stops after capture for every kind of plan, decoders included."""
+    plan = plans / "decode.plan"
+    plan.write_text(GPT + "pipeline { quantize Linear { scheme = int8 } }\n"
+                    'target onnx { decode { max_new_tokens = 4 }, verify { metric = top1, goal = ">= 0.5" } }\n')
+    out_dir = plans / "out"
+    code, out, err = planc("compile", str(plan), "-o", str(out_dir), "--emit", "fx")
+    assert code == 0, err
+    assert "def forward" in out and "planc.linear_int8" not in out and "cat" in out  # the cache's concatenations
+    code, out, err = planc("compile", str(plan), "-o", str(out_dir), "--emit", "fx-after:quantize")
+    assert code == 0, err
+    assert out.count("planc.linear_int8_dynamic.default(") == 2 * 6 + 1  # q, k, v, out, fc_in, fc_out per block; lm_head
+    assert not out_dir.exists()
+
+
 def test_compile_without_output_or_target_is_a_plan_error(plans: Path) -> None:
     plan = plans / "notarget.plan"
     plan.write_text(GPT)
@@ -70,6 +85,7 @@ def test_trained_weights_are_reused_when_only_the_onnx_target_changes(plans: Pat
     reuses the trained weights, a new training option trains again."""
     import importlib
 
+    from backends.train.target import TARGET as TRAIN
     from compiler import driver
     from compiler.validate import load_plan
 
@@ -92,8 +108,9 @@ def test_trained_weights_are_reused_when_only_the_onnx_target_changes(plans: Pat
             f'target onnx {{ verify {{ metric = max_abs, goal = "{goal}" }} }}\n'
         )
         plan, _ = load_plan(plan_file)
-        resolved = driver.resolve_steps(plan, driver.module_table_of(driver.load_model(plan, None)))
-        return driver.trained_weights(plan, resolved, plans / "out" / "train", lambda *_: None).read_bytes()
+        job = driver.make_job(plan, plans / "out" / "train", progress=lambda *_: None)
+        loaded = job.load()
+        return TRAIN.trained_weights(job, plan.target("train"), job.resolve(loaded), loaded.task).read_bytes()
 
     first = weights("steps = 5", "<= 0.1")
     assert weights("steps = 5", "<= 0.5") == first and len(runs) == 1

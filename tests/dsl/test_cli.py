@@ -22,9 +22,10 @@ def planc(*args: str) -> subprocess.CompletedProcess:
 #: What `planc check` may import of planc itself: the text front end, the IR, the option models.
 CHECK_MAY_IMPORT = {
     "dsl", "dsl.ast", "dsl.parser", "dsl.source", "dsl.transform",
-    "compiler", "compiler.cli", "compiler.ir", "compiler.validate", "compiler.selectors_check",
+    "compiler", "compiler.cli", "compiler.ir", "compiler.validate", "compiler.targets",
     "passes", "passes.options", "passes.cpu",
-    "backends", "backends.onnx", "backends.onnx.options", "backends.train", "backends.train.options", "backends.train.checks",
+    "backends", "backends.onnx", "backends.onnx.options", "backends.onnx.target",
+    "backends.train", "backends.train.options", "backends.train.checks", "backends.train.target",
 }
 #: Libraries `planc check` must never load: each costs from 0.1 s (numpy) to seconds (torch).
 HEAVY = {"torch", "numpy", "onnx", "onnxruntime", "onnxscript", "onnx_ir", "transformers", "rich", "tqdm", "scipy"}

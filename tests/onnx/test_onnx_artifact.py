@@ -184,7 +184,9 @@ def test_killed_compile_leaves_no_artifact(tmp_path):
     temporaries = [p for p in tmp_path.iterdir() if p.name.startswith(".killed.tmp-")]
     assert len(temporaries) == 1 and (temporaries[0] / "report.json").exists()
     # The next compile to the same place sweeps the dead process's temporary away.
-    artifact._remove_stale_temporaries(out.resolve())
+    from compiler.publish import remove_stale_temporaries
+
+    remove_stale_temporaries(out.resolve())
     assert not temporaries[0].exists()
 
 

@@ -11,7 +11,8 @@ from pass_helpers import make_ctx, modules_of_type
 from passes.base import GraphPass, PassError, PassResult
 from passes.manager import GraphStats, PassManager, graph_code
 from passes.options import LowRank, Partition, Prune, Quantize
-from passes.registry import PASS_IMPLEMENTATIONS, load_pass
+from passes.options import PASS_OPTIONS
+from passes.registry import load_pass
 
 
 def test_records_stats_and_leaves_input_untouched(small_gpt):
@@ -87,8 +88,9 @@ def test_broken_graph_fails_lint(small_gpt):
 
 
 def test_registry_is_lazy_and_complete():
-    for name in PASS_IMPLEMENTATIONS:
-        sys.modules.pop(PASS_IMPLEMENTATIONS[name].split(":")[0], None)
+    assert set(PASS_OPTIONS) == {"prune", "lowrank", "quantize", "cast", "partition"}
+    for options in PASS_OPTIONS.values():
+        sys.modules.pop(options.impl.split(":")[0], None)
     graph_pass = load_pass(Partition(stages=3))
     assert type(graph_pass).__name__ == "PartitionPass" and graph_pass.options.stages == 3
     assert "passes.prune" not in sys.modules

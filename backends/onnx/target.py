@@ -1,0 +1,189 @@
+"""`target onnx { ... }`: the optimized graph as a verified ONNX Runtime model.
+
+Imports nothing heavy at module level: `planc check` reads `TARGET.options` and `TARGET.check`.
+Three builds, chosen by the plan: an encoder/LM graph after the plan's passes (`artifact.py`);
+a decoder with a key/value cache when the target has `decode { }` (`decoder_artifact.py`); and
+either of them on trained weights when a `target train` ran first in the same compile (the
+artifact is then verified against the ORIGINAL model, not against the student).
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from backends.onnx.options import OnnxTarget
+from compiler import ir
+from compiler.targets import Built, Job, missing_file
+from dsl.source import Diagnostic, PlanError, Span
+from passes.options import Cast, Quantize
+
+
+def _error(span: Span, message: str, *notes: str) -> PlanError:
+    return PlanError([Diagnostic("error", message, span, tuple(notes))])
+
+
+class OnnxKind:
+    kind: ClassVar[str] = "onnx"
+    options: ClassVar[type[OnnxTarget]] = OnnxTarget
+    stages: ClassVar[tuple[str, ...]] = ("onnx",)
+    order: ClassVar[int] = 20
+
+    # ------------------------------------------------------------------ checks (no torch)
+
+    def check(self, plan: ir.Plan, target: ir.Target) -> list[Diagnostic]:
+        options: OnnxTarget = target.options  # type: ignore[assignment]
+        spans, base = target.option_spans, plan.model.base_dir
+        problems = []
+        if options.verify.data:
+            span = spans.get("verify.data", target.span)
+            problems.append(missing_file(base, options.verify.data, span))
+            problems += self._heldout(plan, options.verify.data, span)
+        if options.decode and options.decode.heldout:
+            problems.append(missing_file(base, options.decode.heldout, spans.get("decode.heldout", target.span)))
+        if options.providers == ["cpu"]:
+            for step in plan.pipeline:
+                if isinstance(step.options, Cast) and step.options.dtype == "bf16":
+                    problems.append(Diagnostic(
+                        "error",
+                        "bf16 is not supported by ONNX Runtime's CPU provider, the only provider this onnx target allows",
+                        step.option_spans.get("dtype", step.span),
+                        ("use dtype = fp16, or add cuda to the onnx target's providers",),
+                    ))
+        return [p for p in problems if p is not None]
+
+    @staticmethod
+    def _heldout(plan: ir.Plan, data: str, span: Span) -> list[Diagnostic]:
+        """Verification text must be held out: a file the passes calibrated on proves nothing."""
+        base = plan.model.base_dir
+        verify_file = (base / data).resolve()
+        return [
+            Diagnostic(
+                "error",
+                f"the verification data '{data}' is also the calibration file of '{step.name}' "
+                f"(line {step.span.line}): a model verified on what it was calibrated on is not verified",
+                span,
+                ("verify on held-out text, e.g. examples/data/heldout_sentences.txt",),
+            )
+            for step in plan.pipeline
+            if getattr(step.options, "calibration", None) and (base / step.options.calibration).resolve() == verify_file
+        ]
+
+    # ------------------------------------------------------------------ graphs for --emit fx
+
+    @staticmethod
+    def is_decoder(target: ir.Target) -> bool:
+        return target.options.decode is not None  # type: ignore[union-attr]
+
+    def capture(self, target: ir.Target, loaded: Any) -> Any | None:
+        """A decoder's graph is the key/value-cache graph it is exported from; else the default."""
+        if not self.is_decoder(target):
+            return None
+        from backends.onnx.decoder import capture_decoder
+
+        return capture_decoder(loaded.model)
+
+    def transform(self, job: Job, target: ir.Target, loaded: Any, stop_after: str) -> Any | None:
+        """A decoder's pipeline is its one quantize step over every projection; else the default."""
+        if not self.is_decoder(target):
+            return None
+        from backends.onnx.decoder import has_linear_projections, quantize_with_planc
+
+        step = self._decoder_quantize(job, loaded)
+        if step is None or step.name != stop_after:
+            raise _error(job.plan.span, f"--emit fx-after:{stop_after}: the decoder pipeline has no pass '{stop_after}'")
+        if not has_linear_projections(loaded.model):
+            raise _error(step.span, f"{type(loaded.model).__name__}'s projections are not Linear layers (GPT-2's Conv1D): "
+                         "ONNX Runtime's quantizer rewrites them after export, so no fx graph shows this step",
+                         "--emit fx prints the graph before it")
+        options: Quantize = step.options  # type: ignore[assignment]
+        try:
+            return quantize_with_planc(loaded.model, options.scheme, options.group_size, target.options.cpu)  # type: ignore[union-attr]
+        except ValueError as error:
+            raise _error(step.span, str(error)) from error
+
+    # ------------------------------------------------------------------ build
+
+    def build(self, job: Job, target: ir.Target) -> Built:
+        options: OnnxTarget = target.options  # type: ignore[assignment]
+        from backends.onnx import artifact as onnx_artifact
+
+        try:
+            if self.is_decoder(target):
+                return self._decoder(job, target, options)
+            return self._graph(job, target, options)
+        except onnx_artifact.VerificationFailed as error:
+            span = target.option_spans.get("verify.goal", target.option_spans.get("verify", target.span))
+            raise _error(span, f"verification failed: {error}", "no artifact was written") from error
+        except onnx_artifact.ProviderError as error:
+            raise _error(target.option_spans.get("providers", target.span), str(error)) from error
+
+    def _model(self, job: Job) -> tuple[Any, Any]:
+        """(the model to export, the original to verify against): trained weights if a trainer ran."""
+        original = job.load()
+        weights = job.shared.get("weights")
+        if weights is None:
+            return original, original
+        import torch
+
+        student = job.load()
+        try:
+            student.model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+        except (RuntimeError, OSError) as error:
+            raise _error(job.plan.span, f"cannot load the trained weights {weights}: {error}") from error
+        return student, original
+
+    def _graph(self, job: Job, target: ir.Target, options: OnnxTarget) -> Built:
+        import dataclasses
+
+        from backends.onnx import artifact as onnx_artifact
+        from compiler.explain import explain
+
+        model, original = self._model(job)
+        job.progress(f"capturing model '{job.plan.model.name}'")
+        graph, records = job.run_passes(job.capture(model))
+        summaries = [
+            {"name": r.name, "summary": r.summary, "params": [r.before.params, r.after.params], "bytes": [r.before.bytes, r.after.bytes]}
+            for r in records
+        ]
+        job.progress("exporting to ONNX, verifying against the original model, benchmarking")
+        reference = dataclasses.replace(model, model=original.model)
+        result = onnx_artifact.build_onnx_artifact(graph, reference, options, job.out_dir, summaries, explain(job.plan))
+        return Built(result.path, result.report, result.session, records)
+
+    def _decoder_quantize(self, job: Job, loaded: Any) -> ir.PassStep | None:
+        """The decoder's single quantize step (checked to cover every projection), if any."""
+        table = job.table(loaded)
+        quantize = None
+        for step, targets in job.resolve(loaded):
+            if not isinstance(step.options, Quantize) or quantize is not None:
+                raise _error(step.span, f"a decode target takes one quantize step and no other pass (got '{step.name}')")
+            projections = {path for path, kind in table if kind in ("Linear", "Conv1D")}
+            if not projections <= set(targets):
+                missing = sorted(projections - set(targets))[:3]
+                raise _error(step.selector.span if step.selector else step.span,
+                             f"decoder quantization covers every projection; the selector leaves out {', '.join(missing)}, ...",
+                             "select them all, e.g. `Linear` (or `Conv1D | name(\"lm_head\")` for GPT-2)")
+            quantize = step
+        return quantize
+
+    def _decoder(self, job: Job, target: ir.Target, options: OnnxTarget) -> Built:
+        """A key/value-cache graph plus generation, quantized as planned; a trained decoder is
+        served as trained (verified against itself)."""
+        from backends.onnx.decoder_artifact import build_decoder_artifact
+        from compiler.explain import explain
+
+        loaded, _ = self._model(job)
+        step = self._decoder_quantize(job, loaded)
+        quantize: Quantize | None = step.options if step is not None else None  # type: ignore[assignment]
+        decode = options.decode
+        assert decode is not None
+        heldout = job.plan.model.base_dir / decode.heldout if decode.heldout else None
+        job.progress("exporting the decoder to ONNX, verifying generation against the eager model")
+        summaries = [{"name": step.name, "summary": f"{quantize.scheme} weights for every projection"}] if step and quantize else []
+        result = build_decoder_artifact(loaded.model, options, quantize, job.out_dir, heldout, summaries, explain(job.plan))
+        return Built(result.path, result.report, result.session)
+
+
+TARGET = OnnxKind()
+
+__all__ = ["TARGET", "OnnxKind"]

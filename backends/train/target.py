@@ -1,0 +1,108 @@
+"""`target train { ... }`: a standalone torchrun training program (train.py + launch.sh).
+
+Imports nothing heavy at module level: `planc check` reads `TARGET.options` and `TARGET.check`.
+Alone, the target only writes the program. With another target in the same plan (an onnx
+export), it also runs the program, so the export gets the trained weights (`Job.shared`);
+identical earlier runs are reused from the content-hashed cache.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import ClassVar
+
+from backends.train.checks import TrainPlanError, check_batch_config
+from backends.train.options import TrainTarget
+from compiler import ir
+from compiler.targets import Built, Job
+from dsl.source import Diagnostic, PlanError, Span
+from passes.options import Partition
+
+#: Options a batch/mesh problem may name first, in the order they are looked for.
+_PROBLEM_OPTIONS = ("global_batch", "micro_batch", "world_size", "rdzv_endpoint", "precision", "distill", "strategy")
+
+
+def _span_of(train: ir.Target, problem: str) -> Span:
+    """Point a training-configuration problem at the option it names first."""
+    for option in _PROBLEM_OPTIONS:
+        if (problem.startswith(option) or option in problem.split(":")[0]) and option in train.option_spans:
+            return train.option_spans[option]
+    return train.option_spans.get("strategy", train.span)
+
+
+class TrainKind:
+    kind: ClassVar[str] = "train"
+    options: ClassVar[type[TrainTarget]] = TrainTarget
+    stages: ClassVar[tuple[str, ...]] = ("train",)
+    order: ClassVar[int] = 10  # before the targets that export what it trains
+
+    def check(self, plan: ir.Plan, target: ir.Target) -> list[Diagnostic]:
+        options: TrainTarget = target.options  # type: ignore[assignment]
+        problems = []
+        if options.data.path != "stdlib" and not (plan.model.base_dir / options.data.path).exists():
+            problems.append(Diagnostic("error", f"training data not found: {options.data.path}",
+                                       target.option_spans.get("data.path", target.span)))
+        partition = next((s.options for s in plan.pipeline if isinstance(s.options, Partition)), None)
+        problems += [Diagnostic("error", problem, _span_of(target, problem)) for problem in check_batch_config(options, partition)]
+        return problems
+
+    def capture(self, target: ir.Target, loaded: object) -> None:
+        return None
+
+    def transform(self, job: Job, target: ir.Target, loaded: object, stop_after: str) -> None:
+        return None
+
+    def build(self, job: Job, target: ir.Target) -> Built:
+        job.progress(f"loading model '{job.plan.model.name}'")
+        loaded = job.load()
+        resolved = job.resolve(loaded)
+        if not job.others:
+            job.progress("emitting the training program")
+            return Built(self.emit(job.plan, target, resolved, job.out_dir))
+        job.shared["weights"] = self.trained_weights(job, target, resolved, loaded.task)
+        return Built(job.out_dir)
+
+    @staticmethod
+    def emit(plan: ir.Plan, target: ir.Target, resolved: list, directory: Path) -> Path:
+        from backends.train.emit import emit_training_program
+        from compiler.explain import explain
+
+        compression = [(step.options, targets) for step, targets in resolved if not isinstance(step.options, Partition)]
+        partition = next((step.options for step, _ in resolved if isinstance(step.options, Partition)), None)
+        try:
+            return emit_training_program(target.options, plan.model, compression, partition, directory, explain(plan))  # type: ignore[arg-type]
+        except TrainPlanError as error:
+            problems = error.args[0] if error.args and isinstance(error.args[0], list) else [str(error)]
+            raise PlanError([Diagnostic("error", str(p), _span_of(target, str(p))) for p in problems]) from error
+
+    def trained_weights(self, job: Job, target: ir.Target, resolved: list, task: str) -> Path:
+        """Run the training program, or reuse the weights of an identical earlier run.
+
+        `task` is the model's resolved task (`encoder` | `causal_lm`): it decides the corpus.
+        """
+        from backends.train import cache
+        from backends.train.launch import launch
+        from compiler.explain import explain
+
+        plan, options = job.plan, target.options
+        corpus = cache.corpus_fingerprint(options, plan.model.base_dir, task)  # type: ignore[arg-type]
+        # The weights depend on the model, the pipeline and the training target, not on how
+        # other targets export or verify them: a new verify goal reuses the trained weights.
+        trained_by = plan.model_copy(update={"targets": (target,)})
+        key = cache.plan_key(explain(trained_by), plan.model, corpus=corpus)
+        cached = cache.cached_weights(key)
+        if cached is not None:
+            job.progress(f"reusing trained weights {cached}")
+            return cached
+        directory = self.emit(plan, target, resolved, job.out_dir)
+        job.progress(f"training ({directory / 'train.py'}, torchrun)")
+        code = launch(directory)
+        weights = directory / options.save  # type: ignore[union-attr]
+        if code != 0 or not weights.is_file():
+            raise PlanError([Diagnostic("error", f"the training program failed (exit {code}); its log is above, the program is in {directory}", target.span)])
+        return cache.store_weights(key, weights)
+
+
+TARGET = TrainKind()
+
+__all__ = ["TARGET", "TrainKind"]
