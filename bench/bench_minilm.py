@@ -43,7 +43,7 @@ from backends.onnx.export import files_size  # noqa: E402
 from backends.onnx.timing import interleaved_medians, torch_threads  # noqa: E402
 from backends.onnx.verify import similarity_spearman  # noqa: E402
 from bench.minilm_common import compile_plans, export_fp32, minilm_source, ort_quantize_dynamic  # noqa: E402
-from compiler import frontend  # noqa: E402
+from compiler import model as model_source  # noqa: E402
 
 SENTENCES = REPO / "examples" / "data" / "sentences.txt"
 CPU = ["CPUExecutionProvider"]
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
 
-    loaded = frontend.load_model(minilm_source("bench_minilm.py"))
+    loaded = model_source.load_model(minilm_source("bench_minilm.py"))
     texts = [line.strip() for line in Path(args.sentences).read_text(encoding="utf-8").splitlines() if line.strip()][: args.count]
     with tempfile.TemporaryDirectory(prefix="bench-minilm-") as scratch:
         models = build_baselines(loaded, Path(scratch))

@@ -51,7 +51,7 @@ from backends.onnx.artifact import MODEL_FILE, _bench_inputs, load_report  # noq
 from backends.onnx.export import files_size  # noqa: E402
 from backends.onnx.timing import interleaved_medians, torch_threads  # noqa: E402
 from bench.minilm_common import compile_plans, export_fp32, minilm_source, ort_quantize_dynamic  # noqa: E402
-from compiler import frontend  # noqa: E402
+from compiler import model as model_source  # noqa: E402
 from compiler.evaluate import Agreement, agreement, read_sentences  # noqa: E402
 
 HELDOUT = REPO / "examples" / "data" / "heldout_sentences.txt"
@@ -97,7 +97,7 @@ def describe(directory: Path) -> str:
 
 
 def measure(args: argparse.Namespace) -> dict:
-    loaded = frontend.load_model(minilm_source("bench_minilm_frontier.py"))
+    loaded = model_source.load_model(minilm_source("bench_minilm_frontier.py"))
     texts = read_sentences(args.sentences)
     with tempfile.TemporaryDirectory(prefix="bench-frontier-") as scratch:
         models = build_baselines(loaded, Path(scratch))
@@ -111,7 +111,7 @@ def measure(args: argparse.Namespace) -> dict:
 
         with torch_threads(args.threads), torch.inference_mode():
             reference = embed_all(
-                lambda t: frontend.embed(loaded.model(**loaded.tokenizer.encode_batch(t)),
+                lambda t: model_source.embed(loaded.model(**loaded.tokenizer.encode_batch(t)),
                                          loaded.tokenizer.encode_batch(t)["attention_mask"]).numpy(), texts)
             accuracy: dict[str, Agreement] = {"eager fp32": agreement(reference, reference)}
             for name, session in sessions.items():

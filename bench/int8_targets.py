@@ -37,7 +37,7 @@ from backends.onnx import runtime  # noqa: E402
 from backends.onnx.export import export_model, save_model  # noqa: E402
 from backends.onnx.optimize import optimize_graph  # noqa: E402
 from backends.onnx.verify import similarity_spearman  # noqa: E402
-from compiler import driver, frontend  # noqa: E402
+from compiler import driver, model as model_source  # noqa: E402
 from compiler.validate import load_plan  # noqa: E402
 import passes.qops  # noqa: E402,F401  (registers torch.ops.planc)
 from passes.cpu import host_cpu  # noqa: E402
@@ -66,7 +66,7 @@ def embeddings(call, loaded, texts: list[str]) -> np.ndarray:
     rows = []
     for text in texts:
         inputs = loaded.tokenizer.encode_batch([text])
-        rows.append(frontend.embed(call(inputs), inputs["attention_mask"]).numpy()[0])
+        rows.append(model_source.embed(call(inputs), inputs["attention_mask"]).numpy()[0])
     return np.stack(rows)
 
 

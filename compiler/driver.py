@@ -75,18 +75,18 @@ class Captured:
 
 def load_model(plan: ir.Plan, model: Any = None) -> Any:
     """The plan's eager model (or `model`, if the caller passed one), with tokenizer and inputs."""
-    from compiler import frontend
+    from compiler import model as model_source
 
     try:
-        return frontend.load_model(plan.model, module=model)
-    except frontend.FrontendError as error:
+        return model_source.load_model(plan.model, module=model)
+    except model_source.FrontendError as error:
         raise error_at(plan.model.span, f"model '{plan.model.name}': {error}") from error
 
 
 def module_table_of(loaded: Any) -> list[tuple[str, str]]:
-    from compiler import frontend
+    from compiler import model as model_source
 
-    return frontend.module_table(loaded.model)
+    return model_source.module_table(loaded.model)
 
 
 def capture_model(plan: ir.Plan, model: Any = None) -> Captured:
@@ -96,11 +96,11 @@ def capture_model(plan: ir.Plan, model: Any = None) -> Captured:
 
 def capture_loaded(plan: ir.Plan, loaded: Any) -> Captured:
     """Capture a loaded model; a model that cannot be captured is an error at the model line."""
-    from compiler import frontend
+    from compiler import model as model_source
 
     try:
-        graph = frontend.capture(loaded)
-    except frontend.FrontendError as error:
+        graph = model_source.capture(loaded)
+    except model_source.FrontendError as error:
         raise error_at(plan.model.span, f"model '{plan.model.name}': {error}") from error
     return Captured(loaded, graph, module_table_of(loaded))
 
@@ -124,7 +124,7 @@ def resolve_steps(plan: ir.Plan, table: list[tuple[str, str]], steps: list[ir.Pa
 
 def run_pipeline(plan: ir.Plan, captured: Captured, stop_after: str | None = None, progress: Progress | None = None):
     """Resolve each step's selector and run the passes; returns (graph, records, step targets)."""
-    from compiler import frontend
+    from compiler import model as model_source
     from passes.base import PassContext, PassError
     from passes.manager import PassManager
     from passes.registry import load_pass
@@ -146,7 +146,7 @@ def run_pipeline(plan: ir.Plan, captured: Captured, stop_after: str | None = Non
                 example_inputs=loaded.example_inputs,
                 targets=frozenset(targets),
                 source=str(step.span),
-                load_samples=lambda path, count: frontend.load_samples(loaded, path, count),
+                load_samples=lambda path, count: model_source.load_samples(loaded, path, count),
                 cpu=target_cpu(plan),
             ),
         )

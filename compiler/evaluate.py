@@ -9,7 +9,7 @@ what a user of the embeddings sees, on sentences that no stage ever trained or c
 - the Spearman rank correlation between the two models' pairwise cosine similarities over
   every pair of sentences (whether similarity search ranks pairs the same way).
 
-Embeddings are mean-pooled over real tokens and L2-normalized, as `compiler.frontend.embed` does.
+Embeddings are mean-pooled over real tokens and L2-normalized, as `compiler.model.embed` does.
 """
 
 from __future__ import annotations
@@ -95,11 +95,11 @@ def read_sentences(path: str | Path) -> list[str]:
 def eager_embeddings(model: Any, tokenizer: Any, texts: Sequence[str], batch: int = 16) -> np.ndarray:
     """Sentence embeddings of an eager Hugging Face encoder (or a graph of it) [len(texts), hidden].
 
-    `tokenizer` is a Hugging Face tokenizer or a planc frontend Tokenizer.
+    `tokenizer` is a Hugging Face tokenizer or a `compiler.model.Tokenizer`.
     """
     import torch
 
-    from compiler.frontend import embed
+    from compiler.model import embed
 
     rows = []
     for start in range(0, len(texts), batch):

@@ -1,6 +1,6 @@
 """Resolve plan selectors against a model's module table: (dotted path, class name) pairs.
 
-Torch-free on purpose: the frontend lists the modules, this module only matches names, so the
+Torch-free on purpose: the model source (`compiler.model`) lists the modules, this module only matches names, so the
 rules can be tested on plain lists.
 
 - `Linear` matches modules of that class name;

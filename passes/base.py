@@ -45,7 +45,7 @@ class PassContext:
     targets: frozenset[str]
     #: Plan location of the pass line; recorded in `node.meta["planc_source"]` of touched nodes.
     source: str
-    #: text file, count -> model input dicts (calibration); provided by the frontend.
+    #: text file, count -> model input dicts (calibration); provided by the model source (`compiler.model`).
     load_samples: Callable[[str, int], list[dict[str, torch.Tensor]]] | None = None
     #: The CPU an int8 artifact is compiled for (`passes/cpu.py`): its weight range and arithmetic.
     cpu: str = "auto"

@@ -112,24 +112,13 @@ def is_hf_model(model: nn.Module) -> bool:
 
 
 def load_hf_decoder(path: str | Path) -> nn.Module:
-    """A causal LM from a `save_pretrained` directory: its weights, or a seeded random init.
-
-    A directory holding only `config.json` (how plans name an untrained architecture) gets
-    random weights from `torch.manual_seed(0)`, so two loads give the same model.
-    """
-    from transformers import AutoConfig, AutoModelForCausalLM
+    """A causal LM from a `save_pretrained` directory (the model source's loader, see there)."""
+    from compiler.model.load import load_hf_directory
 
     path = Path(path)
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"{path} has no config.json: not a Hugging Face model directory")
-    has_weights = any(path.glob("*.safetensors")) or any(path.glob("pytorch_model*.bin"))
-    if has_weights:
-        model = AutoModelForCausalLM.from_pretrained(path)
-    else:
-        logger.warning("%s has no weights: using a random initialization (seed 0)", path)
-        torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
-    return model.eval()
+    return load_hf_directory(path, "causal_lm")
 
 
 class CacheAdapter(nn.Module):

@@ -110,9 +110,9 @@ def verification_samples(loaded: Any, verify: Verify) -> list[dict[str, torch.Te
     """The plan's verification inputs: its text file, else random ids."""
     if verify.data is None:
         return random_samples(loaded, verify.samples or RANDOM_SAMPLES)
-    from compiler import frontend
+    from compiler import model as model_source
 
-    return frontend.load_samples(loaded, verify.data, verify.samples)
+    return model_source.load_samples(loaded, verify.data, verify.samples)
 
 
 def _onnx_outputs(session: Any, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -142,7 +142,7 @@ def _perplexity(logits: torch.Tensor, inputs: dict[str, torch.Tensor]) -> tuple[
 
 def verify_session(loaded: Any, session: Any, samples: list[dict[str, torch.Tensor]], verify: Verify) -> Verification:
     """Run eager and ONNX on every sample and score them by `verify.metric`."""
-    from compiler import frontend
+    from compiler import model as model_source
 
     if not samples:
         raise ValueError("no verification samples")
@@ -161,14 +161,14 @@ def verify_session(loaded: Any, session: Any, samples: list[dict[str, torch.Tens
         outputs = _onnx_outputs(session, inputs)
         with torch.no_grad():
             eager_raw = loaded.model(**inputs)
-        eager = frontend.primary_output(eager_raw).float()
-        got = frontend.primary_output(outputs).float()
+        eager = model_source.primary_output(eager_raw).float()
+        got = model_source.primary_output(outputs).float()
         if got.shape != eager.shape:
             raise ValueError(f"ONNX output shape {tuple(got.shape)} differs from eager {tuple(eager.shape)}")
         if metric == "cosine":
             if loaded.task == "encoder":
                 mask = inputs.get("attention_mask", torch.ones(inputs["input_ids"].shape[:2], dtype=torch.int64))
-                a, b = frontend.embed(outputs, mask), frontend.embed(eager_raw, mask)
+                a, b = model_source.embed(outputs, mask), model_source.embed(eager_raw, mask)
                 embedded.append((a, b))
             else:
                 a = torch.nn.functional.normalize(_real_tokens(inputs, got), dim=-1)

@@ -48,7 +48,7 @@ target onnx {
 def test_distil_then_compile_beats_the_untrained_cut(tmp_path, monkeypatch):
     from compiler.driver import compile_plan
     from compiler.evaluate import agreement, artifact_embeddings, eager_embeddings, read_sentences
-    from compiler.frontend import load_model
+    from compiler.model import load_model
     from compiler.validate import load_plan
 
     monkeypatch.setenv("PLANC_CACHE", str(tmp_path / "cache"))

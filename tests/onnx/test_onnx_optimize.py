@@ -11,7 +11,7 @@ import torch
 from backends.onnx import runtime
 from backends.onnx.export import export_model, save_model
 from backends.onnx.optimize import optimize_graph, probe_mask_kind
-from compiler import frontend
+from compiler import model as model_source
 from onnx_helpers import linear_paths, run_passes
 from passes.options import Quantize
 
@@ -34,8 +34,8 @@ def _compare_with_graph(loaded, graph, path):
     for batch in [[text] for text in TEXTS] + [TEXTS]:
         inputs = loaded.tokenizer.encode_batch(batch)
         outputs = {k: torch.from_numpy(v) for k, v in runtime.run(session, inputs).items()}
-        got = frontend.embed(outputs, inputs["attention_mask"])
-        cosines.extend((got * frontend.model_output(loaded, graph, inputs)).sum(-1).tolist())
+        got = model_source.embed(outputs, inputs["attention_mask"])
+        cosines.extend((got * model_source.model_output(loaded, graph, inputs)).sum(-1).tolist())
     return min(cosines)
 
 

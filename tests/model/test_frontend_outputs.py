@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from compiler.frontend import FrontendError, embed, load_samples, model_output
+from compiler.model import FrontendError, embed, load_samples, model_output
 from frontend_sources import EXAMPLES
 
 SENTENCES = EXAMPLES / "data" / "sentences.txt"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from compiler.frontend import ByteTokenizer, FrontendError, HFTokenizer
+from compiler.model import ByteTokenizer, FrontendError, HFTokenizer
 from frontend_sources import inputs
 
 

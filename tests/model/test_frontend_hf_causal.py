@@ -7,7 +7,7 @@ import shutil
 import pytest
 import torch
 
-from compiler.frontend import capture, load_model, model_output
+from compiler.model import capture, load_model, model_output
 from frontend_sources import SPAN, inputs
 
 from compiler.ir import ModelSource

@@ -1,0 +1,471 @@
+"""Load a plan's model: a factory (file or importable module) or a Hugging Face directory, offline.
+
+Resolves the task (`encoder` or `causal_lm`), checks that `forward` accepts every declared
+input, builds the tokenizer and a realistic, padded example batch, and maps symbolic dims to
+`torch.export.Dim`s.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import inspect
+import json
+import logging
+import os
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.fx
+from torch import nn
+
+from compiler import textdata
+from compiler.ir import InputSpec, ModelSource
+from dsl.source import did_you_mean
+
+logger = logging.getLogger(__name__)
+
+
+from compiler.model.common import TOKEN_INPUTS, FrontendError, Task, logger, primary_output
+from compiler.model.tokenizers import ByteTokenizer, HFTokenizer, Tokenizer
+
+#: Number of texts in the example batch (more when it would equal the sequence length, which
+#: would make torch.export unify the two dims).
+_EXAMPLE_BATCH = 4
+
+@dataclass
+class LoadedModel:
+    """Everything later stages need about the plan's model, built once by `load_model`."""
+
+    model: nn.Module
+    source: ModelSource
+    task: Task
+    tokenizer: Tokenizer
+    example_inputs: dict[str, torch.Tensor]
+    dynamic_shapes: dict[str, dict[int, Any] | None]
+    #: Longest sequence the model accepts (position table size), None when unbounded/unknown.
+    max_positions: int | None = None
+    #: Where the weights came from, for reports: the factory file/module or the HF directory.
+    origin: str = ""
+
+
+def load_model(source: ModelSource, module: nn.Module | None = None) -> LoadedModel:
+    """Build the eager model (fp32, eval, CPU), its tokenizer and example inputs for `source`.
+
+    `module` (from the Python API) replaces the plan's factory or weights; it is put in eval
+    mode on CPU in fp32 in place. An `hf` source still provides its tokenizer files.
+    """
+    hf_dir: Path | None = None
+    if module is not None:
+        if not isinstance(module, nn.Module):
+            raise FrontendError(f"the model passed in is a {type(module).__name__}, not a torch.nn.Module")
+        model, origin = module, f"{type(module).__name__} passed to compile()"
+        hf_config = _hf_config_of(module)
+        if source.kind == "hf":
+            hf_dir = _hf_model_dir(source)
+            if hf_config is None:
+                hf_config = _read_hf_config(hf_dir)
+    elif source.kind == "factory":
+        model, origin = _load_factory(source)
+        hf_config = None
+    else:
+        model, hf_config, hf_dir = _load_hf(source)
+        origin = str(hf_dir)
+    model = model.to(device="cpu", dtype=torch.float32).eval()
+    _check_forward_accepts(model, source)
+    max_positions = _max_positions(model, hf_config)
+
+    if hf_dir is None:
+        _check_byte_vocab(model, source)
+        tokenizer: Tokenizer = ByteTokenizer(source.inputs, max_positions)
+    else:
+        tokenizer = _load_hf_tokenizer(hf_dir, source, max_positions)
+
+    task = _resolve_task(source, model, hf_config, tokenizer)
+    example_inputs = _example_inputs(source, tokenizer, task)
+    loaded = LoadedModel(
+        model=model,
+        source=source,
+        task=task,
+        tokenizer=tokenizer,
+        example_inputs=example_inputs,
+        dynamic_shapes=_dynamic_shapes(source.inputs, max_positions),
+        max_positions=max_positions,
+        origin=origin,
+    )
+    logger.info(
+        "loaded %s model '%s' from %s (%.1fM parameters)",
+        task,
+        source.name,
+        origin,
+        sum(p.numel() for p in model.parameters()) / 1e6,
+    )
+    return loaded
+
+
+def _load_factory(source: ModelSource) -> tuple[nn.Module, str]:
+    """Import the factory named by `ref` and call it with the plan's arguments."""
+    if ":" not in source.ref:
+        raise FrontendError(
+            f"factory reference '{source.ref}' must look like 'path/to/file.py:function' or 'package.module:function'"
+        )
+    target, _, func_name = source.ref.rpartition(":")
+    if not target or not func_name:
+        raise FrontendError(f"factory reference '{source.ref}' names no module or no function")
+    module, origin = _import_factory_module(target, source.base_dir)
+    factory = getattr(module, func_name, None)
+    if factory is None:
+        names = [n for n, v in vars(module).items() if callable(v) and not n.startswith("_")]
+        hint = did_you_mean(func_name, names)
+        raise FrontendError(
+            f"'{origin}' has no function '{func_name}'" + (f" ({hint[0]})" if hint else "")
+        )
+    if not callable(factory):
+        raise FrontendError(f"'{origin}:{func_name}' is a {type(factory).__name__}, not a callable factory")
+    try:
+        # A fixed seed makes randomly initialised models identical on every load, without
+        # disturbing the caller's random state.
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            model = factory(**source.args)
+    except Exception as error:  # the factory is user code: any failure is reported, not raised raw
+        raise FrontendError(
+            f"factory '{source.ref}' raised {type(error).__name__}: {error}"
+        ) from error
+    if not isinstance(model, nn.Module):
+        raise FrontendError(
+            f"factory '{source.ref}' returned a {type(model).__name__}, not a torch.nn.Module"
+        )
+    return model, f"{origin}:{func_name}"
+
+
+def _import_factory_module(target: str, base_dir: Path) -> tuple[Any, str]:
+    """A module from a file path (relative to the plan) or a dotted module name."""
+    looks_like_path = target.endswith(".py") or "/" in target or "\\" in target
+    if not looks_like_path:
+        try:
+            return importlib.import_module(target), target
+        except ModuleNotFoundError as error:
+            # Not importable: a dotted path to a file next to the plan (`examples.models.gpt`)
+            # still works, since example folders are often not packages.
+            as_file = base_dir / (target.replace(".", "/") + ".py")
+            missing = error.name or ""
+            missing_is_target = bool(missing) and (target == missing or target.startswith(missing + "."))
+            if not missing_is_target or not as_file.is_file():
+                raise FrontendError(
+                    f"cannot import factory module '{target}': {error}"
+                ) from error
+            target = str(as_file)
+        except Exception as error:
+            raise FrontendError(
+                f"importing factory module '{target}' raised {type(error).__name__}: {error}"
+            ) from error
+    path = Path(target)
+    if not path.is_absolute():
+        path = base_dir / path
+    path = path.resolve()
+    if not path.is_file():
+        raise FrontendError(f"factory file '{target}' not found (looked for {path})")
+    digest = hashlib.sha1(str(path).encode()).hexdigest()[:10]
+    name = f"planc_factory_{re.sub(r'[^0-9a-zA-Z_]', '_', path.stem)}_{digest}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise FrontendError(f"factory file '{target}' is not a loadable Python module")
+    module = importlib.util.module_from_spec(spec)
+    # Registered before running it, as dataclasses and pickling look classes up by module name;
+    # the file's folder is importable meanwhile so it can import its sibling files.
+    sys.modules[name] = module
+    sys.path.insert(0, str(path.parent))
+    try:
+        spec.loader.exec_module(module)
+    except Exception as error:
+        sys.modules.pop(name, None)
+        raise FrontendError(
+            f"importing factory file '{target}' raised {type(error).__name__}: {error}"
+        ) from error
+    finally:
+        if str(path.parent) in sys.path:
+            sys.path.remove(str(path.parent))
+    return module, str(path)
+
+
+def _hf_model_dir(source: ModelSource) -> Path:
+    """The directory holding the model's `config.json`: under base_dir, or inside a package."""
+    if source.package is not None:
+        spec = importlib.util.find_spec(source.package)
+        if spec is None:
+            raise FrontendError(f"Python package '{source.package}' is not installed")
+        if spec.submodule_search_locations:
+            root = Path(next(iter(spec.submodule_search_locations)))
+        elif spec.origin:
+            root = Path(spec.origin).parent
+        else:
+            raise FrontendError(f"Python package '{source.package}' has no directory on disk")
+        where = f"package '{source.package}'"
+    else:
+        root = source.base_dir
+        where = f"{source.base_dir}"
+    directory = (root / source.ref) if source.ref not in ("", ".") else root
+    if not directory.is_dir():
+        raise FrontendError(
+            f"Hugging Face model directory '{source.ref}' not found in {where} (looked for {directory})"
+        )
+    configs = [path for path in directory.rglob("config.json") if _is_hf_config(path)]
+    if not configs:
+        raise FrontendError(f"no Hugging Face config.json found under {directory}")
+    shallowest = min(len(path.parts) for path in configs)
+    candidates = sorted(path.parent for path in configs if len(path.parts) == shallowest)
+    if len(candidates) > 1:
+        listing = ", ".join(str(c.relative_to(directory)) for c in candidates)
+        raise FrontendError(f"several models under {directory} ({listing}): name one in the plan")
+    return candidates[0]
+
+
+def _is_hf_config(path: Path) -> bool:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and ("model_type" in data or "architectures" in data)
+
+
+def _import_transformers() -> Any:
+    """transformers, set up for offline loading without progress bars."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    try:
+        import transformers
+    except ImportError as error:
+        raise FrontendError("Hugging Face models need the 'transformers' package (pip install planc[hf])") from error
+    transformers.utils.logging.disable_progress_bar()
+    return transformers
+
+
+def _hf_task(source: ModelSource, config: Any) -> Task:
+    if source.task != "auto":
+        return source.task
+    architectures = getattr(config, "architectures", None) or []
+    if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures):
+        return "causal_lm"
+    return "causal_lm" if getattr(config, "is_decoder", False) else "encoder"
+
+
+def _read_hf_config(directory: Path) -> Any:
+    transformers = _import_transformers()
+    try:
+        return transformers.AutoConfig.from_pretrained(directory, local_files_only=True)
+    except Exception as error:
+        raise FrontendError(f"cannot read the Hugging Face config in {directory}: {error}") from error
+
+
+def _hf_config_of(module: nn.Module) -> Any:
+    """The Hugging Face config of a transformers model, None for any other module."""
+    config = getattr(module, "config", None)
+    return config if config is not None and hasattr(config, "model_type") else None
+
+
+def _load_hf(source: ModelSource) -> tuple[nn.Module, Any, Path]:
+    """Load a local Hugging Face directory: the base model for encoders, the LM head for decoders."""
+    directory = _hf_model_dir(source)
+    config = _read_hf_config(directory)
+    model = load_hf_directory(directory, _hf_task(source, config), config)
+    return model, config, directory
+
+
+def load_hf_directory(directory: Path, task: Task, config: Any = None) -> nn.Module:
+    """The model in a `save_pretrained` directory, offline: `AutoModel` for an encoder,
+    `AutoModelForCausalLM` for a causal LM. A directory holding only `config.json` names an
+    architecture: seeded random weights, the same on every load (how plans describe models
+    trained or benchmarked from scratch)."""
+    transformers = _import_transformers()
+    config = config if config is not None else _read_hf_config(directory)
+    if task == "causal_lm":
+        config.use_cache = False
+        auto_class = transformers.AutoModelForCausalLM
+    else:
+        auto_class = transformers.AutoModel
+    has_weights = any(directory.glob("*.safetensors")) or any(directory.glob("pytorch_model*.bin"))
+    try:
+        if has_weights:
+            model = auto_class.from_pretrained(directory, config=config, local_files_only=True)
+        else:
+            logger.warning("%s has no weights: using a seeded random initialization", directory)
+            with torch.random.fork_rng():
+                torch.manual_seed(0)
+                model = auto_class.from_config(config)
+    except Exception as error:
+        raise FrontendError(
+            f"cannot load the Hugging Face model in {directory} as {auto_class.__name__}: "
+            f"{type(error).__name__}: {error}"
+        ) from error
+    return model.eval()
+
+
+def _load_hf_tokenizer(directory: Path, source: ModelSource, max_positions: int | None) -> Tokenizer:
+    if not any((directory / name).exists() for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json")):
+        logger.warning("%s has no tokenizer files: using byte-level ids 0..255", directory)
+        return ByteTokenizer(source.inputs, max_positions)
+    transformers = _import_transformers()
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(directory, local_files_only=True)
+    except Exception as error:
+        raise FrontendError(
+            f"cannot load the tokenizer files in {directory}: {type(error).__name__}: {error}"
+        ) from error
+    limits = [n for n in (tokenizer.model_max_length, max_positions) if n is not None and n < 1_000_000]
+    return HFTokenizer(tokenizer, source.inputs, min(limits) if limits else None)
+
+
+def _check_forward_accepts(model: nn.Module, source: ModelSource) -> None:
+    """Every declared input is a named forward parameter, every required one is declared, and
+    each can be produced from text."""
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError) as error:
+        raise FrontendError(f"cannot inspect {type(model).__name__}.forward: {error}") from error
+    named = [
+        name
+        for name, p in params.items()
+        if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    ]
+    declared = [spec.name for spec in source.inputs]
+    if not declared:
+        raise FrontendError(f"model '{source.name}' declares no inputs")
+    for spec in source.inputs:
+        if spec.name not in named:
+            hint = did_you_mean(spec.name, named)
+            raise FrontendError(
+                f"{type(model).__name__}.forward does not accept an input named '{spec.name}'"
+                f" (it takes: {', '.join(named)})" + (f"; {hint[0]}" if hint else "")
+            )
+        if spec.name not in TOKEN_INPUTS:
+            raise FrontendError(
+                f"input '{spec.name}' cannot be produced from text; planc feeds models with "
+                f"{', '.join(TOKEN_INPUTS)}"
+            )
+        if len(spec.dims) != 2:
+            raise FrontendError(
+                f"input '{spec.name}' must have two dims [batch, seq], got {len(spec.dims)}"
+            )
+    first = source.inputs[0]
+    for spec in source.inputs[1:]:
+        if spec.dims != first.dims:
+            raise FrontendError(
+                f"inputs '{first.name}' and '{spec.name}' come from the same tokens and need the same dims, "
+                f"got [{', '.join(map(str, first.dims))}] and [{', '.join(map(str, spec.dims))}]"
+            )
+    missing = [
+        name
+        for name, p in params.items()
+        if name in named and p.default is inspect.Parameter.empty and name not in declared
+    ]
+    if missing:
+        raise FrontendError(
+            f"{type(model).__name__}.forward requires {', '.join(repr(m) for m in missing)}, "
+            "which the plan does not declare"
+        )
+    if "input_ids" not in declared:
+        raise FrontendError("the plan must declare 'input_ids': planc feeds models with tokenized text")
+
+
+def _input_embedding(model: nn.Module) -> nn.Embedding | None:
+    getter = getattr(model, "get_input_embeddings", None)
+    if callable(getter):
+        try:
+            found = getter()
+        except Exception:  # some models raise NotImplementedError here
+            found = None
+        if isinstance(found, nn.Embedding):
+            return found
+    return next((m for m in model.modules() if isinstance(m, nn.Embedding)), None)
+
+
+def _check_byte_vocab(model: nn.Module, source: ModelSource) -> None:
+    embedding = _input_embedding(model)
+    if embedding is not None and embedding.num_embeddings < ByteTokenizer.vocab_size:
+        raise FrontendError(
+            f"factory models are fed UTF-8 bytes (ids 0..255), but '{source.name}' embeds only "
+            f"{embedding.num_embeddings} token ids"
+        )
+
+
+def _max_positions(model: nn.Module, hf_config: Any) -> int | None:
+    """The position table size: from the config, or the embedding named like positions."""
+    for config in (hf_config, getattr(model, "config", None)):
+        for attr in ("max_position_embeddings", "n_positions", "max_seq", "max_seq_len", "block_size"):
+            value = getattr(config, attr, None) if config is not None else None
+            if isinstance(value, int) and value > 0:
+                return value
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Embedding) and "pos" in name.rsplit(".", 1)[-1].lower():
+            return module.num_embeddings
+    return None
+
+
+def _resolve_task(source: ModelSource, model: nn.Module, hf_config: Any, tokenizer: Tokenizer) -> Task:
+    """`auto`: the HF architecture; for factories, vocabulary-sized last dim of the output = LM."""
+    if hf_config is not None:
+        return _hf_task(source, hf_config)
+    if source.task != "auto":
+        return source.task
+    probe = _example_inputs(source, tokenizer, "encoder")
+    with torch.no_grad():
+        try:
+            output = primary_output(model(**probe))
+        except Exception as error:
+            raise FrontendError(
+                f"model '{source.name}' failed on example inputs: {type(error).__name__}: {error}"
+            ) from error
+    embedding = _input_embedding(model)
+    vocab = embedding.num_embeddings if embedding is not None else tokenizer.vocab_size
+    is_lm = output.dim() == 3 and output.shape[-1] == vocab and output.is_floating_point()
+    return "causal_lm" if is_lm else "encoder"
+
+
+def _example_inputs(source: ModelSource, tokenizer: Tokenizer, task: Task) -> dict[str, torch.Tensor]:
+    """A padded batch of real text: prose for encoders, left-padded code for byte-level LMs."""
+    dims = source.inputs[0].dims
+    fixed_batch = dims[0] if isinstance(dims[0], int) else None
+    fixed_seq = dims[1] if isinstance(dims[1], int) else None
+    if task == "causal_lm" and isinstance(tokenizer, ByteTokenizer):
+        pool = textdata.EXAMPLE_CODE
+    else:
+        pool = textdata.EXAMPLE_SENTENCES
+    batch = fixed_batch if fixed_batch is not None else _EXAMPLE_BATCH
+    texts = [pool[i % len(pool)] for i in range(batch)]
+    inputs = tokenizer.encode_batch(texts, seq=fixed_seq, pad_left=task == "causal_lm")
+    if fixed_batch is None and inputs["input_ids"].shape[1] == batch:
+        # Equal example sizes would let torch.export conclude that batch == seq.
+        texts.append(pool[batch % len(pool)])
+        inputs = tokenizer.encode_batch(texts, seq=fixed_seq, pad_left=task == "causal_lm")
+    return inputs
+
+
+def _dynamic_shapes(inputs: tuple[InputSpec, ...], max_positions: int | None) -> dict[str, dict[int, Any] | None]:
+    """`torch.export` dynamic shapes: one `Dim` per symbolic name, shared by every input using it.
+
+    A name first seen on axis 0 is a batch dim (1..unbounded); on axis 1 a sequence dim
+    (1..max positions).
+    """
+    dims: dict[str, Any] = {}
+    shapes: dict[str, dict[int, Any] | None] = {}
+    for spec in inputs:
+        axes: dict[int, Any] = {}
+        for axis, dim in enumerate(spec.dims):
+            if isinstance(dim, int):
+                continue
+            if dim not in dims:
+                if axis == 1 and max_positions is not None:
+                    dims[dim] = torch.export.Dim(dim, min=1, max=max_positions)
+                else:
+                    dims[dim] = torch.export.Dim(dim, min=1)
+            axes[axis] = dims[dim]
+        shapes[spec.name] = axes or None
+    return shapes
+
+

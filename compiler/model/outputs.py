@@ -1,0 +1,66 @@
+"""Samples from text files, and the one tensor verification compares (embeddings or logits)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.fx
+import torch.nn.functional as F
+
+
+logger = logging.getLogger(__name__)
+
+
+from compiler.model.common import FrontendError, logger, primary_output
+from compiler.model.load import LoadedModel
+
+def load_samples(
+    loaded: LoadedModel, path: str | Path, count: int | None, seq: int | None = None
+) -> list[dict[str, torch.Tensor]]:
+    """Up to `count` (None: all) samples from a text file (one per non-blank line), each a batch of one.
+
+    A relative `path` resolves against the plan's directory. With `seq`, every sample is padded
+    (left for decoders) or truncated to exactly `seq` tokens.
+    """
+    file = Path(path)
+    if not file.is_absolute():
+        file = loaded.source.base_dir / file
+    if not file.is_file():
+        raise FrontendError(f"sample file '{path}' not found (looked for {file})")
+    try:
+        lines = [line.strip() for line in file.read_text(encoding="utf-8").splitlines()]
+    except (OSError, UnicodeDecodeError) as error:
+        raise FrontendError(f"cannot read sample file '{path}': {error}") from error
+    texts = [line for line in lines if line][:count]
+    if not texts:
+        raise FrontendError(f"sample file '{path}' has no non-blank lines")
+    if count is not None and len(texts) < count:
+        logger.warning("sample file '%s' has %d samples, %d were asked for", path, len(texts), count)
+    pad_left = loaded.task == "causal_lm"
+    return [loaded.tokenizer.encode_batch([text], seq=seq, pad_left=pad_left) for text in texts]
+
+
+def embed(outputs: Any, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Sentence embeddings: hidden states mean-pooled over real tokens, L2-normalized [batch, hidden]."""
+    hidden = primary_output(outputs).float()
+    if hidden.dim() == 2:
+        return F.normalize(hidden, p=2, dim=-1)
+    mask = attention_mask.to(hidden.dtype).unsqueeze(-1)
+    pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
+    return F.normalize(pooled, p=2, dim=-1)
+
+
+def model_output(loaded: LoadedModel, module: Callable[..., Any], inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """What verification compares, for the eager model or any graph of it: embeddings for
+    encoders, logits for causal LMs (fp32)."""
+    with torch.no_grad():
+        outputs = module(**inputs)
+    if loaded.task == "causal_lm":
+        return primary_output(outputs).float()
+    mask = inputs.get("attention_mask")
+    if mask is None:
+        mask = torch.ones(inputs["input_ids"].shape[:2], dtype=torch.int64)
+    return embed(outputs, mask)
