@@ -113,7 +113,7 @@ def is_hf_model(model: nn.Module) -> bool:
 
 def load_hf_decoder(path: str | Path) -> nn.Module:
     """A causal LM from a `save_pretrained` directory (the model source's loader, see there)."""
-    from compiler.model.load import load_hf_directory
+    from compiler.model import load_hf_directory
 
     path = Path(path)
     if not (path / "config.json").exists():

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from compiler.model.capture import capture, module_table
 from compiler.model.common import FrontendError, Task, primary_output
-from compiler.model.load import LoadedModel, load_model
+from compiler.model.load import LoadedModel, load_hf_directory, load_model
 from compiler.model.outputs import embed, load_samples, model_output
 from compiler.model.tokenizers import ByteTokenizer, HFTokenizer, Tokenizer
 
@@ -33,6 +33,7 @@ __all__ = [
     "Tokenizer",
     "capture",
     "embed",
+    "load_hf_directory",
     "load_model",
     "load_samples",
     "model_output",
