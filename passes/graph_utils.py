@@ -275,3 +275,12 @@ class ShapeRecorder(fx.Interpreter):
 def record_shapes(gm: fx.GraphModule, inputs: dict[str, torch.Tensor]) -> None:
     with torch.no_grad():
         ShapeRecorder(gm).run(*flat_inputs(gm, inputs))
+
+
+def placeholder_values(gm: fx.GraphModule, inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    """Like `flat_inputs`, also for a graph exported with positional arguments: keyword inputs
+    are then matched to placeholders by name."""
+    try:
+        return flat_inputs(gm, inputs)
+    except (IndexError, KeyError, TypeError, ValueError):
+        return [inputs[str(node.target)] for node in gm.graph.find_nodes(op="placeholder")]

@@ -85,6 +85,16 @@ class Prune(PassOptions):
             raise ValueError("reconstruct and importance = activation belong to method = heads or channels")
         return self
 
+    def implementation(self) -> str:
+        """One pass class per method, e.g. "passes.prune.heads:HeadsPass"."""
+        return {
+            "magnitude": "passes.prune.magnitude:MagnitudePass",
+            "nm": "passes.prune.nm:NMPass",
+            "heads": "passes.prune.heads:HeadsPass",
+            "channels": "passes.prune.channels:ChannelsPass",
+            "layers": "passes.prune.layers:LayersPass",
+        }[self.method]
+
     @property
     def measures_activations(self) -> bool:
         """Whether the step needs activations on real text (only the training program has them)."""
