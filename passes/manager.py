@@ -50,12 +50,18 @@ class PassRecord:
 
 
 def graph_code(gm: fx.GraphModule) -> str:
-    """Readable Python of the graph and of every nested GraphModule (for `--emit fx`)."""
+    """Readable Python of the graph and of every nested GraphModule (for `--emit fx`), each
+    after a comment listing the tensors it holds (what a pass shrinks or turns into integers)."""
     parts = []
     for name, module in gm.named_modules():
         if isinstance(module, fx.GraphModule):
-            header = f"# ---- {name or '<root>'}"
-            parts.append(f"{header}\n{module.code.strip()}\n")
+            nested = [n for n, m in module.named_modules() if n and isinstance(m, fx.GraphModule)]
+            tensors = [
+                f"#   {key}: {str(value.dtype).removeprefix('torch.')}{list(value.shape)}"
+                for key, value in module.state_dict(keep_vars=True).items()
+                if not any(key.startswith(n + ".") for n in nested)  # listed under their own graph
+            ]
+            parts.append("\n".join([f"# ---- {name or '<root>'}", *tensors, module.code.strip()]) + "\n")
     return "\n".join(parts)
 
 
