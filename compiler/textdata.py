@@ -22,6 +22,9 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
+#: The value of `calibration`/`data.path` that names the standard library's sources, not a file.
+STDLIB = "stdlib"
+
 #: Prose of very different lengths: a batch of them always has padding.
 EXAMPLE_SENTENCES: tuple[str, ...] = (
     "The train was late again this morning.",

@@ -20,7 +20,8 @@ from compiler.targets import target_kinds
 from dsl import ast
 from dsl.parser import parse_file
 from dsl.source import Diagnostic, PlanError, Source, Span, did_you_mean
-from passes.options import PASS_OPTIONS, Prune, Quantize
+from compiler.textdata import STDLIB
+from passes.options import PASS_OPTIONS, Prune
 
 SELECTOR_FUNCTIONS = ("name", "regex", "layers", "type")
 MODEL_SOURCES = ("factory", "hf")
@@ -414,8 +415,9 @@ class _Validator:
     def cross_checks(self, plan: ir.Plan) -> None:
         base = plan.model.base_dir
         for step in plan.pipeline:
-            if isinstance(step.options, Quantize) and step.options.calibration:
-                self.require_file(base, step.options.calibration, step.option_spans.get("calibration", step.span))
+            calibration = getattr(step.options, "calibration", None)
+            if calibration and calibration != STDLIB:
+                self.require_file(base, calibration, step.option_spans.get("calibration", step.span))
         for target in plan.targets:
             self.diagnostics.extend(target_kinds()[target.kind].check(plan, target))
         if plan.target("train") is None:

@@ -15,6 +15,7 @@ from backends.train.checks import TrainPlanError, check_batch_config
 from backends.train.options import TrainTarget
 from compiler import ir
 from compiler.targets import Built, Job
+from compiler.textdata import STDLIB
 from dsl.source import Diagnostic, PlanError, Span
 from passes.options import Partition
 
@@ -39,7 +40,7 @@ class TrainKind:
     def check(self, plan: ir.Plan, target: ir.Target) -> list[Diagnostic]:
         options: TrainTarget = target.options  # type: ignore[assignment]
         problems = []
-        if options.data.path != "stdlib" and not (plan.model.base_dir / options.data.path).exists():
+        if options.data.path != STDLIB and not (plan.model.base_dir / options.data.path).exists():
             problems.append(Diagnostic("error", f"training data not found: {options.data.path}",
                                        target.option_spans.get("data.path", target.span)))
         partition = next((s.options for s in plan.pipeline if isinstance(s.options, Partition)), None)

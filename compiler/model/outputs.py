@@ -14,8 +14,13 @@ import torch.nn.functional as F
 logger = logging.getLogger(__name__)
 
 
+from compiler import textdata
 from compiler.model.common import FrontendError, logger, primary_output
 from compiler.model.load import LoadedModel
+
+#: Tokens per window (and windows when no count is given) of the `stdlib` samples.
+STDLIB_WINDOW, STDLIB_WINDOWS = 128, 32
+
 
 def load_samples(
     loaded: LoadedModel, path: str | Path, count: int | None, seq: int | None = None
@@ -23,8 +28,11 @@ def load_samples(
     """Up to `count` (None: all) samples from a text file (one per non-blank line), each a batch of one.
 
     A relative `path` resolves against the plan's directory. With `seq`, every sample is padded
-    (left for decoders) or truncated to exactly `seq` tokens.
+    (left for decoders) or truncated to exactly `seq` tokens. `path = "stdlib"` gives windows
+    of the standard library's sources, as the training target reads them (`stdlib_windows`).
     """
+    if str(path) == textdata.STDLIB:
+        return stdlib_windows(loaded, count or STDLIB_WINDOWS, seq or STDLIB_WINDOW)
     file = Path(path)
     if not file.is_absolute():
         file = loaded.source.base_dir / file
@@ -41,6 +49,15 @@ def load_samples(
         logger.warning("sample file '%s' has %d samples, %d were asked for", path, len(texts), count)
     pad_left = loaded.task == "causal_lm"
     return [loaded.tokenizer.encode_batch([text], seq=seq, pad_left=pad_left) for text in texts]
+
+
+def stdlib_windows(loaded: LoadedModel, count: int, window: int) -> list[dict[str, torch.Tensor]]:
+    """`count` windows of `window` tokens cut evenly from the standard library's sources."""
+    text = textdata.stdlib_text(max(1 << 20, count * window * 8))
+    step = max(1, (len(text) - window * 4) // count)
+    chunks = [text[start : start + window * 4] for start in range(0, step * count, step)]
+    pad_left = loaded.task == "causal_lm"
+    return [loaded.tokenizer.encode_batch([chunk], seq=window, pad_left=pad_left) for chunk in chunks]
 
 
 def embed(outputs: Any, attention_mask: torch.Tensor) -> torch.Tensor:

@@ -22,7 +22,7 @@ def planc(*args: str) -> subprocess.CompletedProcess:
 #: What `planc check` may import of planc itself: the text front end, the IR, the option models.
 CHECK_MAY_IMPORT = {
     "dsl", "dsl.ast", "dsl.parser", "dsl.source", "dsl.transform",
-    "compiler", "compiler.cli", "compiler.ir", "compiler.validate", "compiler.targets",
+    "compiler", "compiler.cli", "compiler.ir", "compiler.validate", "compiler.targets", "compiler.textdata",
     "passes", "passes.options", "passes.cpu",
     "backends", "backends.onnx", "backends.onnx.options", "backends.onnx.target",
     "backends.train", "backends.train.options", "backends.train.checks", "backends.train.target",

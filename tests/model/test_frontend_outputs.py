@@ -109,3 +109,22 @@ def test_embeddings_of_unrelated_sentences_differ(minilm):
     batch = minilm.tokenizer.encode_batch(["The cat sleeps on the sofa.", "Quarterly taxes are due in April."])
     vectors = model_output(minilm, minilm.model, batch)
     assert F.cosine_similarity(vectors[0], vectors[1], dim=0) < 0.5
+
+
+def test_stdlib_calibration_is_windows_of_python_sources(gpt):
+    """`calibration = stdlib`: full windows of real source text, spread over the library."""
+    samples = load_samples(gpt, "stdlib", 4, seq=32)
+    assert len(samples) == 4 and all(s["input_ids"].shape == (1, 32) for s in samples)
+    texts = [bytes(int(i) for i in s["input_ids"][0] if i).decode("utf-8", errors="replace") for s in samples]
+    assert len(set(texts)) == 4 and all(int(s["attention_mask"].sum()) == 32 for s in samples)
+    assert any(word in "".join(texts) for word in ("def ", "import ", "return ", "self"))
+
+
+def test_a_plan_may_calibrate_on_stdlib_without_a_file(tmp_path):
+    from compiler.validate import check_file
+
+    plan = tmp_path / "s.plan"
+    plan.write_text(f'model gpt = factory("{EXAMPLES}/models/gpt.py:gpt")\n'
+                    "pipeline { quantize Linear { mode = static, calibration = stdlib } }\n")
+    checked = check_file(plan)
+    assert checked.ok, checked.diagnostics
