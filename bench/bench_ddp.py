@@ -83,7 +83,7 @@ def torchrun(args: argparse.Namespace, script: list[str], cwd: Path) -> str:
 
 def run_generated(args: argparse.Namespace, workdir: Path) -> float:
     """Emit the DDP program for the same model and batch, run it, read its steady-state tokens/s."""
-    from backends.train import emit_training_program
+    from backends.train.emit import emit_training_program
     from backends.train.options import TrainTarget
     from compiler.ir import InputSpec, ModelSource
     from dsl.source import Span

