@@ -14,7 +14,7 @@ import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 
@@ -103,11 +103,12 @@ def replace_dir(new: Path, out_dir: Path, keep: Sequence[str] = ()) -> None:
 
 
 @contextlib.contextmanager
-def staged_dir(out_dir: str | Path, keep: Sequence[str] = ()) -> Iterator[Path]:
+def staged_dir(out_dir: str | Path, keep: Sequence[str] | Callable[[Path], Sequence[str]] = ()) -> Iterator[Path]:
     """Yield an empty temporary sibling of `out_dir` to fill; publish it as `out_dir` on success.
 
     On any exception (a missed verification goal, Ctrl-C) the temporary is removed and
-    `out_dir` keeps its previous content. `keep`: see `replace_dir`.
+    `out_dir` keeps its previous content. `keep`: see `replace_dir`; a function of the filled
+    temporary when what to keep depends on what was written.
     """
     out_dir = Path(out_dir).resolve()
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -116,6 +117,6 @@ def staged_dir(out_dir: str | Path, keep: Sequence[str] = ()) -> Iterator[Path]:
     try:
         yield temporary
         _fsync_tree(temporary)
-        replace_dir(temporary, out_dir, keep)
+        replace_dir(temporary, out_dir, keep(temporary) if callable(keep) else keep)
     finally:
         shutil.rmtree(temporary, ignore_errors=True)

@@ -19,9 +19,7 @@ from __future__ import annotations
 import inspect
 import json
 import logging
-import os
 import shutil
-import tempfile
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -519,7 +517,7 @@ def export_decoder(
     graph: torch.fx.GraphModule | None = None,
     cpu: str = "auto",
 ) -> DecoderSpec:
-    """Write a decoder artifact (`model.onnx`, `decoder.json`, tokenizer files) to `out_dir`.
+    """Write a decoder artifact (`model.onnx`, `decoder.json`, tokenizer files) as `out_dir`, atomically.
 
     `model` is an nn.Module (example GPT or HF causal LM) or a HF `save_pretrained` directory.
     `quantize` = "int8" stores per-channel int8 weights with dynamically quantized activations;
@@ -539,7 +537,6 @@ def export_decoder(
     tokenizer_dir = _find_tokenizer(model, adapter, tokenizer)
     eos_ids, pad = _special_ids(model, adapter.vocab_size(), eos_token_id, pad_token_id)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
 
     if graph is not None and quantize is not None:
         raise ValueError("export_decoder(graph=...) takes an already transformed graph: quantize it with planc's pass, not here")
@@ -559,7 +556,9 @@ def export_decoder(
 
         lowered = lower_int8(onnx_model)  # planc int8 weights -> DynamicQuantizeMatMul
         logger.info("planc int8 weights lowered to ORT kernels: %s", lowered or "none")
-    with tempfile.TemporaryDirectory(dir=out) as tmp:
+    from compiler.publish import staged_dir
+
+    with staged_dir(out) as tmp:
         path = Path(tmp) / MODEL_FILE
         save_model(onnx_model, path)
         if quantize is not None and quantizer == "ort":
@@ -584,8 +583,5 @@ def export_decoder(
             fusions=applied,
         )
         (Path(tmp) / SPEC_FILE).write_text(spec.to_json())
-        # decoder.json moves last: a directory holding it holds a whole artifact.
-        for item in sorted(Path(tmp).iterdir(), key=lambda p: p.name == SPEC_FILE):
-            os.replace(item, out / item.name)
     logger.info("decoder artifact written to %s (%s)", out, quantize or "fp32")
     return spec

@@ -13,7 +13,6 @@ an [in, out] initializer (`weights_as_matmul`), because ORT's quantizers only re
 from __future__ import annotations
 
 import logging
-import os
 import tempfile
 from collections import Counter
 from pathlib import Path
@@ -168,6 +167,8 @@ def quantize_decoder(src: str | Path, dst: str | Path, scheme: str, *, group_siz
     """
     if scheme not in ("int8", "int4"):
         raise ValueError(f"decoder quantization scheme must be 'int8' or 'int4', got {scheme!r}")
+    from compiler.publish import copy_file
+
     src, dst = Path(src), Path(dst)
     with tempfile.TemporaryDirectory() as tmp:
         staged = Path(tmp) / "staged.onnx"
@@ -185,7 +186,7 @@ def quantize_decoder(src: str | Path, dst: str | Path, scheme: str, *, group_siz
         finally:
             logging.disable(previous)
         quantized = onnx.load(out)
-        os.replace(out, dst)
+        copy_file(out, dst)
     ops = Counter(n.op_type for n in quantized.graph.node)
     logger.info("quantized decoder (%s): %s", scheme, dict(ops))
     return dict(ops)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -103,9 +102,9 @@ def cached_weights(key: str) -> Path | None:
 
 def store_weights(key: str, weights: Path) -> Path:
     """Copy `weights` into the cache under `key`; returns the cached file."""
+    from compiler.publish import copy_file
+
     target = cache_dir() / f"{key}.pt"
     target.parent.mkdir(parents=True, exist_ok=True)
-    temporary = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    shutil.copyfile(weights, temporary)
-    os.replace(temporary, target)
+    copy_file(weights, target)
     return target

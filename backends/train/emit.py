@@ -11,7 +11,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
-import os
 import shutil
 import sys
 from pathlib import Path
@@ -21,6 +20,7 @@ from backends.train.cache import RUNTIME, runtime_files
 from backends.train.checks import TrainPlanError, mesh_of
 from backends.train.options import TrainTarget
 from backends.train.render import Program, render_launch_sh, render_train_py
+from compiler.publish import staged_dir
 from passes.options import Cast, LowRank, Partition, PassOptions, Prune, Quantize
 
 if TYPE_CHECKING:  # compiler.ir imports this package's options: no import cycle at run time
@@ -74,21 +74,13 @@ def emit_training_program(
             log.info("cast steps shape the exported model; training precision is target train's `precision`")
 
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        train_py = render_train_py(program)
-        (tmp / "train.py").write_text(train_py)
+    with staged_dir(out_dir, keep=lambda new: _kept_run_state(out_dir, new, target)) as tmp:
+        (tmp / "train.py").write_text(render_train_py(program))
         launch = tmp / "launch.sh"
         launch.write_text(render_launch_sh(target, program.plan_name))
         launch.chmod(0o755)
         _copy_runtime(tmp / RUNTIME.name)
         (tmp / "plan.resolved").write_text(plan_resolved)
-        _replace_dir(tmp, out_dir, keep=_kept_run_state(out_dir, tmp, target))
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     log.info("wrote training program %s", out_dir / "train.py")
     return out_dir
 
@@ -117,20 +109,6 @@ def _kept_run_state(old: Path, new: Path, target: TrainTarget) -> list[str]:
     previous = _program_code(old)
     same = previous is not None and previous == _program_code(new)
     return [target.checkpoint.dir, *_RUN_STATE] if same else []
-
-
-def _replace_dir(new: Path, out_dir: Path, keep: list[str]) -> None:
-    if not out_dir.exists():
-        os.replace(new, out_dir)
-        return
-    for name in keep:
-        if (out_dir / name).exists() and not (new / name).exists():
-            (new / name).parent.mkdir(parents=True, exist_ok=True)
-            os.replace(out_dir / name, new / name)
-    trash = out_dir.parent / f".{out_dir.name}.old{os.getpid()}"
-    os.replace(out_dir, trash)
-    os.replace(new, out_dir)
-    shutil.rmtree(trash, ignore_errors=True)
 
 
 def model_spec(model: ModelSource) -> tuple[dict[str, Any], str]:
