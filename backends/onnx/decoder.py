@@ -196,9 +196,8 @@ class HFCacheAdapter(CacheAdapter):
     def cache_layout(self) -> list[tuple[int, int]]:
         config = self.model.config.get_text_config(decoder=True)
         heads = config.num_attention_heads
-        kv_heads = getattr(config, "num_key_value_heads", None) or heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-        return [(kv_heads, head_dim)] * config.num_hidden_layers
+        return [(kv_heads_of(config), head_dim)] * config.num_hidden_layers
 
     def vocab_size(self) -> int:
         return self.model.get_output_embeddings().out_features
@@ -214,6 +213,15 @@ def has_linear_projections(model: nn.Module) -> bool:
     return linears > 1  # more than the lm_head alone
 
 
+def kv_heads_of(config: Any) -> int:
+    """Key/value heads per layer: grouped-query configs name them; Falcon's multi-query
+    attention (`multi_query` without the new decoder architecture) has one."""
+    heads = config.num_attention_heads
+    if getattr(config, "model_type", "") == "falcon" and not getattr(config, "new_decoder_architecture", False):
+        return 1 if getattr(config, "multi_query", False) else heads
+    return getattr(config, "num_key_value_heads", None) or getattr(config, "num_kv_heads", None) or heads
+
+
 def adapt(model: nn.Module) -> CacheAdapter:
     """Wrap a decoder so that its cache is flat tensors; rejects models it cannot drive."""
     if isinstance(model, CacheAdapter):
@@ -222,7 +230,7 @@ def adapt(model: nn.Module) -> CacheAdapter:
         return HFCacheAdapter(model)
     if hasattr(model, "blocks") and hasattr(model, "tok_emb") and hasattr(model, "pos_emb"):
         return GPTCacheAdapter(model)
-    raise TypeError(
+    raise UnsupportedDecoder(
         f"cannot export {type(model).__name__} as a decoder: expected a Hugging Face causal LM "
         "or the example GPT (examples/models/gpt.py)"
     )
@@ -283,6 +291,10 @@ def _dynamic_shapes(n_layer: int) -> dict:
     }
 
 
+class UnsupportedDecoder(ValueError):
+    """The model cannot be served as a decoder with a key/value cache; the message says why."""
+
+
 def capture_decoder(model: nn.Module) -> torch.fx.GraphModule:
     """The flat-cache decoder as an fx.GraphModule (`torch.export`), for planc's graph passes.
 
@@ -291,13 +303,17 @@ def capture_decoder(model: nn.Module) -> torch.fx.GraphModule:
     """
     adapter = adapt(model.eval())
     # backed_size_oblivious: no guards that a size is (not) 0/1, as torch.onnx.export captures
-    with torch.no_grad(), torch.fx.experimental._config.patch(backed_size_oblivious=True):
-        program = torch.export.export(
-            adapter,
-            _export_inputs(adapter),
-            dynamic_shapes=_dynamic_shapes(len(adapter.cache_layout())),
-            strict=False,
-        )
+    try:
+        with torch.no_grad(), torch.fx.experimental._config.patch(backed_size_oblivious=True):
+            program = torch.export.export(
+                adapter,
+                _export_inputs(adapter),
+                dynamic_shapes=_dynamic_shapes(len(adapter.cache_layout())),
+                strict=False,
+            )
+    except Exception as error:  # noqa: BLE001 - torch.export raises many kinds; all mean "not capturable"
+        first = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
+        raise UnsupportedDecoder(f"torch.export cannot capture {type(model).__name__} with a dynamic sequence: {first}") from error
     return program.module()
 
 
@@ -312,19 +328,23 @@ def export_onnx(adapter: CacheAdapter, opset: int = 18, graph: torch.fx.GraphMod
     from backends.onnx.lowering import translation_table
 
     n_layer = len(adapter.cache_layout())
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # axis-renaming and pytree deprecation notes of the exporter
-        program = torch.onnx.export(
-            adapter.eval() if graph is None else graph,
-            _export_inputs(adapter),
-            dynamo=True,
-            dynamic_shapes=_dynamic_shapes(n_layer),
-            input_names=input_names(n_layer),
-            output_names=output_names(n_layer),
-            opset_version=opset,
-            custom_translation_table=translation_table(),
-            verbose=False,
-        )
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # axis-renaming and pytree deprecation notes of the exporter
+            program = torch.onnx.export(
+                adapter.eval() if graph is None else graph,
+                _export_inputs(adapter),
+                dynamo=True,
+                dynamic_shapes=_dynamic_shapes(n_layer),
+                input_names=input_names(n_layer),
+                output_names=output_names(n_layer),
+                opset_version=opset,
+                custom_translation_table=translation_table(),
+                verbose=False,
+            )
+    except torch.onnx.errors.OnnxExporterError as error:
+        first = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
+        raise UnsupportedDecoder(f"the ONNX exporter cannot export {adapter.family} with a key/value cache: {first}") from error
     model = program.model
     _name_total_length(model)
     return model
@@ -540,10 +560,19 @@ def export_decoder(
 
     if graph is not None and quantize is not None:
         raise ValueError("export_decoder(graph=...) takes an already transformed graph: quantize it with planc's pass, not here")
+    chosen_automatically = quantizer == "auto"
     if quantize is not None and quantizer == "auto":
         quantizer = "planc" if has_linear_projections(model) else "ort"
     if quantize is not None and quantizer == "planc":
-        graph = quantize_with_planc(model, quantize, group_size, cpu)
+        try:
+            graph = quantize_with_planc(model, quantize, group_size, cpu)
+        except UnsupportedDecoder as error:
+            if not chosen_automatically:
+                raise
+            # e.g. BLOOM and Falcon branch on "one new token" in Python: torch.export cannot keep
+            # the sequence dynamic there, while the ONNX exporter's own trace can.
+            logger.warning("%s; quantizing with ONNX Runtime's quantizer after export instead", error)
+            quantizer = "ort"
     onnx_model = export_onnx(adapter, opset, graph)
     # Plain MatMuls first: quantizers need them, and onnxscript's MHA fusion drops the Reshape
     # that feeds a 2-D Gemm (GPT-2's Conv1D), which leaves the Gemm a 3-D input.

@@ -78,15 +78,18 @@ class OnnxKind:
         """A decoder's graph is the key/value-cache graph it is exported from; else the default."""
         if not self.is_decoder(target):
             return None
-        from backends.onnx.decoder import capture_decoder
+        from backends.onnx.decoder import UnsupportedDecoder, capture_decoder
 
-        return capture_decoder(loaded.model)
+        try:
+            return capture_decoder(loaded.model)
+        except UnsupportedDecoder as error:
+            raise _error(target.option_spans.get("decode", target.span), str(error)) from error
 
     def transform(self, job: Job, target: ir.Target, loaded: Any, stop_after: str) -> Any | None:
         """A decoder's pipeline is its one quantize step over every projection; else the default."""
         if not self.is_decoder(target):
             return None
-        from backends.onnx.decoder import has_linear_projections, quantize_with_planc
+        from backends.onnx.decoder import UnsupportedDecoder, has_linear_projections, quantize_with_planc
 
         step = self._decoder_quantize(job, loaded)
         if step is None or step.name != stop_after:
@@ -98,7 +101,7 @@ class OnnxKind:
         options: Quantize = step.options  # type: ignore[assignment]
         try:
             return quantize_with_planc(loaded.model, options.scheme, options.group_size, target.options.cpu)  # type: ignore[union-attr]
-        except ValueError as error:
+        except (ValueError, UnsupportedDecoder) as error:
             raise _error(step.span, str(error)) from error
 
     # ------------------------------------------------------------------ build
@@ -180,7 +183,12 @@ class OnnxKind:
         heldout = job.plan.model.base_dir / decode.heldout if decode.heldout else None
         job.progress("exporting the decoder to ONNX, verifying generation against the eager model")
         summaries = [{"name": step.name, "summary": f"{quantize.scheme} weights for every projection"}] if step and quantize else []
-        result = build_decoder_artifact(loaded.model, options, quantize, job.out_dir, heldout, summaries, explain(job.plan))
+        from backends.onnx.decoder import UnsupportedDecoder
+
+        try:
+            result = build_decoder_artifact(loaded.model, options, quantize, job.out_dir, heldout, summaries, explain(job.plan))
+        except UnsupportedDecoder as error:
+            raise _error(job.plan.model.span, f"model '{job.plan.model.name}': {error}") from error
         return Built(result.path, result.report, result.session)
 
 

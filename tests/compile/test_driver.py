@@ -115,3 +115,24 @@ def test_trained_weights_are_reused_when_only_the_onnx_target_changes(plans: Pat
     first = weights("steps = 5", "<= 0.1")
     assert weights("steps = 5", "<= 0.5") == first and len(runs) == 1
     assert weights("steps = 6", "<= 0.1") != first and len(runs) == 2
+
+
+def test_a_model_planc_cannot_serve_as_a_decoder_is_an_error_at_the_model_line(plans: Path) -> None:
+    (plans / "lm.py").write_text(
+        "import torch\n"
+        "class LM(torch.nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.emb, self.head = torch.nn.Embedding(256, 8), torch.nn.Linear(8, 256)\n"
+        "    def forward(self, input_ids, attention_mask=None):\n"
+        "        return self.head(self.emb(input_ids))\n"
+        "def build():\n"
+        "    return LM()\n"
+    )
+    plan = plans / "lm.plan"
+    plan.write_text('model lm = factory("lm.py:build") { task = causal_lm }\n'
+                    'target onnx { decode { max_new_tokens = 4 }, verify { metric = top1 } }\n')
+    code, _, err = planc("compile", str(plan), "-o", str(plans / "out"))
+    assert code == 1 and "Traceback" not in err and "internal error" not in err
+    assert f"{plan}:1:1: error: model 'lm': cannot export LM as a decoder" in err
+    assert not (plans / "out").exists()

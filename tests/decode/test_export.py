@@ -81,8 +81,31 @@ def test_gpt2_artifact_matches_eager_logits(artifacts, gpt2_model):
 
 
 def test_rejects_other_modules(tmp_path):
-    with pytest.raises(TypeError, match="cannot export"):
+    from backends.onnx.decoder import UnsupportedDecoder
+
+    with pytest.raises(UnsupportedDecoder, match="cannot export"):
         export_decoder(torch.nn.Linear(4, 4), tmp_path / "x")
+
+
+@pytest.mark.parametrize("family", ["falcon", "bloom"])
+def test_multi_query_and_alibi_decoders_serve_with_a_consistent_cache(tmp_path, family):
+    """Falcon (multi-query: one key/value head) and BLOOM (ALiBi biases) export, quantize to int8
+    and generate what the eager model generates."""
+    import transformers
+
+    from backends.onnx.decoder import DecoderSpec
+    from backends.onnx.decoder_verify import verify_decoder
+
+    config = (transformers.FalconConfig(vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                        multi_query=True, new_decoder_architecture=False)
+              if family == "falcon" else transformers.BloomConfig(vocab_size=256, hidden_size=64, n_layer=2, n_head=4))
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    spec = export_decoder(model, tmp_path / family, quantize="int8")
+    assert spec.kv_heads == [1, 1] if family == "falcon" else spec.kv_heads == [4, 4]
+    metrics = verify_decoder(tmp_path / family, model, ["def main(", "import os\n"], 8)
+    assert metrics["greedy_equal"] and metrics["top1"] >= 0.9, metrics
+    assert DecoderSpec.load(tmp_path / family).quantization == "int8"
 
 
 def test_small_vocab_needs_tokenizer(tmp_path):
