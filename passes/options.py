@@ -41,17 +41,27 @@ class PassOptions(BaseModel):
 
 
 class Prune(PassOptions):
-    """Remove weights: unstructured magnitude, N:M semi-structured, whole heads/channels, or
-    whole repeated blocks (layers)."""
+    """Remove weights: unstructured magnitude, N:M semi-structured, calibrated (wanda,
+    sparsegpt), whole heads/channels, or whole repeated blocks (layers)."""
 
     name: ClassVar[str] = "prune"
     impl: ClassVar[str] = "passes.prune:PrunePass"
-    method: Literal["magnitude", "nm", "heads", "channels", "layers"] = "magnitude"
-    #: Fraction removed: of weights (magnitude), of heads (heads) or of MLP channels (channels).
+    #: wanda: |W_ij| * ||X_j||_2 per output row (Sun et al. 2023); sparsegpt: Hessian-based mask
+    #: with an OBS update of the kept weights (Frantar & Alistarh 2023). Both calibrate block by
+    #: block on `calibration`, each block reading the outputs of the already pruned ones.
+    method: Literal["magnitude", "nm", "heads", "channels", "layers", "wanda", "sparsegpt"] = "magnitude"
+    #: Fraction removed: of weights (magnitude; wanda/sparsegpt: of each output row), of heads
+    #: (heads) or of MLP channels (channels).
     sparsity: float = Field(0.5, ge=0.0, lt=1.0)
     #: N:M pattern: keep `n` of every `m` consecutive weights along the input dimension.
     n: int = Field(2, ge=1)
     m: int = Field(4, ge=2)
+    #: wanda / sparsegpt: `unstructured` removes `sparsity` of each output row; `nm` keeps `n` of
+    #: every `m` consecutive weights (like method = nm, chosen by the method's score).
+    structure: Literal["unstructured", "nm"] = "unstructured"
+    #: wanda / sparsegpt: text file (one sample per line) the layer inputs are measured on.
+    calibration: str | None = None
+    calibration_samples: int = Field(32, ge=1)
     #: Magnitude threshold per layer (local) or one threshold over all selected layers (global).
     scope: Literal["local", "global"] = "local"
     #: Importance of a head or channel for structured pruning: the l1/l2 norm of its weights, or
@@ -70,8 +80,15 @@ class Prune(PassOptions):
 
     @model_validator(mode="after")
     def _pattern_is_valid(self) -> Prune:
-        if self.method == "nm" and self.n >= self.m:
+        if (self.method == "nm" or self.structure == "nm") and self.n >= self.m:
             raise ValueError(f"N:M pruning needs n < m, got {self.n}:{self.m}")
+        if self.method in ("wanda", "sparsegpt"):
+            if self.calibration is None:
+                raise ValueError(f'method = {self.method} measures layer inputs: it needs calibration = "file.txt"')
+            if self.schedule == "gradual":
+                raise ValueError(f"method = {self.method} prunes at compile time: use schedule = oneshot")
+        elif self.structure != "unstructured" or self.calibration is not None:
+            raise ValueError("structure and calibration belong to method = wanda or sparsegpt")
         if self.method == "layers":
             if not self.keep:
                 raise ValueError("method = layers needs the blocks to keep, e.g. keep = [1, 3, 5]")
@@ -93,6 +110,8 @@ class Prune(PassOptions):
             "heads": "passes.prune.heads:HeadsPass",
             "channels": "passes.prune.channels:ChannelsPass",
             "layers": "passes.prune.layers:LayersPass",
+            "wanda": "passes.prune.wanda:WandaPass",
+            "sparsegpt": "passes.prune.sparsegpt:SparseGPTPass",
         }[self.method]
 
     @property
@@ -117,11 +136,26 @@ class LowRank(PassOptions):
         return self
 
 
+#: GPTQ's default dampening (the paper's 1% of the mean Hessian diagonal).
+GPTQ_DAMP = 0.01
+
+
 class Quantize(PassOptions):
     """Insert real integer weights (int8 / packed int4) with their scales into the graph."""
 
     name: ClassVar[str] = "quantize"
     impl: ClassVar[str] = "passes.quantize:QuantizePass"
+    #: How the integer weights are chosen (the stored layout and ops are the same for all):
+    #: rtn rounds each weight to nearest; gptq (Frantar et al. 2022) rounds column by column and
+    #: moves each rounding error onto the columns not yet rounded, weighted by the inverse of the
+    #: layer's input Hessian, block by block on the outputs of the already quantized blocks;
+    #: awq (Lin et al. 2023) scales input channels by mean|X_j|^alpha with alpha searched per
+    #: input to minimize the quantized layers' output error. gptq and awq need `calibration`.
+    method: Literal["rtn", "gptq", "awq"] = "rtn"
+    #: gptq: added to the Hessian's diagonal, as a fraction of its mean diagonal.
+    damp: float = Field(GPTQ_DAMP, gt=0.0, le=1.0)
+    #: gptq: round the columns of largest Hessian diagonal (most active inputs) first.
+    act_order: bool = False
     scheme: Literal["int8", "int4"] = "int8"
     #: dynamic: activations quantized at run time; static: calibrated fixed activation scales;
     #: weight_only: weights stored as integers, dequantized for the matmul.
@@ -156,7 +190,21 @@ class Quantize(PassOptions):
             raise ValueError('static quantization needs calibration data: calibration = "file.txt"')
         if self.group_size & (self.group_size - 1):
             raise ValueError(f"group_size must be a power of two, got {self.group_size}")
+        if self.method != "rtn" and self.calibration is None:
+            raise ValueError(f'method = {self.method} calibrates on layer inputs: it needs calibration = "file.txt"')
+        if self.method != "gptq" and (self.act_order or self.damp != GPTQ_DAMP):
+            raise ValueError("damp and act_order belong to method = gptq")
+        if self.method == "awq" and self.smooth is not None:
+            raise ValueError("method = awq searches alpha itself: drop smooth (smooth = alpha is the fixed-alpha form)")
         return self
+
+    def implementation(self) -> str:
+        """One pass class per method; rtn is the base the others reuse."""
+        return {
+            "rtn": "passes.quantize:QuantizePass",
+            "gptq": "passes.quantize.gptq:GPTQPass",
+            "awq": "passes.quantize.awq:AWQPass",
+        }[self.method]
 
 
 class Cast(PassOptions):

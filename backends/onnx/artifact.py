@@ -154,6 +154,36 @@ def numerics_warning(report: dict[str, Any]) -> str | None:
     return None
 
 
+def _pick_int4_compute(final: Path, work: Path, loaded: Any, providers: list[str], target: OnnxTarget,
+                       verification: Any, latency: dict[str, Any]) -> tuple[Any, dict[str, Any], dict[str, Any]]:
+    """Verify and time the int8-compute variant of `final`'s int4 weights; keep the faster one
+    that meets the goal (`target.int4_compute = auto`) or the one the plan names (`int8`)."""
+    from backends.onnx import int4_compute as int4
+    from backends.onnx.verify import verification_samples, verify_session
+
+    variant = work / "int8_compute" / final.name  # same file names: external data keeps its location
+    variant.parent.mkdir()
+    int4.with_compute(final, variant, "int8")
+    session = runtime.create_session(variant, providers, target.bench.threads, target.optimization)
+    checked = verify_session(loaded, session, verification_samples(loaded, target.verify), target.verify)
+    timed = _measure_latency(loaded, session, target)
+    del session
+    candidates = [
+        int4.Candidate("fp32", final, verification.passed, 1 / latency["optimized"], {"latency_ms": latency["optimized"], "accuracy": verification.value}),
+        int4.Candidate("int8", variant, checked.passed, 1 / timed["optimized"], {"latency_ms": timed["optimized"], "accuracy": checked.value}),
+    ]
+    chosen = candidates[1] if target.int4_compute == "int8" else int4.choose(candidates)
+    if chosen is None or chosen.passed is False:
+        raise VerificationFailed(f"with int8 compute, {checked.metric} = {checked.value:.4f} does not meet the goal '{checked.goal}'")
+    logger.info("int4 compute: %s (fp32 %.2f ms, int8 %.2f ms)", chosen.compute, latency["optimized"], timed["optimized"])
+    if chosen.compute == "int8":
+        for suffix in ("", ".data"):
+            if variant.with_name(variant.name + suffix).exists():
+                variant.with_name(variant.name + suffix).replace(final.with_name(final.name + suffix))
+        verification, latency = checked, timed
+    return verification, latency, int4.report(chosen, candidates, target.int4_compute)
+
+
 def _element_types(model: Any) -> set[str]:
     types = {v.const_value.dtype.name for v in model.graph.initializers.values() if v.const_value is not None}
     for node in model.graph:
@@ -244,13 +274,16 @@ def build_onnx_artifact(
                 + f" over {verification.samples} samples)"
             )
         latency = _measure_latency(loaded, session, target)
+        del session
+        compute = None
+        if scheme == "int4" and target.int4_compute != "fp32":
+            verification, latency, compute = _pick_int4_compute(final, work, loaded, providers, target, verification, latency)
 
         logger.info("exporting the unmodified model for the size baseline")
         original = work / "original.onnx"
         save_model(export_model(loaded.model, loaded.example_inputs, loaded.dynamic_shapes, target.opset), original)
         original_bytes = files_size(original)
         optimized_bytes = files_size(final)
-        del session
 
         shutil.rmtree(work)
         report = {
@@ -265,6 +298,7 @@ def build_onnx_artifact(
             "size_ratio": round(optimized_bytes / original_bytes, 4),
             "latency_ms": latency,
             "accuracy": verification.as_dict(),
+            **({"int4_compute": compute} if compute else {}),
             "passes": pass_summaries,
             "graph": {**graph_report.as_dict(), "ops": _op_histogram(final)},
             "inputs": [{"name": s.name, "dtype": s.dtype, "dims": list(s.dims)} for s in loaded.source.inputs],

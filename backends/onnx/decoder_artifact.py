@@ -50,7 +50,7 @@ def build_decoder_artifact(
     from backends.onnx.decoder import export_decoder
     from backends.onnx.decoder_verify import verify_decoder
     from backends.onnx.export import files_size
-    from backends.onnx.generate import DecoderSession, generate_ids
+    from backends.onnx.generate import DecoderSession
 
     decode = target.decode
     assert decode is not None
@@ -71,19 +71,19 @@ def build_decoder_artifact(
         if passed is False:
             raise VerificationFailed(f"{target.verify.metric} = {value:.4f} does not meet the goal '{target.verify.goal}'")
 
+        tokens = 32
+        prompt = [list(decode.prompts[0].encode("utf-8"))[:16] or [0]] * target.bench.batch
+        compute = None
+        if scheme == "int4" and target.int4_compute != "fp32":
+            metrics, value, passed, compute = _pick_int4_compute(temporary, model, target, heldout, prompt, tokens, metrics, passed)
+
         baseline = temporary / ".fp32"
         if scheme is not None:
             export_decoder(model, baseline, quantize=None, fusions=target.fusions, opset=target.opset)
         original_bytes = files_size(baseline / MODEL_FILE) if scheme is not None else files_size(temporary / MODEL_FILE)
         shutil.rmtree(baseline, ignore_errors=True)
 
-        session = DecoderSession(temporary, providers=target.providers, threads=target.bench.threads)
-        tokens = 32
-        prompt = [list(decode.prompts[0].encode("utf-8"))[:16] or [0]] * target.bench.batch
-        generate_ids(session, prompt, tokens)  # warm-up
-        timed = time.perf_counter()
-        generate_ids(session, prompt, tokens)
-        seconds = time.perf_counter() - timed
+        speed = _tokens_per_s([temporary], target, prompt, tokens)[0]
 
         report = {
             "task": "causal_lm",
@@ -93,14 +93,64 @@ def build_decoder_artifact(
             "decoder": {"layers": spec.n_layer, "kv_heads": spec.n_head, "head_dim": spec.head_dim, "vocab": spec.vocab,
                         "quantization": spec.quantization, "quantizer": spec.quantizer, "fusions": spec.fusions},
             "size_bytes": {"original": original_bytes, "optimized": files_size(temporary / MODEL_FILE)},
-            "decode_tokens_per_s": round(tokens * target.bench.batch / seconds, 1),
+            "decode_tokens_per_s": round(speed, 1),
             "accuracy": {"metric": target.verify.metric, "value": value, "goal": target.verify.goal, "passed": passed,
                          **{k: metrics[k] for k in ("greedy_equal", "top1", "ppl_eager", "ppl_onnx", "ppl_delta_rel") if k in metrics}},
+            **({"int4_compute": compute} if compute else {}),
             "passes": pass_summaries,
             "compile_seconds": round(time.perf_counter() - started, 1),
         }
         _write_json(temporary / REPORT_FILE, report)
         (temporary / PLAN_FILE).write_text(plan_resolved, encoding="utf-8")
-        del session
     logger.info("wrote decoder %s: %s, %s %.4f", out_dir, spec.quantization or "fp32", target.verify.metric, value)
     return OnnxResult(out_dir, report, DecoderSession(out_dir, providers=target.providers, threads=target.bench.threads))
+
+
+def _tokens_per_s(directories: list[Path], target: OnnxTarget, prompt: list[list[int]], tokens: int, rounds: int = 3) -> list[float]:
+    """Generation speed of each artifact, one warm-up, then the median of `rounds` interleaved runs."""
+    from backends.onnx.generate import DecoderSession, generate_ids
+
+    sessions = [DecoderSession(d, providers=target.providers, threads=target.bench.threads) for d in directories]
+    seconds: list[list[float]] = [[] for _ in sessions]
+    for session in sessions:
+        generate_ids(session, prompt, tokens)
+    for _ in range(rounds):
+        for session, times in zip(sessions, seconds):
+            started = time.perf_counter()
+            generate_ids(session, prompt, tokens)
+            times.append(time.perf_counter() - started)
+    return [tokens * len(prompt) / sorted(times)[len(times) // 2] for times in seconds]
+
+
+def _pick_int4_compute(directory: Path, model: Any, target: OnnxTarget, heldout: Path | None, prompt: list[list[int]],
+                       tokens: int, metrics: dict[str, Any], passed: bool | None) -> tuple[dict, float, bool | None, dict]:
+    """Verify and time the int8-compute variant of the int4 decoder in `directory`; keep the faster
+    one that meets the goal (`int4_compute = auto`) or the one the plan names (`int8`)."""
+    from backends.onnx import int4_compute as int4
+    from backends.onnx.decoder_verify import verify_decoder
+
+    decode = target.decode
+    assert decode is not None
+    variant = directory / ".int8_compute"
+    shutil.copytree(directory, variant, ignore=shutil.ignore_patterns(".*"))
+    int4.with_compute(directory / MODEL_FILE, variant / MODEL_FILE, "int8")
+    checked = verify_decoder(variant, model, decode.prompts, decode.max_new_tokens, heldout=heldout)
+    metric = DECODER_METRICS[target.verify.metric]
+    speeds = _tokens_per_s([directory, variant], target, prompt, tokens)
+    candidates = [
+        int4.Candidate("fp32", directory, passed, speeds[0], {"tokens_per_s": round(speeds[0], 1), target.verify.metric: metrics[metric]}),
+        int4.Candidate("int8", variant, goal_met(float(checked[metric]), target.verify), speeds[1],
+                       {"tokens_per_s": round(speeds[1], 1), target.verify.metric: checked[metric]}),
+    ]
+    chosen = candidates[1] if target.int4_compute == "int8" else int4.choose(candidates)
+    if chosen is None or chosen.passed is False:
+        raise VerificationFailed(f"with int8 compute, {target.verify.metric} = {float(checked[metric]):.4f} "
+                                 f"does not meet the goal '{target.verify.goal}'")
+    logger.info("int4 compute: %s (fp32 %.1f, int8 %.1f tokens/s)", chosen.compute, speeds[0], speeds[1])
+    if chosen.compute == "int8":
+        for suffix in ("", ".data"):
+            if (variant / (MODEL_FILE + suffix)).exists():
+                (variant / (MODEL_FILE + suffix)).replace(directory / (MODEL_FILE + suffix))
+        metrics, passed = checked, chosen.passed
+    shutil.rmtree(variant, ignore_errors=True)
+    return metrics, float(metrics[metric]), passed, int4.report(chosen, candidates, target.int4_compute)

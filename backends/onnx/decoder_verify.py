@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from backends.onnx.decoder import (
+from backends.onnx.cache_adapter import (
     GPTCacheAdapter,
     adapt,
     empty_past,

@@ -75,6 +75,10 @@ class OnnxTarget(_Frozen):
     #: The CPU the artifact will run on (`passes/cpu.py`): it decides the int8 weight format that
     #: ONNX Runtime sums exactly there. `auto` = the compiling machine.
     cpu: Literal["auto", "x86_avx2", "x86_vnni", "arm64"] = "auto"
+    #: How ONNX Runtime multiplies int4 weights (`backends/onnx/int4_compute.py`): `fp32`, or
+    #: `int8` activations inside the kernel (faster, a little less exact); `auto` builds both and
+    #: keeps the faster one that meets the verify goal.
+    int4_compute: Literal["auto", "fp32", "int8"] = "auto"
     #: Store the quantized embedding table too (int8, or int4 when the plan quantizes to int4).
     quantize_embeddings: bool = False
     verify: Verify = Field(default_factory=Verify)

@@ -78,7 +78,8 @@ class OnnxKind:
         """A decoder's graph is the key/value-cache graph it is exported from; else the default."""
         if not self.is_decoder(target):
             return None
-        from backends.onnx.decoder import UnsupportedDecoder, capture_decoder
+        from backends.onnx.cache_adapter import UnsupportedDecoder
+        from backends.onnx.decoder import capture_decoder
 
         try:
             return capture_decoder(loaded.model)
@@ -89,7 +90,8 @@ class OnnxKind:
         """A decoder's pipeline is its one quantize step over every projection; else the default."""
         if not self.is_decoder(target):
             return None
-        from backends.onnx.decoder import UnsupportedDecoder, has_linear_projections, quantize_with_planc
+        from backends.onnx.cache_adapter import UnsupportedDecoder, has_linear_projections
+        from backends.onnx.decoder import quantize_with_planc
 
         step = self._decoder_quantize(job, loaded)
         if step is None or step.name != stop_after:
@@ -183,7 +185,7 @@ class OnnxKind:
         heldout = job.plan.model.base_dir / decode.heldout if decode.heldout else None
         job.progress("exporting the decoder to ONNX, verifying generation against the eager model")
         summaries = [{"name": step.name, "summary": f"{quantize.scheme} weights for every projection"}] if step and quantize else []
-        from backends.onnx.decoder import UnsupportedDecoder
+        from backends.onnx.cache_adapter import UnsupportedDecoder
 
         try:
             result = build_decoder_artifact(loaded.model, options, quantize, job.out_dir, heldout, summaries, explain(job.plan))

@@ -4,7 +4,9 @@
 - `nm`: N:M semi-structured zeros (`nm.py`);
 - `heads` / `channels`: whole attention heads / MLP channels removed, groups found from the
   graph's data flow (`heads.py`, `channels.py`, `structured.py`, `passes/structure.py`);
-- `layers`: whole repeated blocks removed (`layers.py`).
+- `layers`: whole repeated blocks removed (`layers.py`);
+- `wanda` / `sparsegpt`: unstructured or N:M zeros chosen on calibrated layer inputs, block by
+  block (`wanda.py`, `sparsegpt.py`, shared `calibrated.py`).
 
 `PrunePass` dispatches on `options.method`, for callers that name the pass rather than the method.
 """

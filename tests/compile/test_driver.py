@@ -136,3 +136,23 @@ def test_a_model_planc_cannot_serve_as_a_decoder_is_an_error_at_the_model_line(p
     assert code == 1 and "Traceback" not in err and "internal error" not in err
     assert f"{plan}:1:1: error: model 'lm': cannot export LM as a decoder" in err
     assert not (plans / "out").exists()
+
+
+def test_int4_decoder_keeps_the_faster_compute_that_meets_the_goal(plans: Path) -> None:
+    import json
+
+    plan = plans / "int4.plan"
+    plan.write_text(GPT + "pipeline { quantize Linear { scheme = int4, group_size = 32 } }\n"
+                    'target onnx { decode { max_new_tokens = 4 }, verify { metric = top1, goal = ">= 0.3" } }\n')
+    code, _, err = planc("compile", str(plan), "-o", str(plans / "out"))
+    assert code == 0, err
+    choice = json.loads((plans / "out" / "report.json").read_text())["int4_compute"]
+    candidates = choice["candidates"]
+    assert choice["requested"] == "auto" and set(candidates) == {"fp32", "int8"}
+    passing = [c for c in candidates if candidates[c]["passed"] is not False]
+    assert choice["chosen"] == max(passing, key=lambda c: candidates[c]["speed"])
+    import onnx
+
+    levels = {a.i for n in onnx.load(str(plans / "out" / "model.onnx")).graph.node if n.op_type == "MatMulNBits"
+              for a in n.attribute if a.name == "accuracy_level"}
+    assert levels == {choice["accuracy_level"]}

@@ -9,7 +9,8 @@ import onnx
 import pytest
 import torch
 
-from backends.onnx.decoder import DecoderSpec, adapt, export_decoder
+from backends.onnx.cache_adapter import adapt
+from backends.onnx.decoder import DecoderSpec, export_decoder
 
 
 def _dims(value_info) -> list:
@@ -81,7 +82,7 @@ def test_gpt2_artifact_matches_eager_logits(artifacts, gpt2_model):
 
 
 def test_rejects_other_modules(tmp_path):
-    from backends.onnx.decoder import UnsupportedDecoder
+    from backends.onnx.cache_adapter import UnsupportedDecoder
 
     with pytest.raises(UnsupportedDecoder, match="cannot export"):
         export_decoder(torch.nn.Linear(4, 4), tmp_path / "x")

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from backends.onnx.decoder import adapt, empty_past, position_ids_from_mask
+from backends.onnx.cache_adapter import adapt, empty_past, position_ids_from_mask
 from backends.onnx.decoder_verify import eager_greedy
 from backends.onnx.generate import DecoderSession, generate_ids
 

@@ -318,3 +318,24 @@ def test_bench_fits_an_80_column_terminal(built, bert_artifact, tmp_path, capsys
     assert max(len(line) for line in bench_lines(rows)) <= 80
     assert main(["bench", str(bert_artifact), "--runs", "3", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)[0]["size_mb"] > 0
+
+
+@pytest.mark.parametrize("compute", ["fp32", "int8", "auto"])
+def test_int4_compute_is_chosen_and_reported(gpt, tmp_path, compute):
+    """`int4_compute`: the plan's choice, or (auto) the faster of the two that meets the goal."""
+    loaded, gm = gpt
+    graph, summaries = run_passes(loaded, gm, (Quantize(scheme="int4", group_size=32), linear_paths(loaded)))
+    target = _target(">= 0.9", int4_compute=compute)
+    report = build_onnx_artifact(graph, loaded, target, tmp_path / compute, summaries, "").report
+    levels = {a.i for n in onnx.load(str(tmp_path / compute / "model.onnx")).graph.node if n.op_type == "MatMulNBits"
+              for a in n.attribute if a.name == "accuracy_level"}
+    if compute == "fp32":
+        assert levels == {0} and "int4_compute" not in report
+        return
+    choice = report["int4_compute"]
+    assert choice["requested"] == compute and set(choice["candidates"]) == {"fp32", "int8"}
+    expected = "int8" if compute == "int8" else max(
+        (c for c in choice["candidates"] if choice["candidates"][c]["passed"] is not False),
+        key=lambda c: choice["candidates"][c]["speed"])
+    assert choice["chosen"] == expected and levels == {0 if expected == "fp32" else 4}
+    assert report["latency_ms"]["optimized"] == choice["candidates"][expected]["latency_ms"]

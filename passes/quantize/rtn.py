@@ -1,5 +1,9 @@
 """Replace selected Linear/Embedding layers by integer-weight ops from `passes/qops.py`.
 
+This module holds the round-to-nearest method (`method = rtn`) and the rewrite every method
+shares; `gptq.py` and `awq.py` subclass `QuantizePass` and only choose the integer values
+(`_solve`) or the input scaling (`_prepare`), so their output is the same ops and buffers.
+
 Rewrite rules
 1. `scheme = int8, mode = dynamic`: `linear(x, W, b)` -> `planc.linear_int8_dynamic(x, Wq, s, b, sat)`,
    Wq int8 symmetric per output channel (`granularity = per_channel`) or per tensor, in the
@@ -28,20 +32,23 @@ Rewrite rules
    unselected node still reads it); integer buffers `<module>.qweight`, `<module>.w_scale`
    (`<module>.scales`, `<module>.zero_points` for int4) carry the weights. Biases stay fp32.
 
-Guarantees: no selected layer reads a float weight afterwards; every weight element satisfies
-the round-to-nearest bound `|w - w_hat| <= scale / 2` (reported as the max error per layer).
+Guarantees: no selected layer reads a float weight afterwards; with `method = rtn` every weight
+element satisfies the round-to-nearest bound `|w - w_hat| <= scale / 2` (the max error per
+layer is reported for every method).
 """
 
 from __future__ import annotations
 
 import logging
+from typing import ClassVar
 
 import torch
 from torch import fx, nn
 
 import passes.qops as qops
-from passes.cpu import int8_format
 from passes.base import GraphPass, PassContext, PassError, PassResult
+from passes.calibration import load_calibration
+from passes.cpu import int8_format
 from passes.graph_utils import (
     EmbeddingSite,
     LinearSite,
@@ -56,6 +63,7 @@ from passes.graph_utils import (
     set_tensor,
 )
 from passes.options import Quantize
+from passes.quantize.weights import QuantizedWeight, WeightFormat, rtn
 
 log = logging.getLogger(__name__)
 
@@ -103,8 +111,13 @@ class ChannelMaxObserver(nn.Module):
 class QuantizePass(GraphPass[Quantize]):
     """See the module docstring for the rewrite rules."""
 
+    #: The `method` option value this class implements (subclasses set theirs).
+    method: ClassVar[str] = "rtn"
+
     def requires(self, gm: fx.GraphModule, ctx: PassContext) -> None:
         opts = self.options
+        if opts.method != self.method:
+            raise PassError(f"method = {opts.method} is implemented by {opts.implementation()}: load the pass with passes.registry.load_pass")
         if opts.scheme == "int8" and opts.mode == "weight_only":
             raise PassError("int8 weight-only is not supported: use mode = dynamic or static, or scheme = int4")
         if opts.scheme == "int8" and not opts.symmetric:
@@ -121,21 +134,40 @@ class QuantizePass(GraphPass[Quantize]):
             paths = sorted({site.module_path for site in embeddings})
             raise PassError(f"only int8 embeddings are supported; {paths[:3]} were selected for {opts.scheme}")
 
+    @property
+    def weight_format(self) -> WeightFormat:
+        opts = self.options
+        return WeightFormat(opts.scheme, opts.granularity, opts.group_size, opts.symmetric, self._int8.weight_max)
+
+    def _prepare(self, gm: fx.GraphModule, ctx: PassContext, linears: list[LinearSite]) -> dict[str, dict]:
+        """Rescale input channels before the weights are chosen (rule 5); {input: how}."""
+        return self._smooth(gm, ctx, linears) if self.options.smooth is not None else {}
+
+    def _solve(self, gm: fx.GraphModule, ctx: PassContext, linears: list[LinearSite]) -> dict[str, tuple[QuantizedWeight, dict]]:
+        """Integer values chosen by the method, per weight, with per-layer details; rtn rounds
+        each weight when it is packed, so it chooses none here."""
+        return {}
+
     def call(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         opts = self.options
         self._int8 = int8_format(ctx.cpu)
+        #: What the method adds to the result's details (gptq / awq: seconds, searched alphas).
+        self.method_details: dict = {}
         linears = select_linears(gm, ctx.targets)
         embeddings = select_embeddings(gm, ctx.targets)
-        smoothed = self._smooth(gm, ctx, linears) if opts.smooth is not None and linears else {}
+        smoothed = self._prepare(gm, ctx, linears) if linears else {}
         if smoothed:
             linears = select_linears(gm, ctx.targets)  # the sites now read the smoothed inputs
+        solved = self._solve(gm, ctx, linears) if linears else {}
         ranges = self._calibrate(gm, ctx, linears) if opts.mode == "static" else {}
         layers: dict[str, dict] = {}
         packed: dict[str, dict[str, str]] = {}  # weight -> names of its integer tensors
         old_weights: set[str] = set()
         for site in linears:
             if site.weight not in packed:
-                packed[site.weight], layers[site.module_path] = self._pack_linear(gm, site.weight)
+                chosen, extra = solved.get(site.weight, (None, {}))
+                packed[site.weight], layers[site.module_path] = self._pack_linear(gm, site.weight, chosen)
+                layers[site.module_path].update(extra)
             info = layers.setdefault(site.module_path, {})
             if opts.mode == "static":
                 x_scale, x_zp = qops.quantize_activation_params(*ranges[site.node.name])
@@ -158,9 +190,15 @@ class QuantizePass(GraphPass[Quantize]):
             f"quantized {len(linears)} Linear + {len(embeddings)} Embedding to {kind}; "
             f"their weights {fp_bytes / 2**20:.2f} MiB -> {q_bytes / 2**20:.2f} MiB"
         )
-        if smoothed:
+        if opts.method != "rtn":
+            summary = f"{opts.method}: {summary}"
+        if smoothed and opts.smooth is not None:
             summary += f"; smoothed {len(smoothed)} input(s) with alpha {opts.smooth}"
-        details = {"scheme": opts.scheme, "mode": opts.mode, "layers": layers, "bytes_before": fp_bytes, "bytes_after": q_bytes}
+        details = {
+            "method": opts.method, "scheme": opts.scheme, "mode": opts.mode, "layers": layers,
+            "bytes_before": fp_bytes, "bytes_after": q_bytes,
+        }
+        details.update(self.method_details)
         if opts.scheme == "int8" and linears:
             summary += f"; {self._int8.label} for {self._int8.cpu}"
             details["int8"] = self._int8.as_dict()
@@ -179,36 +217,23 @@ class QuantizePass(GraphPass[Quantize]):
 
     # ------------------------------------------------------------------ weights
 
-    def _pack_linear(self, gm: fx.GraphModule, weight: str) -> tuple[dict[str, str], dict]:
+    def _pack_linear(self, gm: fx.GraphModule, weight: str, chosen: QuantizedWeight | None = None) -> tuple[dict[str, str], dict]:
+        """Store the integer tensors of `weight` (`chosen` by the method, else rounded to nearest)."""
         opts = self.options
         w = get_tensor(gm, weight).detach().float()
         base = weight.rsplit(".", 1)[0]
         info: dict = {"shape": list(w.shape), "bytes_before": w.numel() * get_tensor(gm, weight).element_size()}
+        quantized = chosen if chosen is not None else rtn(w, self.weight_format)
+        # Buffer names: the int4 codes are stored as `qweight` too.
+        names = {key: f"{base}.{'qweight' if key == 'packed' else key}" for key in quantized.tensors}
+        for key, tensor in quantized.tensors.items():
+            set_tensor(gm, names[key], tensor, buffer=True)
         if opts.scheme == "int4":
-            packed, scales, zero_points = qops.pack_int4(w, opts.group_size, opts.symmetric)
-            names = {"packed": f"{base}.qweight", "scales": f"{base}.scales"}
-            set_tensor(gm, names["packed"], packed, buffer=True)
-            set_tensor(gm, names["scales"], scales, buffer=True)
-            if zero_points is not None:
-                names["zero_points"] = f"{base}.zero_points"
-                set_tensor(gm, names["zero_points"], zero_points, buffer=True)
-            w_hat = qops.unpack_int4(packed, scales, zero_points, w.shape[1], opts.group_size)
-            stored = [packed, scales] + ([zero_points] if zero_points is not None else [])
             info.update(group_size=opts.group_size, symmetric=opts.symmetric)
         else:
-            weight_max = self._int8.weight_max
-            if opts.granularity == "per_tensor":
-                q, scale = qops.quantize_per_tensor_int8(w, weight_max)
-            else:
-                q, scale = qops.quantize_per_channel_int8(w, weight_max)
-            names = {"qweight": f"{base}.qweight", "w_scale": f"{base}.w_scale"}
-            set_tensor(gm, names["qweight"], q, buffer=True)
-            set_tensor(gm, names["w_scale"], scale, buffer=True)
-            w_hat = q.float() * (scale[:, None] if scale.numel() > 1 else scale)
-            stored = [q, scale]
-            info.update(granularity=opts.granularity, weight_max=weight_max)
-        info["bytes_after"] = sum(t.numel() * t.element_size() for t in stored)
-        info["max_abs_error"] = float((w - w_hat).abs().max())
+            info.update(granularity=opts.granularity, weight_max=self._int8.weight_max)
+        info["bytes_after"] = sum(t.numel() * t.element_size() for t in quantized.tensors.values())
+        info["max_abs_error"] = float((w - quantized.w_hat).abs().max())
         return names, info
 
     def _pack_embedding(self, gm: fx.GraphModule, weight: str) -> tuple[dict[str, str], dict]:
@@ -268,15 +293,7 @@ class QuantizePass(GraphPass[Quantize]):
 
     def _samples(self, ctx: PassContext, purpose: str) -> list[dict[str, torch.Tensor]]:
         """The plan's calibration samples, or the example inputs when there is no file or loader."""
-        opts = self.options
-        if ctx.load_samples is not None and opts.calibration is not None:
-            samples = ctx.load_samples(opts.calibration, opts.calibration_samples)
-            if not samples:
-                raise PassError(f"calibration file {opts.calibration!r} gave no samples")
-            return samples
-        if opts.calibration is not None:
-            log.warning("no calibration loader: calibrating %s on the example inputs", purpose)
-        return [ctx.example_inputs]
+        return load_calibration(ctx, self.options.calibration, self.options.calibration_samples, purpose)
 
     def _observe(self, gm: fx.GraphModule, samples: list[dict], nodes: list[fx.Node], factory) -> dict[fx.Node, nn.Module]:
         """Run `samples` through `gm` with an observer (made by `factory`) on each of `nodes`."""
@@ -316,32 +333,42 @@ class QuantizePass(GraphPass[Quantize]):
     def _smooth(self, gm: fx.GraphModule, ctx: PassContext, linears: list[LinearSite]) -> dict[str, dict]:
         """SmoothQuant (rule 5), in place; returns {input node: how its factors were applied}."""
         alpha = float(self.options.smooth)  # type: ignore[arg-type]
+        groups = self._smoothable(gm, linears)
+        observers = self._observe(gm, self._samples(ctx, "smoothing factors"), list(groups), ChannelMaxObserver)
+        done: dict[str, dict] = {}
+        for x, sites in groups.items():
+            x_max = observers[x].amax
+            if x_max is None:
+                raise PassError(f"calibration never reached {sites[0].module_path}")
+            weights = sorted({site.weight for site in sites})
+            w_max = torch.cat([get_tensor(gm, w).detach().float().abs() for w in weights]).amax(dim=0)
+            factors = (x_max.clamp(min=SMOOTH_EPS) ** alpha / w_max.clamp(min=SMOOTH_EPS) ** (1 - alpha)).clamp(min=SMOOTH_EPS)
+            done[x.name] = self._scale_inputs(gm, x, sites, factors, ctx.source)
+        return done
+
+    def _smoothable(self, gm: fx.GraphModule, linears: list[LinearSite]) -> dict[fx.Node, list[LinearSite]]:
+        """The selected Linears grouped by input, leaving out groups whose weights other inputs read."""
         groups: dict[fx.Node, list[LinearSite]] = {}
         for site in linears:
             groups.setdefault(site.input, []).append(site)
         readers: dict[str, set[fx.Node]] = {}
         for site in linear_sites(gm):
             readers.setdefault(site.weight, set()).add(site.input)
-        observers = self._observe(gm, self._samples(ctx, "smoothing factors"), list(groups), ChannelMaxObserver)
-        done: dict[str, dict] = {}
-        for x, sites in groups.items():
-            weights = sorted({site.weight for site in sites})
-            if any(readers[w] != {x} for w in weights):
+        for x, sites in list(groups.items()):
+            if any(readers[site.weight] != {x} for site in sites):
                 log.warning("not smoothing %s: its weights are shared with Linears reading other inputs", sites[0].module_path)
-                continue
-            x_max = observers[x].amax
-            if x_max is None:
-                raise PassError(f"calibration never reached {sites[0].module_path}")
-            w_max = torch.cat([get_tensor(gm, w).detach().float().abs() for w in weights]).amax(dim=0)
-            factors = (x_max.clamp(min=SMOOTH_EPS) ** alpha / w_max.clamp(min=SMOOTH_EPS) ** (1 - alpha)).clamp(min=SMOOTH_EPS)
-            for w in weights:
-                tensor = get_tensor(gm, w)
-                set_tensor(gm, w, (tensor.detach().float() * factors).to(tensor.dtype))
-            how = "layer_norm" if self._fold_into_layer_norm(gm, x, sites, factors) else "mul"
-            if how == "mul":
-                self._insert_divide(gm, x, sites, factors, ctx.source)
-            done[x.name] = {"layers": [s.module_path for s in sites], "folded_into": how, "max_factor": float(factors.max()), "min_factor": float(factors.min())}
-        return done
+                del groups[x]
+        return groups
+
+    def _scale_inputs(self, gm: fx.GraphModule, x: fx.Node, sites: list[LinearSite], factors: torch.Tensor, source: str) -> dict:
+        """Multiply the group's weight columns by `factors` and divide its input by them (rule 5)."""
+        for w in sorted({site.weight for site in sites}):
+            tensor = get_tensor(gm, w)
+            set_tensor(gm, w, (tensor.detach().float() * factors).to(tensor.dtype))
+        how = "layer_norm" if self._fold_into_layer_norm(gm, x, sites, factors) else "mul"
+        if how == "mul":
+            self._insert_divide(gm, x, sites, factors, source)
+        return {"layers": [s.module_path for s in sites], "folded_into": how, "max_factor": float(factors.max()), "min_factor": float(factors.min())}
 
     def _fold_into_layer_norm(self, gm: fx.GraphModule, x: fx.Node, sites: list[LinearSite], factors: torch.Tensor) -> bool:
         """Divide an affine layer_norm's weight and bias by `factors` if only `sites` read it."""

@@ -1,0 +1,92 @@
+"""What wanda and sparsegpt share: block-by-block pruning on measured layer inputs.
+
+The selected Linears are visited group by group in graph order (`passes/calibration.py`), each
+group's input measured on the calibration samples with the earlier groups already pruned, so a
+layer is pruned for the inputs the pruned model really gives it. The method (`prune_weight`)
+returns the new weight: zeros where pruned (`structure = unstructured`: `round(sparsity * in)`
+per output row; `structure = nm`: `m - n` of every `m` consecutive inputs), shapes unchanged.
+A weight read by several inputs is pruned on the first one's statistics.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from torch import fx
+
+from passes.base import PassContext, PassError, PassResult
+from passes.calibration import InputStats, load_calibration, output_error, sequential
+from passes.graph_utils import LinearSite, get_tensor, select_linears, set_tensor
+from passes.prune.common import PruneMethodPass, mark_users, unique_weights
+
+
+class CalibratedPrunePass(PruneMethodPass):
+    """Base of the calibrated prune methods: subclasses implement `prune_weight`."""
+
+    label: ClassVar[str]
+
+    def prune_weight(self, w: torch.Tensor, stats: InputStats) -> torch.Tensor:
+        """The pruned (and possibly updated) weight for inputs described by `stats`."""
+        raise NotImplementedError
+
+    @property
+    def nm(self) -> tuple[int, int] | None:
+        return (self.options.n, self.options.m) if self.options.structure == "nm" else None
+
+    def requires(self, gm: fx.GraphModule, ctx: PassContext) -> None:
+        super().requires(gm, ctx)
+        weights = unique_weights(gm, ctx)
+        if not weights:
+            raise PassError(f"prune ({self.options.method}) found no Linear layer in the selection {sorted(ctx.targets)[:5]}")
+        m = self.options.m
+        bad = [name.rsplit(".", 1)[0] for name in weights if get_tensor(gm, name).shape[1] % m]
+        if self.nm and bad:
+            raise PassError(f"N:M pruning with m = {m} needs in_features divisible by {m}; not so for {bad[:3]}")
+
+    def call(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        opts = self.options
+        linears = select_linears(gm, ctx.targets)
+        samples = load_calibration(ctx, opts.calibration, opts.calibration_samples, f"{opts.method} pruning")
+        sparsity: dict[str, float] = {}
+        errors: dict[str, float] = {}
+
+        def solve(sites: list[LinearSite], stats: InputStats) -> None:
+            for site in sites:
+                if site.module_path in sparsity:  # already pruned on an earlier input
+                    continue
+                weight = get_tensor(gm, site.weight)
+                w = weight.detach().float()
+                pruned = self.prune_weight(w, stats)
+                errors[site.module_path] = output_error(w, pruned, stats.hessian)
+                sparsity[site.module_path] = round(float((pruned == 0).float().mean()), 6)
+                set_tensor(gm, site.weight, pruned.to(weight.dtype))
+
+        seconds = sequential(gm, samples, linears, solve, opts.method)
+        weights = unique_weights(gm, ctx)
+        mark_users(gm, weights, ctx.source)
+        total = sum(get_tensor(gm, name).numel() for name in weights)
+        zeros = sum(int((get_tensor(gm, name) == 0).sum()) for name in weights)
+        pattern = f"{opts.n}:{opts.m}" if self.nm else f"{opts.sparsity:.1%} per row"
+        summary = f"pruned {len(weights)} Linear to {zeros / total:.1%} sparsity ({self.label}, {pattern}) in {seconds:.1f}s"
+        details = {
+            "method": opts.method, "structure": opts.structure, "sparsity": sparsity, "output_error": errors,
+            "zeros": zeros, "total": total, "seconds": round(seconds, 3),
+        }
+        return PassResult(summary, details)
+
+    def ensures(self, gm: fx.GraphModule, ctx: PassContext) -> None:
+        opts = self.options
+        for name in unique_weights(gm, ctx):
+            w = get_tensor(gm, name)
+            if self.nm:
+                if int((w.reshape(w.shape[0], -1, opts.m) != 0).sum(-1).max()) > opts.n:
+                    raise PassError(f"{name} breaks the {opts.n}:{opts.m} pattern after pruning")
+            elif int((w == 0).sum(1).min()) < round(opts.sparsity * w.shape[1]):
+                raise PassError(f"{name} has a row with fewer than {round(opts.sparsity * w.shape[1])} zeros after pruning")
+
+
+def drop_smallest(score: torch.Tensor, drop: int) -> torch.Tensor:
+    """Boolean mask, True at the `drop` lowest scores of each row (ties broken by position)."""
+    mask = torch.zeros_like(score, dtype=torch.bool)
+    return mask.scatter_(1, torch.argsort(score, dim=1, stable=True)[:, :drop], True)

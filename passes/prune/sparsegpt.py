@@ -1,0 +1,62 @@
+"""`prune { method = sparsegpt }` (Frantar & Alistarh 2023): mask chosen on the layer inputs'
+Hessian, the kept weights updated to compensate (optimal brain surgeon, one column at a time).
+
+With H = X^T X / n damped like GPTQ and U the upper Cholesky factor of H^-1, columns are
+visited left to right in blocks of 128. At the start of a block (unstructured) or of each group
+of `m` columns (`structure = nm`), the weights of lowest `w^2 / U_jj^2` (the OBS saliency) are
+chosen for pruning within each output row: `round(sparsity * in)` per row in total, spread over
+the blocks, or `m - n` per group. Each column's removal error is then propagated onto the
+columns to its right through U, as in GPTQ (which rounds where SparseGPT zeroes).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from passes.calibration import InputStats, damped_inverse_factor
+from passes.prune.calibrated import CalibratedPrunePass, drop_smallest
+
+#: Columns pruned before the lazy update of the rest.
+BLOCK_SIZE = 128
+#: Dampening of the Hessian's diagonal (fraction of its mean), as in the paper's code.
+DAMP = 0.01
+
+
+def sparsegpt(
+    w: torch.Tensor, hessian: torch.Tensor, sparsity: float, nm: tuple[int, int] | None = None, block_size: int = BLOCK_SIZE
+) -> torch.Tensor:
+    """The pruned and updated weight w [out, in] for inputs with H [in, in]."""
+    w = w.detach().float().clone()
+    k = w.shape[1]
+    if nm is not None:
+        block_size = max(nm[1], block_size // nm[1] * nm[1])  # N:M groups never straddle a block
+    u = damped_inverse_factor(hessian, DAMP)
+    for i1 in range(0, k, block_size):
+        i2 = min(i1 + block_size, k)
+        w1, u1 = w[:, i1:i2].clone(), u[i1:i2, i1:i2]
+        saliency_scale = torch.diag(u1)[None, :] ** 2
+        if nm is None:
+            mask = drop_smallest(w1**2 / saliency_scale, round(sparsity * i2) - round(sparsity * i1))
+        else:
+            mask = torch.zeros_like(w1, dtype=torch.bool)
+        pruned, errors = torch.zeros_like(w1), torch.zeros_like(w1)
+        for i in range(i2 - i1):
+            if nm is not None and i % nm[1] == 0:
+                n, m = nm
+                mask[:, i : i + m] = drop_smallest(w1[:, i : i + m] ** 2 / saliency_scale[:, i : i + m], m - n)
+            column = w1[:, i]
+            pruned[:, i] = column.masked_fill(mask[:, i], 0.0)
+            errors[:, i] = (column - pruned[:, i]) / u1[i, i]
+            w1[:, i:] -= errors[:, i : i + 1] * u1[i : i + 1, i:]
+        w[:, i1:i2] = pruned
+        w[:, i2:] -= errors @ u[i1:i2, i2:]
+    return w
+
+
+class SparseGPTPass(CalibratedPrunePass):
+    """See the module docstring."""
+
+    label = "sparsegpt"
+
+    def prune_weight(self, w: torch.Tensor, stats: InputStats) -> torch.Tensor:
+        return sparsegpt(w, stats.hessian, self.options.sparsity, self.nm)

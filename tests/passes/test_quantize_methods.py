@@ -1,0 +1,172 @@
+"""quantize { method = gptq | awq }: the algorithms against round-to-nearest, and through the pass."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+import torch
+from pydantic import ValidationError
+
+from pass_helpers import make_ctx, modules_of_type
+from passes import qops
+from passes.calibration import sequential
+from passes.graph_utils import get_tensor, select_linears, set_tensor
+from passes.manager import PassManager
+from passes.options import Quantize
+from passes.quantize.awq import relative_errors, search_alpha
+from passes.quantize.gptq import gptq
+from passes.quantize.weights import WeightFormat, rtn
+from passes.registry import load_pass
+
+INT8 = WeightFormat("int8", "per_channel", 32, True, 127)
+INT8_7BIT_TENSOR = WeightFormat("int8", "per_tensor", 32, True, 63)
+INT4 = WeightFormat("int4", "per_group", 32, True, 127)
+INT4_ASYM = WeightFormat("int4", "per_group", 64, False, 127)
+
+
+def correlated_inputs(rows: int = 2048, k: int = 160, rank: int = 12, seed: int = 0) -> torch.Tensor:
+    """Inputs whose channels are strongly correlated (low rank plus a little noise), like real activations."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(rows, rank, generator=g) @ torch.randn(rank, k, generator=g) + 0.1 * torch.randn(rows, k, generator=g)
+
+
+@pytest.mark.parametrize("fmt", [INT8, INT8_7BIT_TENSOR, INT4, INT4_ASYM], ids=["int8", "int8-7bit-tensor", "int4", "int4-asym"])
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_with_identity_hessian_is_round_to_nearest(fmt, act_order):
+    """With H = I no error has anywhere to go: every stored byte equals rtn's (K = 200 pads the last int4 group)."""
+    w = torch.randn(24, 200, generator=torch.Generator().manual_seed(1))
+    got, want = gptq(w, torch.eye(200), fmt, act_order=act_order), rtn(w, fmt)
+    assert got.tensors.keys() == want.tensors.keys()
+    for key, tensor in want.tensors.items():
+        assert got.tensors[key].dtype == tensor.dtype
+        assert torch.equal(got.tensors[key], tensor), key
+    assert torch.equal(got.w_hat, want.w_hat)
+
+
+@pytest.mark.parametrize("fmt", [INT8, INT4, INT4_ASYM], ids=["int8", "int4", "int4-asym"])
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_beats_rtn_on_correlated_inputs(fmt, act_order):
+    x = correlated_inputs()
+    w = torch.randn(48, x.shape[1], generator=torch.Generator().manual_seed(2)) * 0.05
+    got = gptq(w, x.t() @ x / x.shape[0], fmt, act_order=act_order)
+    ours, plain = relative_errors(x, [w, w], [got.w_hat, rtn(w, fmt).w_hat])
+    print(f"gptq {fmt.scheme} sym={fmt.symmetric} act_order={act_order}: output error {ours:.4f} vs rtn {plain:.4f}")
+    assert ours < 0.5 * plain
+    # The stored values respect the formats: int8 within the CPU's range, int4 in its own layout.
+    if fmt.scheme == "int8":
+        assert got.tensors["qweight"].abs().max() <= fmt.weight_max
+    else:
+        unpacked = qops.unpack_int4(got.tensors["packed"], got.tensors["scales"], got.tensors.get("zero_points"), w.shape[1], fmt.group_size)
+        assert torch.equal(unpacked, got.w_hat)
+
+
+@pytest.mark.parametrize("fmt", [INT4, INT8], ids=["int4", "int8"])
+def test_awq_search_beats_plain_rounding_with_outlier_channels(fmt):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(1024, 128, generator=g)
+    x[:, :4] *= 30  # a few outlier input channels, as after GELU/LayerNorm in real models
+    w = torch.randn(64, 128, generator=g) * 0.05
+    alpha, factors, (ours,) = search_alpha([w], x.abs().mean(0), x, fmt)
+    (plain,) = relative_errors(x, [w], [rtn(w, fmt).w_hat])
+    print(f"awq {fmt.scheme}: alpha {alpha:.3f}, output error {ours:.4f} vs rtn {plain:.4f}")
+    assert alpha > 0 and ours < 0.8 * plain
+    assert factors[:4].min() > factors[4:].max()  # the outliers get the largest factors
+
+
+def test_sequential_calibrates_on_the_compressed_outputs():
+    """The second Linear's input is captured after the first one's weight was replaced."""
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8, bias=False), torch.nn.Linear(8, 4))
+    x = torch.randn(5, 8)
+    gm = torch.export.export(model, (), kwargs={"input": x}).module()
+    y = x @ (0.5 * model[0].weight.detach()).t()
+    seen = {}
+
+    def solve(sites, stats):
+        seen[sites[0].module_path] = stats.hessian
+        set_tensor(gm, sites[0].weight, 0.5 * get_tensor(gm, sites[0].weight).detach())
+
+    sequential(gm, [{"input": x}], select_linears(gm, {"0", "1"}), solve, "test")
+    torch.testing.assert_close(seen["0"], x.t() @ x / 5)
+    torch.testing.assert_close(seen["1"], y.t() @ y / 5)
+    assert not [name for name, _ in gm.named_children() if name.startswith("planc_calibration")]
+
+
+def _samples(inputs, count=4):
+    g = torch.Generator().manual_seed(4)
+    return [
+        {"input_ids": torch.randint(1, 256, inputs["input_ids"].shape, generator=g), "attention_mask": torch.ones_like(inputs["attention_mask"])}
+        for _ in range(count)
+    ] + [inputs]
+
+
+def _quantize(small_gpt, **options):
+    model, inputs, gm = small_gpt
+    targets = modules_of_type(model, "Linear") - {"lm_head"}
+    calls = []
+
+    def load_samples(path, count):
+        calls.append((path, count))
+        return _samples(inputs)
+
+    ctx = make_ctx(model, inputs, targets, load_samples=load_samples)
+    out, (record,) = PassManager().run(gm, [(load_pass(Quantize(**options)), ctx)])
+    if options.get("method", "rtn") != "rtn":
+        assert calls == [("cal.txt", options.get("calibration_samples", 32))]
+    return out, record
+
+
+def _signature(gm):
+    ops = Counter(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+    tensors = {name: (t.dtype, tuple(t.shape)) for name, t in list(gm.named_buffers()) + list(gm.named_parameters())}
+    return ops, tensors
+
+
+@pytest.mark.parametrize("options", [{"scheme": "int8"}, {"scheme": "int4", "group_size": 32, "symmetric": False}], ids=["int8", "int4"])
+def test_gptq_through_the_pass_matches_rtn_layout(small_gpt, options):
+    model, inputs, _ = small_gpt
+    plain, _ = _quantize(small_gpt, **options)
+    out, record = _quantize(small_gpt, method="gptq", calibration="cal.txt", act_order=True, **options)
+    assert _signature(out) == _signature(plain)  # same ops, same buffers: the ONNX lowering applies unchanged
+    details = record.details
+    assert details["method"] == "gptq" and details["seconds"] >= 0 and details["damp"] == 0.01
+    layers = details["layers"]
+    assert len(layers) == 12 and all("output_error" in info for info in layers.values())
+    ours = sum(info["output_error"] for info in layers.values())
+    plain_error = sum(info["rtn_output_error"] for info in layers.values())
+    print(f"gptq {options['scheme']} on the GPT: mean layer output error {ours / 12:.4f} vs rtn {plain_error / 12:.4f}")
+    assert ours < 0.8 * plain_error
+    with torch.no_grad():
+        ref, got = model(**inputs), out(**inputs)
+    assert float((got - ref).norm() / ref.norm()) < (0.02 if options["scheme"] == "int8" else 0.1)
+
+
+def test_awq_through_the_pass(small_gpt):
+    model, inputs, _ = small_gpt
+    plain, _ = _quantize(small_gpt, scheme="int4")
+    out, record = _quantize(small_gpt, method="awq", scheme="int4", calibration="cal.txt", calibration_samples=3)
+    (ops, tensors), (plain_ops, plain_tensors) = _signature(out), _signature(plain)
+    # Same integer ops and buffers as rtn; the inputs not folded into a layer_norm gain a mul by 1 / s.
+    mul = str(torch.ops.aten.mul.Tensor)
+    assert {op: n for op, n in ops.items() if op != mul} == {op: n for op, n in plain_ops.items() if op != mul}
+    assert {name: t for name, t in tensors.items() if not name.endswith("smooth_inverse")} == plain_tensors
+    scaled = record.details["smooth"]
+    assert len(scaled) == 8 and all(0.0 <= info["alpha"] <= 1.0 for info in scaled.values())
+    assert {info["folded_into"] for info in scaled.values()} == {"layer_norm", "mul"}
+    layers = record.details["layers"].values()
+    assert all(info["output_error"] <= info["rtn_output_error"] + 1e-6 for info in layers)
+    with torch.no_grad():
+        ref, got = model(**inputs), out(**inputs)
+    # A randomly initialized GPT has no activation outliers for the scales to tame: about rtn's error.
+    assert float((got - ref).norm() / ref.norm()) < 0.2
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq"])
+def test_calibrated_methods_need_calibration(method):
+    with pytest.raises(ValidationError, match="calibration"):
+        Quantize(method=method)
+    with pytest.raises(ValidationError, match="damp and act_order belong to method = gptq"):
+        Quantize(act_order=True)
+    with pytest.raises(ValidationError, match="awq searches alpha"):
+        Quantize(method="awq", calibration="c.txt", smooth=0.5)
+    assert Quantize(method=method, calibration="c.txt").implementation().endswith(f"{method}:{method.upper()}Pass")
