@@ -17,6 +17,7 @@ from typing import Any
 from compiler import ir
 from compiler.explain import explain
 from compiler.irdump import dump_ir
+from compiler.mixed_precision import resolve_precision
 from compiler.targets import Job, Progress, target_kinds
 from compiler.validate import Checked, load_plan
 from dsl.parser import parse_file
@@ -256,6 +257,10 @@ def compile_plan(
     if out_dir is None:
         raise error_at(plan.span, "compile needs an output directory (-o DIR)")
     selected.sort(key=lambda t: kinds[t.kind].order)
+    plan, precision = resolve_precision(plan, job, lambda trial, captured: run_pipeline(trial, captured)[0])
+    if precision is not None:  # the pipeline now spells out the int4/int8 assignment
+        job = make_job(plan, job.out_dir, model, progress)
+        job.shared["mixed_precision"] = precision
     result = Result(plan)
     for target in selected:
         job.out_dir = Path(out_dir) if len(selected) == 1 else Path(out_dir) / target.kind

@@ -171,6 +171,11 @@ class Quantize(PassOptions):
     #: inputs) and its weight column multiplied by s_j before quantization: for int8 it tames the
     #: activation outliers (SmoothQuant); for int4 it gives salient input channels finer weight steps.
     smooth: float | None = Field(None, ge=0.0, le=1.0)
+    #: int4 only: the precision of the layers the plan's verify goal cannot afford at int4. The
+    #: compiler measures each layer's sensitivity on the calibration data and keeps int4 for as
+    #: many of the least sensitive ones as the goal allows (`compiler/mixed_precision.py`); the
+    #: resolved plan spells the assignment out as one int4 and one int8 step.
+    fallback: Literal["int8"] | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -194,6 +199,10 @@ class Quantize(PassOptions):
             raise ValueError(f'method = {self.method} calibrates on layer inputs: it needs calibration = "file.txt"')
         if self.method != "gptq" and (self.act_order or self.damp != GPTQ_DAMP):
             raise ValueError("damp and act_order belong to method = gptq")
+        if self.fallback is not None and self.scheme != "int4":
+            raise ValueError("fallback = int8 mixes int4 with int8: it belongs to scheme = int4")
+        if self.fallback is not None and self.calibration is None:
+            raise ValueError('fallback measures each layer on calibration data: it needs calibration = "file.txt"')
         if self.method == "awq" and self.smooth is not None:
             raise ValueError("method = awq searches alpha itself: drop smooth (smooth = alpha is the fixed-alpha form)")
         return self

@@ -40,6 +40,14 @@ class OnnxKind:
             problems += self._heldout(plan, options.verify.data, span)
         if options.decode and options.decode.heldout:
             problems.append(missing_file(base, options.decode.heldout, spans.get("decode.heldout", target.span)))
+        for step in plan.pipeline:
+            if isinstance(step.options, Quantize) and step.options.fallback:
+                span = step.option_spans.get("fallback", step.span)
+                if options.decode is not None:
+                    problems.append(Diagnostic("error", "fallback = int8 mixes precisions in exported graphs; a decode target quantizes every projection alike", span))
+                elif options.verify.goal is None:
+                    problems.append(Diagnostic("error", "fallback = int8 keeps int4 where the verify goal allows: give `verify` a goal", span,
+                                               ('e.g. verify { metric = cosine, goal = ">= 0.99", data = "heldout.txt" }',)))
         if options.providers == ["cpu"]:
             for step in plan.pipeline:
                 if isinstance(step.options, Cast) and step.options.dtype == "bf16":
@@ -150,6 +158,10 @@ class OnnxKind:
             {"name": r.name, "summary": r.summary, "params": [r.before.params, r.after.params], "bytes": [r.before.bytes, r.after.bytes]}
             for r in records
         ]
+        precision = job.shared.get("mixed_precision")
+        if precision:
+            summaries.insert(0, {"name": "mixed precision", "summary": f"{len(precision['int4'])} of "
+                                 f"{len(precision['int4']) + len(precision['int8'])} Linears at int4, the rest at int8", **precision})
         job.progress("exporting to ONNX, verifying against the original model, benchmarking")
         reference = dataclasses.replace(model, model=original.model)
         result = onnx_artifact.build_onnx_artifact(graph, reference, options, job.out_dir, summaries, explain(job.plan))

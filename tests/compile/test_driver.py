@@ -156,3 +156,38 @@ def test_int4_decoder_keeps_the_faster_compute_that_meets_the_goal(plans: Path) 
     levels = {a.i for n in onnx.load(str(plans / "out" / "model.onnx")).graph.node if n.op_type == "MatMulNBits"
               for a in n.attribute if a.name == "accuracy_level"}
     assert levels == {choice["accuracy_level"]}
+
+
+def test_mixed_precision_keeps_int4_where_the_goal_allows(plans: Path) -> None:
+    """`fallback = int8`: the resolved plan names the int4 and int8 layers, the artifact meets its goal."""
+    import json
+
+    import onnx
+
+    data = ROOT / "examples" / "data"
+    plan = plans / "mixed.plan"
+    plan.write_text(GPT + "pipeline {\n  quantize Linear {\n    scheme = int4, group_size = 16, fallback = int8\n"
+                    f'    calibration = "{data / "sentences.txt"}", calibration_samples = 8\n  }}\n}}\n'
+                    f'target onnx {{ verify {{ metric = cosine, goal = ">= 0.999", data = "{data / "heldout_sentences.txt"}", samples = 8 }}, '
+                    "bench { runs = 3, seq = 32 } }\n")
+    code, _, err = planc("compile", str(plan), "-o", str(plans / "out"))
+    assert code == 0, err
+    report = json.loads((plans / "out" / "report.json").read_text())
+    precision = next(p for p in report["passes"] if p["name"] == "mixed precision")
+    layers = set(precision["int4"]) | set(precision["int8"])
+    assert len(layers) == 2 * 6 + 1 and set(precision["sensitivity"]) == layers
+    assert report["accuracy"]["passed"] is True and report["accuracy"]["value"] >= 0.999
+    resolved = (plans / "out" / "plan.resolved").read_text()
+    assert resolved.count("quantize ") == (2 if precision["int4"] and precision["int8"] else 1)
+    assert "fallback" not in resolved and all(f'name("{layer}")' in resolved for layer in layers)
+    nbits = [n for n in onnx.load(str(plans / "out" / "model.onnx")).graph.node if n.op_type == "MatMulNBits"]
+    assert len(nbits) == len(precision["int4"])
+
+
+def test_mixed_precision_needs_a_goal(plans: Path) -> None:
+    plan = plans / "nogoal.plan"
+    plan.write_text(GPT + 'pipeline { quantize Linear { scheme = int4, fallback = int8, calibration = "c.txt" } }\n'
+                    "target onnx { }\n")
+    (plans / "c.txt").write_text("hello\n")
+    code, _, err = planc("check", str(plan))
+    assert code == 1 and "fallback = int8 keeps int4 where the verify goal allows" in err and f"{plan}:2:" in err
