@@ -80,7 +80,7 @@ class InputStats(nn.Module):
             self.rows.append(take)
             self.kept += take.shape[0]
         if self.stop:
-            raise _Reached
+            raise Reached
         return x
 
     @property
@@ -110,8 +110,36 @@ class InputStats(nn.Module):
         return torch.cat(self.rows)
 
 
-class _Reached(Exception):
+class Reached(Exception):
     """Raised by a stopping observer: the rest of the forward pass is not needed."""
+
+
+def observe(gm: fx.GraphModule, samples: Samples, nodes: list[fx.Node], factory: Callable[[], nn.Module]) -> dict[fx.Node, nn.Module]:
+    """Run `samples` through `gm` (the graph as it is now) with an observer made by `factory`
+    on each of `nodes`; the observers are removed again. An observer may raise `Reached` to end
+    a forward pass early (nothing after what it watches is needed)."""
+    observers: dict[fx.Node, nn.Module] = {}
+    inserted: list[fx.Node] = []
+    for index, source in enumerate(dict.fromkeys(nodes)):
+        name = f"planc_observer_{index}"
+        observers[source] = factory()
+        gm.add_submodule(name, observers[source])
+        with gm.graph.inserting_after(source):
+            inserted.append(gm.graph.call_module(name, (source,)))
+    gm.recompile()
+    try:
+        with torch.no_grad():
+            for sample in samples:
+                try:
+                    gm(**sample)
+                except Reached:
+                    pass
+    finally:
+        for node in inserted:
+            gm.graph.erase_node(node)
+            delattr(gm, str(node.target))
+        gm.recompile()
+    return observers
 
 
 def capture(
@@ -122,28 +150,8 @@ def capture(
     A single node is captured with a stopping observer: nothing after it runs. `gram = False`
     skips the [in, in] Gram matrix (AWQ captures every input at once and needs only mean |X|).
     """
-    observers: dict[fx.Node, InputStats] = {}
-    inserted: list[fx.Node] = []
-    for index, source in enumerate(dict.fromkeys(nodes)):
-        name = f"planc_calibration_{index}"
-        observers[source] = InputStats(keep_rows, stop=len(nodes) == 1, gram=gram)
-        gm.add_submodule(name, observers[source])
-        with gm.graph.inserting_after(source):
-            inserted.append(gm.graph.call_module(name, (source,)))
-    gm.recompile()
-    try:
-        with torch.no_grad():
-            for sample in samples:
-                try:
-                    gm(**sample)
-                except _Reached:
-                    pass
-    finally:
-        for node in inserted:
-            gm.graph.erase_node(node)
-            delattr(gm, str(node.target))
-        gm.recompile()
-    return observers
+    stop = len(set(nodes)) == 1
+    return observe(gm, samples, nodes, lambda: InputStats(keep_rows, stop=stop, gram=gram))  # type: ignore[return-value]
 
 
 def sequential(

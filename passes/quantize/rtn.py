@@ -47,7 +47,7 @@ from torch import fx, nn
 
 import passes.qops as qops
 from passes.base import GraphPass, PassContext, PassError, PassResult
-from passes.calibration import load_calibration
+from passes.calibration import load_calibration, observe
 from passes.cpu import int8_format
 from passes.graph_utils import (
     EmbeddingSite,
@@ -295,34 +295,10 @@ class QuantizePass(GraphPass[Quantize]):
         """The plan's calibration samples, or the example inputs when there is no file or loader."""
         return load_calibration(ctx, self.options.calibration, self.options.calibration_samples, purpose)
 
-    def _observe(self, gm: fx.GraphModule, samples: list[dict], nodes: list[fx.Node], factory) -> dict[fx.Node, nn.Module]:
-        """Run `samples` through `gm` with an observer (made by `factory`) on each of `nodes`."""
-        observers: dict[fx.Node, nn.Module] = {}
-        inserted: list[fx.Node] = []
-        for source in nodes:
-            if source in observers:
-                continue
-            name = f"planc_observer_{len(observers)}"
-            observers[source] = factory()
-            gm.add_submodule(name, observers[source])
-            with gm.graph.inserting_after(source):
-                inserted.append(gm.graph.call_module(name, (source,)))
-        gm.recompile()
-        try:
-            with torch.no_grad():
-                for sample in samples:
-                    gm(**sample)
-        finally:
-            for node in inserted:
-                gm.graph.erase_node(node)
-                delattr(gm, str(node.target))
-            gm.recompile()
-        return observers
-
     def _calibrate(self, gm: fx.GraphModule, ctx: PassContext, linears: list[LinearSite]) -> dict[str, tuple[float, float]]:
         """Observed [min, max] of each selected Linear's input, keyed by the linear node's name."""
         samples = self._samples(ctx, "static scales")
-        observers = self._observe(gm, samples, [site.input for site in linears], MinMaxObserver)
+        observers = observe(gm, samples, [site.input for site in linears], MinMaxObserver)
         unseen = [site.module_path for site in linears if observers[site.input].batches == 0]
         if unseen:
             raise PassError(f"calibration never reached {unseen[:3]}")
@@ -334,7 +310,7 @@ class QuantizePass(GraphPass[Quantize]):
         """SmoothQuant (rule 5), in place; returns {input node: how its factors were applied}."""
         alpha = float(self.options.smooth)  # type: ignore[arg-type]
         groups = self._smoothable(gm, linears)
-        observers = self._observe(gm, self._samples(ctx, "smoothing factors"), list(groups), ChannelMaxObserver)
+        observers = observe(gm, self._samples(ctx, "smoothing factors"), list(groups), ChannelMaxObserver)
         done: dict[str, dict] = {}
         for x, sites in groups.items():
             x_max = observers[x].amax
