@@ -20,6 +20,7 @@ import json
 import logging
 import shutil
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -39,6 +40,7 @@ from backends.onnx.cache_adapter import (
 )
 from backends.onnx.decoder_tokenizer import HF_TOKENIZER_FILES
 from backends.onnx.export import initializer_bytes, save_model
+from passes.options import Quantize
 
 logger = logging.getLogger(__name__)
 
@@ -119,8 +121,10 @@ def load_hf_decoder(path: str | Path) -> nn.Module:
     return load_hf_directory(path, "causal_lm")
 
 
-def _export_inputs(adapter: CacheAdapter) -> tuple:
-    """Realistic example inputs: real ids, left padding in one row, a non-empty past."""
+def _export_inputs(adapter: CacheAdapter) -> dict[str, Any]:
+    """Realistic example inputs by name: real ids, left padding in one row, a non-empty past.
+
+    Graphs are captured with keyword inputs, so passes can run them as `gm(**sample)`."""
     gen = torch.Generator().manual_seed(0)
     batch, past_len, seq = 2, 3, 5
     vocab = adapter.vocab_size()
@@ -128,7 +132,16 @@ def _export_inputs(adapter: CacheAdapter) -> tuple:
     mask = torch.ones(batch, past_len + seq, dtype=torch.int64)
     mask[1, :2] = 0
     positions = position_ids_from_mask(mask)[:, past_len:]
-    return ids, mask, positions, empty_past(adapter.cache_layout(), batch, past_len, gen)
+    past = empty_past(adapter.cache_layout(), batch, past_len, gen)
+    return {"input_ids": ids, "attention_mask": mask, "position_ids": positions, "past": past}
+
+
+def decoder_inputs(adapter: CacheAdapter, sample: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """A tokenized text (`input_ids`, `attention_mask`) as a prefill of the cache graph: no past."""
+    ids = sample["input_ids"]
+    mask = sample.get("attention_mask", torch.ones_like(ids))
+    return {"input_ids": ids, "attention_mask": mask, "position_ids": position_ids_from_mask(mask),
+            "past": empty_past(adapter.cache_layout(), ids.shape[0])}
 
 
 # ----------------------------------------------------------------------------- export
@@ -158,7 +171,8 @@ def capture_decoder(model: nn.Module) -> torch.fx.GraphModule:
         with torch.no_grad(), torch.fx.experimental._config.patch(backed_size_oblivious=True):
             program = torch.export.export(
                 adapter,
-                _export_inputs(adapter),
+                (),
+                kwargs=_export_inputs(adapter),
                 dynamic_shapes=_dynamic_shapes(len(adapter.cache_layout())),
                 strict=False,
             )
@@ -184,7 +198,8 @@ def export_onnx(adapter: CacheAdapter, opset: int = 18, graph: torch.fx.GraphMod
             warnings.simplefilter("ignore")  # axis-renaming and pytree deprecation notes of the exporter
             program = torch.onnx.export(
                 adapter.eval() if graph is None else graph,
-                _export_inputs(adapter),
+                (),
+                kwargs=_export_inputs(adapter),
                 dynamo=True,
                 dynamic_shapes=_dynamic_shapes(n_layer),
                 input_names=input_names(n_layer),
@@ -201,13 +216,25 @@ def export_onnx(adapter: CacheAdapter, opset: int = 18, graph: torch.fx.GraphMod
     return model
 
 
-def quantize_with_planc(model: nn.Module, scheme: Quantization, group_size: int = 32, cpu: str = "auto") -> torch.fx.GraphModule:
-    """The decoder graph with every Linear rewritten by planc's quantize pass (integer weights)."""
-    from passes.base import PassContext
-    from passes.graph_utils import linear_sites
-    from passes.options import Quantize
-    from passes.quantize import QuantizePass
+def quantize_with_planc(
+    model: nn.Module,
+    options: Quantize | Quantization,
+    cpu: str = "auto",
+    load_samples: Callable[[str, int], list[dict[str, torch.Tensor]]] | None = None,
+) -> torch.fx.GraphModule:
+    """The decoder's cache graph with every Linear rewritten by the plan's quantize step.
 
+    The step runs through planc's registry and pass manager like any other, with all of its
+    options (method, smoothing, calibration); `load_samples(path, count)` gives tokenized texts
+    for calibration, fed to the graph as prefills.
+    """
+    from passes.base import PassContext, PassError
+    from passes.graph_utils import linear_sites
+    from passes.manager import PassManager
+    from passes.registry import load_pass
+
+    if isinstance(options, str):
+        options = Quantize(scheme=options)
     gm = capture_decoder(model)
     targets = frozenset(site.module_path for site in linear_sites(gm))
     if not targets:
@@ -215,24 +242,21 @@ def quantize_with_planc(model: nn.Module, scheme: Quantization, group_size: int 
             f"planc's quantize pass finds no Linear in {type(model).__name__} "
             "(GPT-2's Conv1D layers are not Linears): use quantizer='ort'"
         )
-    options = Quantize(scheme=scheme, group_size=group_size) if scheme == "int4" else Quantize(scheme=scheme)
-    quantize = QuantizePass(options)
     adapter = adapt(model)
-    ids, mask, positions, past = _export_inputs(adapter)
     ctx = PassContext(
         model=model,
-        example_inputs={"input_ids": ids, "attention_mask": mask, "position_ids": positions},
+        example_inputs=_export_inputs(adapter),
         targets=targets,
         source="decoder export",
         cpu=cpu,
+        load_samples=None if load_samples is None else lambda path, count: [decoder_inputs(adapter, s) for s in load_samples(path, count)],
     )
-    quantize.requires(gm, ctx)
-    result = quantize.call(gm, ctx)
-    gm.graph.lint()
-    gm.recompile()
-    quantize.ensures(gm, ctx)
-    logger.info("planc quantize: %s", result.summary)
-    return gm
+    try:
+        graph, records = PassManager().run(gm, [(load_pass(options), ctx)])
+    except PassError as error:
+        raise UnsupportedDecoder(f"planc's quantize step cannot rewrite {type(model).__name__}: {error.message}") from error
+    logger.info("planc quantize: %s", records[-1].summary)
+    return graph
 
 
 def _name_total_length(model) -> None:
@@ -377,7 +401,7 @@ def export_decoder(
     model: nn.Module | str | Path,
     out_dir: str | Path,
     *,
-    quantize: Quantization | None = None,
+    quantize: Quantize | Quantization | None = None,
     group_size: int = 32,
     quantizer: Literal["auto", "planc", "ort"] = "auto",
     fusions: bool = True,
@@ -386,13 +410,16 @@ def export_decoder(
     eos_token_id: int | list[int] | None = None,
     pad_token_id: int | None = None,
     graph: torch.fx.GraphModule | None = None,
+    load_samples: Callable[[str, int], list[dict[str, torch.Tensor]]] | None = None,
     cpu: str = "auto",
 ) -> DecoderSpec:
     """Write a decoder artifact (`model.onnx`, `decoder.json`, tokenizer files) as `out_dir`, atomically.
 
     `model` is an nn.Module (example GPT or HF causal LM) or a HF `save_pretrained` directory.
     `quantize` = "int8" stores per-channel int8 weights with dynamically quantized activations;
-    "int4" stores 4-bit weights in blocks of `group_size` (MatMulNBits). `quantizer` picks who
+    "int4" stores 4-bit weights in blocks of `group_size` (MatMulNBits); a plan's `Quantize`
+    options bring their method, smoothing and calibration (`load_samples(path, count)` reads
+    its texts). `quantizer` picks who
     quantizes: "planc" (the quantize pass on the captured graph, lowered by `lowering.py` and
     `optimize.py`), "ort" (ONNX Runtime's tools on the exported graph), "auto" (planc when the
     model's projections are Linears, else ort: GPT-2's Conv1D). `graph` is a `capture_decoder`
@@ -409,6 +436,10 @@ def export_decoder(
     eos_ids, pad = _special_ids(model, adapter.vocab_size(), eos_token_id, pad_token_id)
     out = Path(out_dir)
 
+    if isinstance(quantize, str):
+        quantize = Quantize(scheme=quantize, group_size=group_size) if quantize == "int4" else Quantize(scheme=quantize)
+    scheme = quantize.scheme if quantize is not None else None
+    group_size = quantize.group_size if quantize is not None else group_size
     if graph is not None and quantize is not None:
         raise ValueError("export_decoder(graph=...) takes an already transformed graph: quantize it with planc's pass, not here")
     chosen_automatically = quantizer == "auto"
@@ -416,7 +447,7 @@ def export_decoder(
         quantizer = "planc" if has_linear_projections(model) else "ort"
     if quantize is not None and quantizer == "planc":
         try:
-            graph = quantize_with_planc(model, quantize, group_size, cpu)
+            graph = quantize_with_planc(model, quantize, cpu, load_samples)
         except UnsupportedDecoder as error:
             if not chosen_automatically:
                 raise
@@ -444,7 +475,7 @@ def export_decoder(
         if quantize is not None and quantizer == "ort":
             from backends.onnx.decoder_quantize import quantize_decoder
 
-            quantize_decoder(path, path, quantize, group_size=group_size, cpu=cpu)
+            quantize_decoder(path, path, scheme, group_size=group_size, cpu=cpu)
         tok_entry = _copy_tokenizer(tokenizer_dir, Path(tmp))
         spec = DecoderSpec(
             family=adapter.family,
@@ -457,11 +488,11 @@ def export_decoder(
             eos_token_ids=eos_ids,
             pad_token_id=pad,
             tokenizer=tok_entry,
-            quantization=quantize,
+            quantization=scheme,
             quantizer=quantizer if quantize is not None else None,
-            group_size=group_size if quantize == "int4" else None,
+            group_size=group_size if scheme == "int4" else None,
             fusions=applied,
         )
         (Path(tmp) / SPEC_FILE).write_text(spec.to_json())
-    logger.info("decoder artifact written to %s (%s)", out, quantize or "fp32")
+    logger.info("decoder artifact written to %s (%s)", out, scheme or "fp32")
     return spec

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -44,8 +45,11 @@ def build_decoder_artifact(
     heldout: Path | None,
     pass_summaries: list[dict[str, Any]],
     plan_resolved: str,
+    load_samples: Callable[[str, int], list[dict[str, Any]]] | None = None,
 ) -> OnnxResult:
-    """Export `model` (an eager causal LM) with a key/value cache; verify; publish `out_dir`."""
+    """Export `model` (an eager causal LM) with a key/value cache; verify; publish `out_dir`.
+
+    `load_samples(path, count)` tokenizes the quantize step's calibration texts."""
     from backends.onnx import runtime
     from backends.onnx.decoder import export_decoder
     from backends.onnx.decoder_verify import verify_decoder
@@ -61,8 +65,8 @@ def build_decoder_artifact(
     started = time.perf_counter()
     with staged_dir(out_dir) as temporary:
         scheme = quantize.scheme if quantize else None
-        spec = export_decoder(model, temporary, quantize=scheme, group_size=quantize.group_size if quantize else 32,
-                              fusions=target.fusions, opset=target.opset, cpu=target.cpu)
+        spec = export_decoder(model, temporary, quantize=quantize, fusions=target.fusions, opset=target.opset,
+                              cpu=target.cpu, load_samples=load_samples)
         metrics = verify_decoder(temporary, model, decode.prompts, decode.max_new_tokens, heldout=heldout)
         if scheme is None and not metrics["greedy_equal"]:
             raise VerificationFailed("the fp32 decoder's greedy tokens differ from the eager model's")

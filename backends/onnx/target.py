@@ -110,7 +110,7 @@ class OnnxKind:
                          "--emit fx prints the graph before it")
         options: Quantize = step.options  # type: ignore[assignment]
         try:
-            return quantize_with_planc(loaded.model, options.scheme, options.group_size, target.options.cpu)  # type: ignore[union-attr]
+            return quantize_with_planc(loaded.model, options, target.options.cpu, self._texts(loaded))  # type: ignore[union-attr]
         except (ValueError, UnsupportedDecoder) as error:
             raise _error(step.span, str(error)) from error
 
@@ -167,6 +167,13 @@ class OnnxKind:
         result = onnx_artifact.build_onnx_artifact(graph, reference, options, job.out_dir, summaries, explain(job.plan))
         return Built(result.path, result.report, result.session, records)
 
+    @staticmethod
+    def _texts(loaded: Any) -> Any:
+        """Calibration texts (a file's lines, or `stdlib` windows) tokenized by the model's tokenizer."""
+        from compiler import model as model_source
+
+        return lambda path, count: model_source.load_samples(loaded, path, count)
+
     def _decoder_quantize(self, job: Job, loaded: Any) -> ir.PassStep | None:
         """The decoder's single quantize step (checked to cover every projection), if any."""
         table = job.table(loaded)
@@ -196,11 +203,12 @@ class OnnxKind:
         assert decode is not None
         heldout = job.plan.model.base_dir / decode.heldout if decode.heldout else None
         job.progress("exporting the decoder to ONNX, verifying generation against the eager model")
-        summaries = [{"name": step.name, "summary": f"{quantize.scheme} weights for every projection"}] if step and quantize else []
+        summaries = [{"name": step.name, "summary": f"{quantize.method} {quantize.scheme} weights for every projection"}] if step and quantize else []
         from backends.onnx.cache_adapter import UnsupportedDecoder
 
         try:
-            result = build_decoder_artifact(loaded.model, options, quantize, job.out_dir, heldout, summaries, explain(job.plan))
+            result = build_decoder_artifact(loaded.model, options, quantize, job.out_dir, heldout, summaries, explain(job.plan),
+                                            self._texts(loaded))
         except UnsupportedDecoder as error:
             raise _error(job.plan.model.span, f"model '{job.plan.model.name}': {error}") from error
         return Built(result.path, result.report, result.session)

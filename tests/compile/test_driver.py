@@ -191,3 +191,18 @@ def test_mixed_precision_needs_a_goal(plans: Path) -> None:
     (plans / "c.txt").write_text("hello\n")
     code, _, err = planc("check", str(plan))
     assert code == 1 and "fallback = int8 keeps int4 where the verify goal allows" in err and f"{plan}:2:" in err
+
+
+def test_a_decoder_quantize_step_keeps_its_method_and_calibration(plans: Path) -> None:
+    """The decode export runs the plan's whole quantize step (here GPTQ calibrated on stdlib windows)."""
+    import json
+
+    plan = plans / "gptq.plan"
+    plan.write_text(GPT + "pipeline { quantize Linear { scheme = int4, group_size = 16, method = gptq,"
+                    " calibration = stdlib, calibration_samples = 4 } }\n"
+                    'target onnx { int4_compute = fp32, decode { max_new_tokens = 4 }, verify { metric = top1, goal = ">= 0.3" } }\n')
+    code, out, err = planc("compile", str(plan), "-o", str(plans / "out"))
+    assert code == 0, err
+    report = json.loads((plans / "out" / "report.json").read_text())
+    assert report["passes"][0]["summary"].startswith("gptq int4")
+    assert report["decoder"]["quantization"] == "int4" and report["decoder"]["quantizer"] == "planc"
