@@ -14,11 +14,14 @@ module per concern, in the order a run meets them:
 4. data.py            training data: load_token_corpus, BatchStream, heldout_batches,
                       causal_lm_loss; load_sentence_corpus, SentenceBatches,
                       sentence_heldout_batches, sentence_inputs, mean_pool
-5. compress/          compression: structured.py (shrink_attention_heads, shrink_mlp_channels,
-                      drop_blocks, Shrink, dense_state_dict), calibration.py (activation
-                      importance and least-squares refits: calibration_batches, input_gram,
-                      output_energy, refit_columns), layers.py (LowRankLinear, FakeQuantLinear,
-                      factor_low_rank, fake_quantize), masks.py (PruneMasks)
+5. compress/          compression: units.py (shrink_attention_heads, shrink_mlp_channels),
+                      structured.py (drop_blocks, Shrink, dense_state_dict), calibration.py
+                      (activation importance and least-squares refits: calibration_batches,
+                      example_batch, input_gram, output_energy, refit_columns), layers.py
+                      (LowRankLinear, FakeQuantLinear, factor_low_rank, fake_quantize), masks.py
+                      (PruneMasks)
+   structure.py       the coupled heads/channels of a traced graph: a byte-for-byte copy of
+                      planc's passes/structure.py (tests/train/test_vendored_structure.py)
 6. distill.py         distillation: Distiller, EncoderDistiller, the teacher cache
 7. steps.py           step mechanics: make_optimizer, lr_multiplier, make_grad_scaler,
                       clip_grad_norm, autocast, checkpoint_blocks
@@ -42,6 +45,7 @@ from .compress import (
     calibration_batches,
     dense_state_dict,
     drop_blocks,
+    example_batch,
     factor_low_rank,
     fake_quantize,
     input_gram,
@@ -98,6 +102,7 @@ __all__ = [
     "collect_sentences",
     "dense_state_dict",
     "drop_blocks",
+    "example_batch",
     "factor_low_rank",
     "fake_quantize",
     "find_blocks",

@@ -23,7 +23,7 @@ from backends.train.render.loop_code import (
     train_step_block,
 )
 from backends.train.render.program import TEMPLATES, Program, _const, _indent
-from backends.train.render.setup_code import build_block, build_call, constants_block, strategy_words
+from backends.train.render.setup_code import build_block, build_call, build_params, constants_block, strategy_words
 
 # ------------------------------------------------------------------------------ whole files
 
@@ -123,7 +123,7 @@ def render_train_py(p: Program) -> str:
         imports=imports,
         constants=constants,
         build_body=build_block(p),
-        build_params="par: rt.Parallel, calibration: list[dict]" if p.measures_activations else "par: rt.Parallel",
+        build_params=build_params(p),
         parallelize=parallelize_block(p),
         train_step=train_step_block(p),
         evaluate=evaluate_block(p),

@@ -68,6 +68,11 @@ class Program:
         return self.task == "encoder"
 
     @property
+    def shrinks_units(self) -> bool:
+        """Heads or channels pruning: build_model traces the model on a few training samples."""
+        return any(o.method in ("heads", "channels") for _, o, _ in self.prunes)
+
+    @property
     def measures_activations(self) -> bool:
         return any(options.measures_activations for _, options, _ in self.prunes)
 

@@ -182,11 +182,11 @@ def build_block(p: Program) -> str:
     code.append("shrink = rt.Shrink()  # structural cuts, undone (as zeros) when the weights are saved")
     mask_names = []
     for i, options, _ in p.prunes:
-        measured = ", calibration=calibration" if options.measures_activations else ""
+        traced = ", example=example" + (", calibration=calibration" if options.measures_activations else "")
         if options.method == "heads":
-            code.append(f"rt.shrink_attention_heads(model, STEP{i}_MODULES, shrink, **STEP{i}{measured})")
+            code.append(f"rt.shrink_attention_heads(model, STEP{i}_MODULES, shrink, **STEP{i}{traced})")
         elif options.method == "channels":
-            code.append(f"rt.shrink_mlp_channels(model, STEP{i}_MODULES, shrink, **STEP{i}{measured})")
+            code.append(f"rt.shrink_mlp_channels(model, STEP{i}_MODULES, shrink, **STEP{i}{traced})")
     for i, (options, _) in enumerate(p.compression, 1):
         if isinstance(options, LowRank):
             code.append(f"rt.factor_low_rank(model, STEP{i}_MODULES, **STEP{i})")
@@ -228,10 +228,21 @@ def build_block(p: Program) -> str:
 
 def build_call(p: Program) -> str:
     returned = "model, distiller, shrink, masks" if p.target.distill is not None else "model, shrink, masks"
-    if not p.measures_activations:
-        return f"{returned} = build_model(par)"
     text = "train_set" if p.encoder else "train_rows"
-    return (f"calibration = rt.calibration_batches({text})  # the text pruning measures activations on\n"
-            f"    {returned} = build_model(par, calibration)")
+    lines, args = [], ["par"]
+    if p.shrinks_units:
+        lines.append(f"example = rt.example_batch({text})  # traced to find the heads and channels to prune")
+        args.append("example")
+    if p.measures_activations:
+        lines.append(f"calibration = rt.calibration_batches({text})  # the text pruning measures activations on")
+        args.append("calibration")
+    return "\n    ".join([*lines, f"{returned} = build_model({', '.join(args)})"])
 
 
+def build_params(p: Program) -> str:
+    params = ["par: rt.Parallel"]
+    if p.shrinks_units:
+        params.append("example: dict[str, torch.Tensor]")
+    if p.measures_activations:
+        params.append("calibration: list[dict]")
+    return ", ".join(params)

