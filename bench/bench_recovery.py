@@ -13,7 +13,10 @@ The trained example GPT (`--gpt WEIGHTS`, e.g. the `gpt_stdlib.pt` that
 for rtn / gptq / awq at int4 and int8 (calibrated on standard-library windows), scored against
 the fp32 eager model on held-out text (perplexity, next-token top-1) and timed (tokens/s, batch 1).
 
-    python bench/bench_recovery.py [--only int4,int8,mixed,prune] [--gpt out/gpt_int8/train/gpt_stdlib.pt]
+    python bench/bench_recovery.py [--only int4,int8,mixed,prune,gpt,gpt_prune] [--gpt out/gpt_int8/train/gpt_stdlib.pt]
+
+With `--gpt`, the same GPT is also pruned (every block Linear) by magnitude, wanda and sparsegpt at
+50% and 2:4, and its held-out perplexity compared with the dense model's.
 """
 
 from __future__ import annotations
@@ -131,6 +134,58 @@ def gpt_rows(weights: Path, scratch: Path) -> list[dict]:
     return rows
 
 
+GPT_PRUNING = {
+    "50% magnitude": {"method": "magnitude", "sparsity": 0.5},
+    "50% wanda": {"method": "wanda", "sparsity": 0.5, "calibration": "stdlib"},
+    "50% sparsegpt": {"method": "sparsegpt", "sparsity": 0.5, "calibration": "stdlib"},
+    "2:4 magnitude": {"method": "nm", "n": 2, "m": 4},
+    "2:4 wanda": {"method": "wanda", "structure": "nm", "calibration": "stdlib"},
+    "2:4 sparsegpt": {"method": "sparsegpt", "structure": "nm", "calibration": "stdlib"},
+}
+
+
+def gpt_prune_rows(weights: Path) -> list[dict]:
+    """Held-out perplexity of the trained example GPT with every block Linear pruned per method
+    (planc's graph after the pass, not an export: pruning keeps shapes), against the dense model."""
+    import copy
+    import math
+
+    import torch
+
+    from compiler import model as model_source
+    from compiler.validate import load_plan
+    from passes.base import PassContext
+    from passes.manager import PassManager
+    from passes.options import Prune
+    from passes.registry import load_pass
+
+    plan, _ = load_plan(REPO / "examples" / "gpt_decode_int8.plan")
+    loaded = model_source.load_model(plan.model)
+    loaded.model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    graph = model_source.capture(loaded)
+    text = (REPO / "examples" / "models" / "gpt.py").read_bytes()
+    windows = torch.tensor(list(text[: len(text) // 128 * 128]), dtype=torch.int64).reshape(-1, 128)[:32]
+
+    def perplexity(module) -> float:
+        with torch.no_grad():
+            logits = model_source.primary_output(module(input_ids=windows)).float()
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), windows[:, 1:].reshape(-1))
+        return math.exp(float(loss))
+
+    dense = perplexity(graph)
+    blocks = frozenset(path for path, kind in model_source.module_table(loaded.model) if kind == "Linear" and path.startswith("blocks."))
+    rows = []
+    for name, options in GPT_PRUNING.items():
+        print(f"pruning gpt {name} ...", file=sys.stderr)
+        ctx = PassContext(model=loaded.model, example_inputs=loaded.example_inputs, targets=blocks, source="bench",
+                          load_samples=lambda path, count: model_source.load_samples(loaded, path, count))
+        pruned, _ = PassManager().run(copy.deepcopy(graph), [(load_pass(Prune(**options)), ctx)])
+        value = perplexity(pruned)
+        rows.append({"variant": f"gpt {name}", "ppl_dense": round(dense, 3), "ppl": round(value, 3),
+                     "ppl_increase": round(value - dense, 3)})
+    return rows
+
+
 def print_table(rows: list[dict], columns: list[str]) -> None:
     print("| " + " | ".join(columns) + " |")
     print("|" + "---|" * len(columns))
@@ -140,7 +195,7 @@ def print_table(rows: list[dict], columns: list[str]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--only", default="int4,int8,mixed,prune", help="comma-separated groups")
+    parser.add_argument("--only", default="int4,int8,mixed,prune,gpt,gpt_prune", help="comma-separated groups")
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--gpt", help="trained example-GPT weights: also bench its decoders")
     parser.add_argument("--json")
@@ -179,13 +234,17 @@ def main(argv: list[str] | None = None) -> int:
         for name, path in built.items():
             next(row for row in rows if row["variant"] == name)["ms"] = timed[path.resolve()]["latency_ms"]
 
-        gpt = gpt_rows(Path(args.gpt), Path(scratch)) if args.gpt else []
+        gpt = gpt_rows(Path(args.gpt), Path(scratch)) if args.gpt and "gpt" in groups else []
+        pruned = gpt_prune_rows(Path(args.gpt)) if args.gpt and "gpt_prune" in groups else []
     if rows:
         print_table(rows, ["variant", "size_mb", "size_vs_fp32", "ms", "cos_min", "cos_mean", "spearman", "int4_layers", "compile_s"])
     if gpt:
         print()
         print_table(gpt, ["variant", "size_mb", "ppl_eager", "ppl", "ppl_delta_pct", "top1", "tok_s_b1", "export_s"])
-    rows += gpt
+    if pruned:
+        print()
+        print_table(pruned, ["variant", "ppl_dense", "ppl", "ppl_increase"])
+    rows += gpt + pruned
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
     return 0
