@@ -15,27 +15,12 @@ from passes.graph_utils import get_tensor
 from passes.manager import PassManager
 from passes.options import Prune
 from passes.registry import load_pass
+from shared_models import LAYOUTS
 
 transformers = pytest.importorskip("transformers")
 
-#: arch -> (attention projections: [(name, kind)], MLP projections: [(name, kind)], mlp root suffix).
-#: kind: "rows" (Linear output rows), "cols" (Linear input columns), "conv_rows"/"conv_cols"
-#: (GPT-2 Conv1D: weight [in, out]), "fused" / "conv_fused" (q, k, v slices of one weight).
-LAYOUTS = {
-    "gpt": ("blocks.{i}.attn", [("q_proj", "rows"), ("k_proj", "rows"), ("v_proj", "rows"), ("out_proj", "cols")],
-            "blocks.{i}.mlp", [("fc_in", "rows"), ("fc_out", "cols")]),
-    "bert": ("encoder.layer.{i}.attention", [("self.query", "rows"), ("self.key", "rows"), ("self.value", "rows"),
-                                             ("output.dense", "cols")],
-             "encoder.layer.{i}", [("intermediate.dense", "rows"), ("output.dense", "cols")]),
-    "llama": ("layers.{i}.self_attn", [("q_proj", "rows"), ("k_proj", "kv_rows"), ("v_proj", "kv_rows"), ("o_proj", "cols")],
-              "layers.{i}.mlp", [("gate_proj", "rows"), ("up_proj", "rows"), ("down_proj", "cols")]),
-    "gpt2": ("h.{i}.attn", [("c_attn", "conv_fused"), ("c_proj", "conv_cols")],
-             "h.{i}.mlp", [("c_fc", "conv_rows"), ("c_proj", "conv_cols")]),
-    "neox": ("layers.{i}.attention", [("query_key_value", "fused"), ("dense", "cols")],
-             "layers.{i}.mlp", [("dense_h_to_4h", "rows"), ("dense_4h_to_h", "cols")]),
-}
-LAYOUTS["qwen2"] = LAYOUTS["llama"]
-LAYOUTS["bert_eager"] = LAYOUTS["bert"]  # matmul/softmax attention instead of sdpa
+#: Qwen2 keeps Llama's layout; BERT with matmul/softmax attention keeps BERT's.
+ARCH_LAYOUTS = {**LAYOUTS, "qwen2": LAYOUTS["llama"], "bert_eager": LAYOUTS["bert"]}
 
 
 def build(arch: str) -> torch.nn.Module:
@@ -59,7 +44,7 @@ def build(arch: str) -> torch.nn.Module:
     return model.eval()
 
 
-@pytest.fixture(scope="module", params=sorted(LAYOUTS))
+@pytest.fixture(scope="module", params=sorted(ARCH_LAYOUTS))
 def arch_model(request):
     model = build(request.param)
     inputs = gpt_inputs(2, 12)
@@ -93,7 +78,7 @@ def _zero(ref: torch.nn.Module, name: str, kind: str, units: list[int], width: i
 def zeroed_reference(arch: str, model: torch.nn.Module, method: str, details: dict) -> torch.nn.Module:
     """The eager model with the removed heads/channels zeroed in the original weights."""
     ref = copy.deepcopy(model)
-    attn_root, attn, mlp_root, mlp = LAYOUTS[arch]
+    attn_root, attn, mlp_root, mlp = ARCH_LAYOUTS[arch]
     template, projections = (attn_root, attn) if method == "heads" else (mlp_root, mlp)
     for i in range(2):
         root = template.format(i=i)

@@ -18,27 +18,10 @@ from passes.base import PassContext
 from passes.manager import PassManager
 from passes.options import Prune
 from passes.registry import load_pass
-from shared_models import example_gpt_module
+from shared_models import LAYOUTS, example_gpt_module
 
 transformers = pytest.importorskip("transformers")
 
-#: arch -> (attention root, [(projection, kind)], MLP root, [(projection, kind)]); kinds as in
-#: tests/passes/test_prune_architectures.py: rows/cols of a Linear, conv_* of GPT-2's Conv1D
-#: (weight [in, out]), fused q/k/v weights, kv_rows of grouped-query k/v projections.
-LAYOUTS = {
-    "gpt": ("blocks.{i}.attn", [("q_proj", "rows"), ("k_proj", "rows"), ("v_proj", "rows"), ("out_proj", "cols")],
-            "blocks.{i}.mlp", [("fc_in", "rows"), ("fc_out", "cols")]),
-    "bert": ("encoder.layer.{i}.attention", [("self.query", "rows"), ("self.key", "rows"), ("self.value", "rows"),
-                                             ("output.dense", "cols")],
-             "encoder.layer.{i}", [("intermediate.dense", "rows"), ("output.dense", "cols")]),
-    "llama": ("layers.{i}.self_attn", [("q_proj", "rows"), ("k_proj", "kv_rows"), ("v_proj", "kv_rows"),
-                                       ("o_proj", "cols")],
-              "layers.{i}.mlp", [("gate_proj", "rows"), ("up_proj", "rows"), ("down_proj", "cols")]),
-    "gpt2": ("h.{i}.attn", [("c_attn", "conv_fused"), ("c_proj", "conv_cols")],
-             "h.{i}.mlp", [("c_fc", "conv_rows"), ("c_proj", "conv_cols")]),
-    "neox": ("layers.{i}.attention", [("query_key_value", "fused"), ("dense", "cols")],
-             "layers.{i}.mlp", [("dense_h_to_4h", "rows"), ("dense_4h_to_h", "cols")]),
-}
 HEADS, HEAD_DIM, KV_HEADS = 4, 16, {"llama": 2}
 
 
