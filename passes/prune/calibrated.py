@@ -18,7 +18,7 @@ from torch import fx
 from passes.base import PassContext, PassError, PassResult
 from passes.calibration import InputStats, load_calibration, output_error, sequential
 from passes.graph_utils import LinearSite, get_tensor, select_linears, set_tensor
-from passes.prune.common import PruneMethodPass, mark_users, unique_weights
+from passes.prune.common import PruneMethodPass, mark_users, selected_weights, unique_weights
 
 
 class CalibratedPrunePass(PruneMethodPass):
@@ -36,13 +36,7 @@ class CalibratedPrunePass(PruneMethodPass):
 
     def requires(self, gm: fx.GraphModule, ctx: PassContext) -> None:
         super().requires(gm, ctx)
-        weights = unique_weights(gm, ctx)
-        if not weights:
-            raise PassError(f"prune ({self.options.method}) found no Linear layer in the selection {sorted(ctx.targets)[:5]}")
-        m = self.options.m
-        bad = [name.rsplit(".", 1)[0] for name in weights if get_tensor(gm, name).shape[1] % m]
-        if self.nm and bad:
-            raise PassError(f"N:M pruning with m = {m} needs in_features divisible by {m}; not so for {bad[:3]}")
+        selected_weights(gm, ctx, self.options.method, self.options.m if self.nm else None)
 
     def call(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         opts = self.options

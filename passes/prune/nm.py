@@ -8,7 +8,7 @@ from torch import fx
 
 from passes.base import PassContext, PassError, PassResult
 from passes.graph_utils import get_tensor, set_tensor
-from passes.prune.common import PruneMethodPass, mark_users, unique_weights
+from passes.prune.common import PruneMethodPass, mark_users, selected_weights, unique_weights
 
 
 class NMPass(PruneMethodPass):
@@ -16,13 +16,7 @@ class NMPass(PruneMethodPass):
 
     def requires(self, gm: fx.GraphModule, ctx: PassContext) -> None:
         super().requires(gm, ctx)
-        weights = unique_weights(gm, ctx)
-        if not weights:
-            raise PassError(f"prune (nm) found no Linear layer in the selection {sorted(ctx.targets)[:5]}")
-        m = self.options.m
-        bad = [name.rsplit(".", 1)[0] for name in weights if get_tensor(gm, name).shape[1] % m]
-        if bad:
-            raise PassError(f"N:M pruning with m = {m} needs in_features divisible by {m}; not so for {bad[:3]}")
+        selected_weights(gm, ctx, "nm", self.options.m)
 
     def call(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         n, m = self.options.n, self.options.m
