@@ -61,7 +61,7 @@ VARIANTS: dict[str, tuple[str, str]] = {
     "int4 awq": ("int4", f"quantize encoder_linears {{ scheme = int4, group_size = 32, symmetric = false, method = awq, {CALIBRATION} }}"),
     "int8 rtn + smooth 0.7": ("int8", f"quantize encoder_linears {{ scheme = int8, smooth = 0.7, {CALIBRATION} }}"),
     "int8 gptq": ("int8", f"quantize encoder_linears {{ scheme = int8, method = gptq, {CALIBRATION} }}"),
-    "int4 / int8 mixed (>= 0.99)": ("mixed", f"quantize encoder_linears {{ scheme = int4, group_size = 32, symmetric = false, smooth = 0.5, fallback = int8, {CALIBRATION} }}"),
+    "int4 / int8 mixed (>= 0.99)": ("mixed", f"quantize encoder_linears {{ scheme = int4, group_size = 32, symmetric = false, smooth = 0.5, fallback = int8, {CALIBRATION}, calibration_samples = 120 }}"),
     "50% magnitude": ("prune", "prune encoder_linears { sparsity = 50% }"),
     "50% wanda": ("prune", f"prune encoder_linears {{ method = wanda, sparsity = 50%, {CALIBRATION} }}"),
     "50% sparsegpt": ("prune", f"prune encoder_linears {{ method = sparsegpt, sparsity = 50%, {CALIBRATION} }}"),

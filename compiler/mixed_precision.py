@@ -7,8 +7,10 @@ chosen layers and an int8 step for the rest, both with explicit `name(...)` sele
 1. Sensitivity: for each selected Linear, the plan's verify metric on the calibration data with
    only that layer at int4 and every other at int8, against the eager model.
 2. Layers are lowered to int4 from the least sensitive on; a binary search finds the most that
-   still meet the onnx target's goal on the calibration data (the artifact is then verified on
-   the held-out data as usual, so the search cannot fool the gate).
+   still meet the onnx target's goal on all `calibration_samples` (the ranking uses the first
+   SEARCH_SAMPLES of them: it runs once per layer). The artifact is then verified on the
+   held-out data as usual, so the search cannot fool the gate; more calibration samples make
+   the minimum it checks, and so its choice, more conservative.
 
 Runs on planc's own graph ops (no ONNX export per candidate); a bar shows the progress.
 """
@@ -26,7 +28,7 @@ from passes.options import Quantize
 
 log = logging.getLogger(__name__)
 
-#: Calibration samples scored per candidate assignment (the search runs dozens of them).
+#: Calibration samples that rank the layers (one run per layer); the goal is checked on all of them.
 SEARCH_SAMPLES = 16
 
 
@@ -96,26 +98,27 @@ def resolve_precision(plan: ir.Plan, job: Any, run_trial: Callable[[ir.Plan, Any
     captured = job.capture(loaded)
     table = dict(job.table(loaded))
     layers = sorted(path for s, targets in job.resolve(loaded) if s is step for path in targets if table.get(path) == "Linear")
-    samples = model_source.load_samples(loaded, options.calibration, min(options.calibration_samples, SEARCH_SAMPLES))  # type: ignore[arg-type]
+    samples = model_source.load_samples(loaded, options.calibration, options.calibration_samples)  # type: ignore[arg-type]
     reference = [model_source.model_output(loaded, loaded.model, sample) for sample in samples]
     prefix = list(plan.pipeline[:index])
 
-    def score(int4: set[str]) -> float:
+    def score(int4: set[str], count: int | None = None) -> float:
         trial = plan.model_copy(update={"pipeline": tuple(prefix + split_step(step, sorted(int4), sorted(set(layers) - int4)))})
         graph = run_trial(trial, captured)
-        return _score([model_source.model_output(loaded, graph, s) for s in samples], reference, verify.metric)
+        outputs = [model_source.model_output(loaded, graph, s) for s in samples[:count]]
+        return _score(outputs, reference[: len(outputs)], verify.metric)
 
     higher_is_better = verify.metric != "max_abs"
     with tqdm(total=len(layers) + 1, desc="int4 sensitivity", unit="layer", leave=False, disable=None) as bar:
-        all_int8 = score(set())
+        all_int8 = score(set(), SEARCH_SAMPLES)
         bar.update()
         sensitivity = {}
         for layer in layers:
-            value = score({layer})
+            value = score({layer}, SEARCH_SAMPLES)
             sensitivity[layer] = (all_int8 - value) if higher_is_better else (value - all_int8)
             bar.update()
     order = sorted(layers, key=lambda layer: sensitivity[layer])
-    low, high, best = 0, len(order), (0, all_int8)
+    low, high, best = 0, len(order), (0, score(set()))
     while low <= high:  # most layers at int4 that still meet the goal
         middle = (low + high) // 2
         value = score(set(order[:middle]))
