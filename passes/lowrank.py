@@ -29,17 +29,7 @@ from passes.graph_utils import (
     set_tensor,
 )
 from passes.options import LowRank
-
-
-def choose_rank(singular_values: torch.Tensor, rank: int | None, energy: float | None) -> int:
-    """Rank from an explicit `rank` or from the kept fraction of `sum(s^2)`."""
-    full = singular_values.numel()
-    if rank is not None:
-        return min(rank, full)
-    power = singular_values.double().pow(2)
-    kept = torch.cumsum(power, 0) / power.sum().clamp(min=1e-300)
-    # Smallest r with kept[r-1] >= energy (tolerate rounding at energy = 1).
-    return min(int(torch.searchsorted(kept, torch.tensor(energy - 1e-12, dtype=kept.dtype)).item()) + 1, full)
+from passes.ranks import choose_rank
 
 
 class LowRankPass(GraphPass[LowRank]):

@@ -9,7 +9,8 @@ import torch
 
 from pass_helpers import gpt_inputs, make_ctx
 from passes.graph_utils import get_tensor
-from passes.lowrank import LowRankPass, choose_rank
+from passes.lowrank import LowRankPass
+from passes.ranks import choose_rank
 from passes.manager import PassManager
 from passes.options import LowRank
 

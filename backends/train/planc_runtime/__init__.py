@@ -22,6 +22,7 @@ module per concern, in the order a run meets them:
                       (PruneMasks)
    structure.py       the coupled heads/channels of a traced graph: a byte-for-byte copy of
                       planc's passes/structure.py (tests/train/test_vendored_structure.py)
+   ranks.py           choose_rank, the low-rank rule: a byte-for-byte copy of passes/ranks.py
 6. distill.py         distillation: Distiller, EncoderDistiller, the teacher cache
 7. steps.py           step mechanics: make_optimizer, lr_multiplier, make_grad_scaler,
                       clip_grad_norm, autocast, checkpoint_blocks

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..model import _module, _replace
+from ..ranks import choose_rank
 
 
 class LowRankLinear(nn.Module):
@@ -24,10 +25,7 @@ class LowRankLinear(nn.Module):
         super().__init__()
         weight = linear.weight.detach().float()
         u, s, vh = torch.linalg.svd(weight, full_matrices=False)
-        if rank is None:
-            cumulative = (s**2).cumsum(0) / (s**2).sum()
-            rank = int((cumulative < energy).sum().item()) + 1
-        rank = min(rank, s.numel())
+        rank = choose_rank(s, rank, energy)
         root = s[:rank].sqrt()
         self.down = nn.Linear(linear.in_features, rank, bias=False)
         self.up = nn.Linear(rank, linear.out_features, bias=linear.bias is not None)
