@@ -2,8 +2,9 @@
 
 Level 0 dequantizes the weights and multiplies in fp32, exactly planc's reference op. Level 4
 quantizes each block of activations to int8 inside the kernel and uses integer dot products:
-faster where the CPU has them (on 2 AVX-512 VNNI cores, a 25M-parameter Llama-config decoder
-generated 1.24x the tokens/s at batch 1 and 1.55x at batch 8), a little less exact.
+faster where the CPU has them (`bench/bench_int4_compute.py` on 2 AVX-512 VNNI cores: a
+Llama-config int4 decoder generated 1.25x the tokens/s at batch 1 and 1.41x at batch 8), a
+little less exact.
 
 `target onnx { int4_compute = auto }` builds both, verifies both against the eager model and
 keeps the faster one that meets the plan's goal (`choose`); `fp32` / `int8` force one. The

@@ -8,9 +8,15 @@ import pytest
 import torch
 
 import passes.qops as qops
+from passes.cpu import FORMATS, int8_format
 from backends.onnx import runtime
 from backends.onnx.export import export_model, save_model
 from backends.onnx.optimize import optimize_graph
+
+#: Whether ONNX Runtime's integer sums saturate on the CPU running this test (read, not assumed):
+#: the reference op then computes exactly what ORT computes here, for either target's weights.
+HOST_SATURATES = int8_format("auto").arithmetic == "u8s8_sat16"
+TARGETS = ["x86_avx2", "x86_vnni"]
 
 DIMS = {"x": {0: torch.export.Dim("batch"), 1: torch.export.Dim("seq")}}
 
@@ -41,11 +47,11 @@ def _initializer_types(proto):
     return {init.name: init.data_type for init in proto.graph.initializer}
 
 
-@pytest.fixture
-def int8_linear():
+@pytest.fixture(params=TARGETS)
+def int8_linear(request):
     torch.manual_seed(0)
-    q, scale = qops.quantize_per_channel_int8(torch.randn(48, 64))
-    return OneOp(lambda m, x: torch.ops.planc.linear_int8_dynamic(x, m.q, m.s, m.b), q=q, s=scale, b=torch.randn(48))
+    q, scale = qops.quantize_per_channel_int8(torch.randn(48, 64), FORMATS[request.param].weight_max)
+    return OneOp(lambda m, x: torch.ops.planc.linear_int8_dynamic(x, m.q, m.s, m.b, HOST_SATURATES), q=q, s=scale, b=torch.randn(48))
 
 
 def test_int8_dynamic_becomes_dynamic_quantize_matmul_with_reference_numerics(int8_linear, tmp_path):
@@ -63,22 +69,25 @@ def test_int8_dynamic_becomes_dynamic_quantize_matmul_with_reference_numerics(in
     assert not any(i.data_type == onnx.TensorProto.FLOAT and list(i.dims) == [64, 48] for i in proto.graph.initializer)
 
 
-def test_int8_per_tensor_scale_and_no_bias(tmp_path):
+@pytest.mark.parametrize("cpu", TARGETS)
+def test_int8_per_tensor_scale_and_no_bias(tmp_path, cpu):
     torch.manual_seed(1)
-    q, scale = qops.quantize_per_tensor_int8(torch.randn(32, 16))
-    module = OneOp(lambda m, x: torch.ops.planc.linear_int8_dynamic(x, m.q, m.s, None), q=q, s=scale)
+    q, scale = qops.quantize_per_tensor_int8(torch.randn(32, 16), FORMATS[cpu].weight_max)
+    module = OneOp(lambda m, x: torch.ops.planc.linear_int8_dynamic(x, m.q, m.s, None, HOST_SATURATES), q=q, s=scale)
     x = torch.randn(3, 4, 16)
     outputs, _, _ = _run(module, x, tmp_path, optimize=True)
     want = module(x).numpy()
     np.testing.assert_allclose(next(iter(outputs.values())), want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
 
 
-def test_int8_static_becomes_matmul_integer_to_float(tmp_path):
+@pytest.mark.parametrize("cpu", TARGETS)
+def test_int8_static_becomes_matmul_integer_to_float(tmp_path, cpu):
     torch.manual_seed(2)
-    q, scale = qops.quantize_per_channel_int8(torch.randn(24, 32))
+    q, scale = qops.quantize_per_channel_int8(torch.randn(24, 32), FORMATS[cpu].weight_max)
     x = torch.randn(2, 3, 32)
     x_scale, x_zp = qops.quantize_activation_params(float(x.min()), float(x.max()))
-    module = OneOp(lambda m, x: torch.ops.planc.linear_int8_static(x, x_scale, x_zp, m.q, m.s, m.b), q=q, s=scale, b=torch.randn(24))
+    module = OneOp(lambda m, x: torch.ops.planc.linear_int8_static(x, x_scale, x_zp, m.q, m.s, m.b, HOST_SATURATES),
+                   q=q, s=scale, b=torch.randn(24))
     outputs, proto, report = _run(module, x, tmp_path, optimize=True)
     want = module(x).numpy()
     np.testing.assert_allclose(next(iter(outputs.values())), want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
