@@ -33,7 +33,6 @@ Arithmetic = Literal["exact", "u8s8_sat16"]
 
 #: Largest |activation byte x weight| pair sum that still fits an int16: 2 * 255 * 63 = 32130.
 SAT16_SAFE_WEIGHT = 63
-INT16_MAX = 32767
 
 
 @dataclass(frozen=True)
