@@ -83,10 +83,10 @@ def torchrun(args: argparse.Namespace, script: list[str], cwd: Path) -> str:
 
 def run_generated(args: argparse.Namespace, workdir: Path) -> float:
     """Emit the DDP program for the same model and batch, run it, read its steady-state tokens/s."""
-    from backends.train.emit import emit_training_program
-    from backends.train.options import TrainTarget
-    from compiler.ir import InputSpec, ModelSource
-    from dsl.source import Span
+    from planc.backends.train.emit import emit_training_program
+    from planc.backends.train.options import TrainTarget
+    from planc.compiler.ir import InputSpec, ModelSource
+    from planc.dsl.source import Span
 
     span = Span("bench.plan", 1, 1, 1, 1)
     model = ModelSource(

@@ -35,7 +35,7 @@ import torch  # noqa: E402
 def build_model(model_dir: str | None):
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from backends.onnx.decoder import load_hf_decoder
+    from planc.backends.onnx.decoder import load_hf_decoder
 
     if model_dir:
         return load_hf_decoder(model_dir)
@@ -69,7 +69,7 @@ def time_torch(model, ids: torch.Tensor, new_tokens: int) -> float:
 
 
 def time_ort(session, ids: torch.Tensor, new_tokens: int) -> float:
-    from backends.onnx.generate import generate_ids
+    from planc.backends.onnx.generate import generate_ids
 
     rows = ids.tolist()
     start = time.perf_counter()
@@ -104,8 +104,8 @@ def main(argv: list[str] | None = None) -> dict:
     from rich.console import Console
     from rich.table import Table
 
-    from backends.onnx.decoder import export_decoder
-    from backends.onnx.generate import DecoderSession
+    from planc.backends.onnx.decoder import export_decoder
+    from planc.backends.onnx.generate import DecoderSession
 
     torch.set_num_threads(args.threads)
     model = build_model(args.model)

@@ -23,9 +23,9 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-from backends.onnx import int4_compute  # noqa: E402
-from backends.onnx.decoder import MODEL_FILE, export_decoder  # noqa: E402
-from backends.onnx.generate import DecoderSession, generate_ids  # noqa: E402
+from planc.backends.onnx import int4_compute  # noqa: E402
+from planc.backends.onnx.decoder import MODEL_FILE, export_decoder  # noqa: E402
+from planc.backends.onnx.generate import DecoderSession, generate_ids  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

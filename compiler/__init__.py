@@ -1,26 +1,4 @@
 """planc's compiler: the plan IR, validation, the model front end, the driver and the CLI.
 
-`compiler.compile(plan, ...)` is the Python API. Importing this package does not import torch;
-only compiling (capturing a model, running passes) does.
+Installed as `planc.compiler`; the Python API is the top-level `planc` package (`compiler/api/`).
 """
-
-from __future__ import annotations
-
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from compiler.driver import Result
-
-
-def compile(plan: str | Path, model: Any = None, out_dir: str | Path | None = None, emit: str | None = None) -> Result:  # noqa: A001 - the API's name
-    """Compile the plan file `plan`; `model` (an nn.Module) replaces the plan's model source.
-
-    Returns a `Result` with the artifact path, its report and, for ONNX targets, a ready
-    ONNX Runtime session. Raises `dsl.source.PlanError` with diagnostics for a bad plan.
-    """
-    from compiler.driver import compile_plan
-
-    if out_dir is None and emit is None:
-        out_dir = Path(plan).with_suffix("").name + ".out"
-    return compile_plan(plan, out_dir, emit=emit, model=model)

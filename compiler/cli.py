@@ -15,7 +15,7 @@ import logging
 import sys
 from pathlib import Path
 
-from dsl.source import Diagnostic, PlanError, Source, Span
+from planc.dsl.source import Diagnostic, PlanError, Source, Span
 
 EXIT_PLAN, EXIT_USAGE, EXIT_INTERNAL = 1, 2, 3
 
@@ -52,7 +52,7 @@ def render(diagnostics: list[Diagnostic], sources: dict[str, Source] | None = No
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from compiler.validate import check_file
+    from planc.compiler.validate import check_file
 
     failed = 0
     for path in args.files:
@@ -67,9 +67,9 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_fmt(args: argparse.Namespace) -> int:
-    from compiler.publish import write_text
-    from dsl.format import format_document
-    from dsl.parser import parse_file
+    from planc.compiler.publish import write_text
+    from planc.dsl.format import format_document
+    from planc.dsl.parser import parse_file
 
     changed, broken = [], 0
     for path in map(Path, args.files):
@@ -93,8 +93,8 @@ def cmd_fmt(args: argparse.Namespace) -> int:
 
 
 def cmd_schema(args: argparse.Namespace) -> int:
-    from compiler.targets import target_kinds
-    from passes.options import PASS_OPTIONS
+    from planc.compiler.targets import target_kinds
+    from planc.passes.options import PASS_OPTIONS
 
     schema = {
         "$comment": "planc plan options: each pass and target block is validated against these schemas",
@@ -106,15 +106,15 @@ def cmd_schema(args: argparse.Namespace) -> int:
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
-    from compiler.explain import explain, target_notes
-    from compiler.validate import load_plan
+    from planc.compiler.explain import explain, target_notes
+    from planc.compiler.validate import load_plan
 
     plan, _ = load_plan(args.file)
     print(explain(plan), end="")
     for line in target_notes(plan):
         print(line)
     if args.passes:
-        from compiler.driver import capture_model, run_pipeline
+        from planc.compiler.driver import capture_model, run_pipeline
 
         with _console().status("capturing the model and running the passes"):
             _, records, _ = run_pipeline(plan, capture_model(plan))
@@ -141,7 +141,7 @@ def _print_records(records: list) -> None:
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
-    from compiler.driver import compile_plan
+    from planc.compiler.driver import compile_plan
 
     console = _console()
     with console.status("compiling") as status:
@@ -176,7 +176,7 @@ def _print_report(report: dict) -> None:
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-    from compiler.environment import doctor_lines
+    from planc.compiler.environment import doctor_lines
 
     print("\n".join(doctor_lines()))
     return 0
@@ -185,12 +185,12 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     directory = Path(args.dir)
     if (directory / "decoder.json").is_file():  # a decoder with a key/value cache: its next tokens
-        from backends.onnx.generate import generate_cli
+        from planc.backends.onnx.generate import generate_cli
 
         generate_cli(directory, args.input, max_new_tokens=args.max_new_tokens)
         return 0
-    from backends.onnx.artifact import detokenizer, load_report, run_artifact
-    from compiler import present
+    from planc.backends.onnx.artifact import detokenizer, load_report, run_artifact
+    from planc.compiler import present
 
     if args.output and Path(args.output).suffix not in present.OUTPUT_SUFFIXES:
         raise _UsageError(f"--output must end in {' or '.join(present.OUTPUT_SUFFIXES)}, got {args.output!r}")
@@ -213,7 +213,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from backends.onnx.artifact import bench_rows
+    from planc.backends.onnx.artifact import bench_rows
 
     targets = [Path(t) for t in args.target]
     if any(t.suffix == ".plan" for t in targets):
@@ -221,7 +221,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             raise _UsageError("bench takes one plan, or several artifact directories")
         import tempfile
 
-        from compiler.driver import compile_plan
+        from planc.compiler.driver import compile_plan
 
         with tempfile.TemporaryDirectory(prefix="planc-bench-") as scratch:
             with _console().status("compiling"):
@@ -232,7 +232,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    from compiler.present import bench_lines
+    from planc.compiler.present import bench_lines
 
     first = rows[0]
     print(f"{first['batch']} x {first['seq']} tokens, {first['threads']} threads, median of {args.runs} interleaved runs")
@@ -241,7 +241,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from backends.onnx.generate import generate_cli
+    from planc.backends.onnx.generate import generate_cli
 
     prompts = list(args.prompt or [])
     if args.batch_file:
@@ -256,8 +256,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from backends.train.launch import launch
-    from compiler.driver import compile_plan
+    from planc.backends.train.launch import launch
+    from planc.compiler.driver import compile_plan
 
     output = Path(args.output or Path(args.file).with_suffix("").name + "-train")
     with _console().status("compiling the training program"):
@@ -277,7 +277,7 @@ class _Version(argparse.Action):
         super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
 
     def __call__(self, parser, namespace, values, option_string=None) -> None:
-        from compiler.environment import version_line
+        from planc.compiler.environment import version_line
 
         print(version_line())
         parser.exit()

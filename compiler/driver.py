@@ -14,14 +14,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from compiler import ir
-from compiler.explain import explain
-from compiler.irdump import dump_ir
-from compiler.mixed_precision import resolve_precision
-from compiler.targets import Job, Progress, target_kinds
-from compiler.validate import Checked, load_plan
-from dsl.parser import parse_file
-from dsl.source import Diagnostic, PlanError, Span
+from planc.compiler import ir
+from planc.compiler.explain import explain
+from planc.compiler.irdump import dump_ir
+from planc.compiler.mixed_precision import resolve_precision
+from planc.compiler.targets import Job, Progress, target_kinds
+from planc.compiler.validate import Checked, load_plan
+from planc.dsl.parser import parse_file
+from planc.dsl.source import Diagnostic, PlanError, Span
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ class Captured:
 
 def load_model(plan: ir.Plan, model: Any = None) -> Any:
     """The plan's eager model (or `model`, if the caller passed one), with tokenizer and inputs."""
-    from compiler import model as model_source
+    from planc.compiler import model as model_source
 
     try:
         return model_source.load_model(plan.model, module=model)
@@ -85,7 +85,7 @@ def load_model(plan: ir.Plan, model: Any = None) -> Any:
 
 
 def module_table_of(loaded: Any) -> list[tuple[str, str]]:
-    from compiler import model as model_source
+    from planc.compiler import model as model_source
 
     return model_source.module_table(loaded.model)
 
@@ -97,7 +97,7 @@ def capture_model(plan: ir.Plan, model: Any = None) -> Captured:
 
 def capture_loaded(plan: ir.Plan, loaded: Any) -> Captured:
     """Capture a loaded model; a model that cannot be captured is an error at the model line."""
-    from compiler import model as model_source
+    from planc.compiler import model as model_source
 
     try:
         graph = model_source.capture(loaded)
@@ -108,7 +108,7 @@ def capture_loaded(plan: ir.Plan, loaded: Any) -> Captured:
 
 def resolve_steps(plan: ir.Plan, table: list[tuple[str, str]], steps: list[ir.PassStep] | None = None) -> list[tuple[ir.PassStep, list[str]]]:
     """Each step with the module paths its selector matches; errors for empty matches."""
-    from compiler.selectors import step_targets
+    from planc.compiler.selectors import step_targets
 
     diagnostics: list[Diagnostic] = []
     resolved = []
@@ -125,10 +125,10 @@ def resolve_steps(plan: ir.Plan, table: list[tuple[str, str]], steps: list[ir.Pa
 
 def run_pipeline(plan: ir.Plan, captured: Captured, stop_after: str | None = None, progress: Progress | None = None):
     """Resolve each step's selector and run the passes; returns (graph, records, step targets)."""
-    from compiler import model as model_source
-    from passes.base import PassContext, PassError
-    from passes.manager import PassManager
-    from passes.registry import load_pass
+    from planc.compiler import model as model_source
+    from planc.passes.base import PassContext, PassError
+    from planc.passes.manager import PassManager
+    from planc.passes.registry import load_pass
 
     steps = list(plan.pipeline)
     if stop_after is not None:
@@ -206,7 +206,7 @@ def graph_text(plan: ir.Plan, job: Job, emit: str) -> Result:
     A target may capture and transform its own graph (a decoder's key/value-cache graph);
     otherwise the model is captured and the pipeline run up to the pass.
     """
-    from passes.manager import graph_code
+    from planc.passes.manager import graph_code
 
     kinds = target_kinds()
     stop_after = emit.split(":", 1)[1] if emit.startswith("fx-after:") else None

@@ -40,7 +40,7 @@ def _cpu_model() -> str:
 
 def doctor_lines() -> list[str]:
     """The environment, one `key: value` per line."""
-    from passes.cpu import int8_format
+    from planc.passes.cpu import int8_format
 
     lines = [version_line(), f"python: {sys.version.split()[0]} ({platform.platform()})"]
     lines += [f"{name}: {version_of(name) or 'not installed'}" for name in PACKAGES]

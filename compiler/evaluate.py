@@ -99,7 +99,7 @@ def eager_embeddings(model: Any, tokenizer: Any, texts: Sequence[str], batch: in
     """
     import torch
 
-    from compiler.model import embed
+    from planc.compiler.model import embed
 
     rows = []
     for start in range(0, len(texts), batch):
@@ -117,7 +117,7 @@ def eager_embeddings(model: Any, tokenizer: Any, texts: Sequence[str], batch: in
 
 def artifact_embeddings(directory: str | Path, texts: Sequence[str], batch: int = 16, threads: int = 2) -> np.ndarray:
     """Sentence embeddings of a planc ONNX artifact, tokenized with the tokenizer saved in it."""
-    from backends.onnx.artifact import run_artifact
+    from planc.backends.onnx.artifact import run_artifact
 
     rows = [
         run_artifact(directory, list(texts[start : start + batch]), threads=threads)["sentence_embedding"]

@@ -12,10 +12,10 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from compiler import ir
-from dsl import ast
-from dsl.format import format_document
-from dsl.source import Source, Span
+from planc.compiler import ir
+from planc.dsl import ast
+from planc.dsl.format import format_document
+from planc.dsl.source import Source, Span
 
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _NOWHERE = Span("<resolved>", 0, 0, 0, 0)
@@ -33,8 +33,8 @@ def explain(plan: ir.Plan) -> str:
 
 def target_notes(plan: ir.Plan) -> list[str]:
     """Comment lines on what the plan's defaults resolve to on this machine (the int8 format)."""
-    from passes.cpu import host_cpu, int8_format
-    from passes.options import Quantize
+    from planc.passes.cpu import host_cpu, int8_format
+    from planc.passes.options import Quantize
 
     if not any(isinstance(s.options, Quantize) and s.options.scheme == "int8" for s in plan.pipeline):
         return []

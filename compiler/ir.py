@@ -13,8 +13,8 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny
 
-from dsl.source import Span
-from passes.options import PassOptions
+from planc.dsl.source import Span
+from planc.passes.options import PassOptions
 
 
 class Node(BaseModel):

@@ -11,7 +11,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from compiler import ir
+from planc.compiler import ir
 
 
 def dump_ir(plan: ir.Plan) -> str:

@@ -22,9 +22,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from compiler import ir
-from dsl.source import Diagnostic, PlanError
-from passes.options import Quantize
+from planc.compiler import ir
+from planc.dsl.source import Diagnostic, PlanError
+from planc.passes.options import Quantize
 
 log = logging.getLogger(__name__)
 
@@ -84,8 +84,8 @@ def resolve_precision(plan: ir.Plan, job: Any, run_trial: Callable[[ir.Plan, Any
         return plan, None
     from tqdm import tqdm
 
-    from backends.onnx.verify import goal_met
-    from compiler import model as model_source
+    from planc.backends.onnx.verify import goal_met
+    from planc.compiler import model as model_source
 
     step = plan.pipeline[index]
     options: Quantize = step.options  # type: ignore[assignment]

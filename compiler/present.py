@@ -63,7 +63,7 @@ OUTPUT_SUFFIXES = (".json", ".npy")
 
 def write_outputs(path: Path, outputs: dict[str, np.ndarray], main: str) -> None:
     """`.npy`: the task's main array; `.json`: every output by name. Written atomically."""
-    from compiler.publish import write_bytes, write_text
+    from planc.compiler.publish import write_bytes, write_text
 
     if path.suffix == ".npy":
         buffer = io.BytesIO()

@@ -16,8 +16,8 @@ from __future__ import annotations
 import re
 from fnmatch import fnmatchcase
 
-from compiler import ir
-from dsl.source import Diagnostic
+from planc.compiler import ir
+from planc.dsl.source import Diagnostic
 
 
 def layer_index(path: str) -> int | None:

@@ -23,8 +23,8 @@ from typing import Any, ClassVar, Protocol
 
 from pydantic import BaseModel
 
-from compiler import ir
-from dsl.source import Diagnostic, Span
+from planc.compiler import ir
+from planc.dsl.source import Diagnostic, Span
 
 #: Called with a short description of the stage being entered (the CLI shows it as progress).
 Progress = Callable[[str], None]
@@ -86,11 +86,11 @@ def missing_file(base: Path, relative: str, span: Span) -> Diagnostic | None:
 @cache
 def target_kinds() -> dict[str, TargetKind]:
     """Every target kind, by name: the `TARGET` of each `backends/<package>/target.py`."""
-    import backends
+    import planc.backends as backends
 
     kinds: dict[str, TargetKind] = {}
     for package in sorted(info.name for info in pkgutil.iter_modules(backends.__path__) if info.ispkg):
-        name = f"backends.{package}.target"
+        name = f"planc.backends.{package}.target"
         if importlib.util.find_spec(name) is not None:
             kind = importlib.import_module(name).TARGET
             kinds[kind.kind] = kind

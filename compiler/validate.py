@@ -15,13 +15,13 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from compiler import ir
-from compiler.targets import target_kinds
-from dsl import ast
-from dsl.parser import parse_file
-from dsl.source import Diagnostic, PlanError, Source, Span, did_you_mean
-from compiler.textdata import STDLIB
-from passes.options import PASS_OPTIONS, Prune
+from planc.compiler import ir
+from planc.compiler.targets import target_kinds
+from planc.dsl import ast
+from planc.dsl.parser import parse_file
+from planc.dsl.source import Diagnostic, PlanError, Source, Span, did_you_mean
+from planc.compiler.textdata import STDLIB
+from planc.passes.options import PASS_OPTIONS, Prune
 
 SELECTOR_FUNCTIONS = ("name", "regex", "layers", "type")
 MODEL_SOURCES = ("factory", "hf")

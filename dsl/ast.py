@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Union
 
-from dsl.source import Source, Span
+from planc.dsl.source import Source, Span
 
 
 NOWHERE = Span("<generated>", 0, 0, 0, 0)

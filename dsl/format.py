@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 
-from dsl import ast
+from planc.dsl import ast
 
 INDENT = "  "
 INLINE_LIMIT = 100

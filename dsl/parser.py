@@ -15,8 +15,8 @@ from pathlib import Path
 from lark import Lark, Token, Transformer, Tree, UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken, v_args
 from lark.tree import Meta
 
-from dsl import ast
-from dsl.source import Diagnostic, PlanError, Source, Span
+from planc.dsl import ast
+from planc.dsl.source import Diagnostic, PlanError, Source, Span
 
 GRAMMAR = Path(__file__).with_name("grammar.lark")
 

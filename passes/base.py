@@ -15,7 +15,7 @@ from typing import Generic, TypeVar
 import torch
 from torch import fx
 
-from passes.options import PassOptions
+from planc.passes.options import PassOptions
 
 O = TypeVar("O", bound=PassOptions)
 

@@ -24,8 +24,8 @@ import torch
 from torch import fx, nn
 from tqdm import tqdm
 
-from passes.base import PassContext, PassError
-from passes.graph_utils import LinearSite
+from planc.passes.base import PassContext, PassError
+from planc.passes.graph_utils import LinearSite
 
 log = logging.getLogger(__name__)
 

@@ -30,9 +30,9 @@ import operator
 import torch
 from torch import fx
 
-from passes.base import GraphPass, PassContext, PassError, PassResult
-from passes.graph_utils import get_tensor, mark, module_stack, owner_path, record_shapes, set_tensor, within_any
-from passes.options import Cast
+from planc.passes.base import GraphPass, PassContext, PassError, PassResult
+from planc.passes.graph_utils import get_tensor, mark, module_stack, owner_path, record_shapes, set_tensor, within_any
+from planc.passes.options import Cast
 
 log = logging.getLogger(__name__)
 

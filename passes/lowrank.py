@@ -18,8 +18,8 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from passes.base import GraphPass, PassContext, PassError, PassResult
-from passes.graph_utils import (
+from planc.passes.base import GraphPass, PassContext, PassError, PassResult
+from planc.passes.graph_utils import (
     LINEAR,
     copy_meta,
     erase_if_unused,
@@ -28,8 +28,8 @@ from passes.graph_utils import (
     select_linears,
     set_tensor,
 )
-from passes.options import LowRank
-from passes.ranks import choose_rank
+from planc.passes.options import LowRank
+from planc.passes.ranks import choose_rank
 
 
 class LowRankPass(GraphPass[LowRank]):

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx
 
-from passes.base import GraphPass, PassContext, PassError
-from passes.graph_utils import quiet_deepcopy
+from planc.passes.base import GraphPass, PassContext, PassError
+from planc.passes.graph_utils import quiet_deepcopy
 
 log = logging.getLogger(__name__)
 

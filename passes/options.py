@@ -45,7 +45,7 @@ class Prune(PassOptions):
     sparsegpt), whole heads/channels, or whole repeated blocks (layers)."""
 
     name: ClassVar[str] = "prune"
-    impl: ClassVar[str] = "passes.prune:PrunePass"
+    impl: ClassVar[str] = "planc.passes.prune:PrunePass"
     #: wanda: |W_ij| * ||X_j||_2 per output row (Sun et al. 2023); sparsegpt: Hessian-based mask
     #: with an OBS update of the kept weights (Frantar & Alistarh 2023). Both calibrate block by
     #: block on `calibration`, each block reading the outputs of the already pruned ones.
@@ -103,15 +103,15 @@ class Prune(PassOptions):
         return self
 
     def implementation(self) -> str:
-        """One pass class per method, e.g. "passes.prune.heads:HeadsPass"."""
+        """One pass class per method, e.g. "planc.passes.prune.heads:HeadsPass"."""
         return {
-            "magnitude": "passes.prune.magnitude:MagnitudePass",
-            "nm": "passes.prune.nm:NMPass",
-            "heads": "passes.prune.heads:HeadsPass",
-            "channels": "passes.prune.channels:ChannelsPass",
-            "layers": "passes.prune.layers:LayersPass",
-            "wanda": "passes.prune.wanda:WandaPass",
-            "sparsegpt": "passes.prune.sparsegpt:SparseGPTPass",
+            "magnitude": "planc.passes.prune.magnitude:MagnitudePass",
+            "nm": "planc.passes.prune.nm:NMPass",
+            "heads": "planc.passes.prune.heads:HeadsPass",
+            "channels": "planc.passes.prune.channels:ChannelsPass",
+            "layers": "planc.passes.prune.layers:LayersPass",
+            "wanda": "planc.passes.prune.wanda:WandaPass",
+            "sparsegpt": "planc.passes.prune.sparsegpt:SparseGPTPass",
         }[self.method]
 
     @property
@@ -124,7 +124,7 @@ class LowRank(PassOptions):
     """Factor a Linear W (out x in) into two Linears of rank r via truncated SVD."""
 
     name: ClassVar[str] = "lowrank"
-    impl: ClassVar[str] = "passes.lowrank:LowRankPass"
+    impl: ClassVar[str] = "planc.passes.lowrank:LowRankPass"
     rank: int | None = Field(None, ge=1)
     #: Keep the smallest rank whose singular values hold this fraction of the energy (sum s^2).
     energy: float | None = Field(None, gt=0.0, le=1.0)
@@ -144,7 +144,7 @@ class Quantize(PassOptions):
     """Insert real integer weights (int8 / packed int4) with their scales into the graph."""
 
     name: ClassVar[str] = "quantize"
-    impl: ClassVar[str] = "passes.quantize:QuantizePass"
+    impl: ClassVar[str] = "planc.passes.quantize:QuantizePass"
     #: How the integer weights are chosen (the stored layout and ops are the same for all):
     #: rtn rounds each weight to nearest; gptq (Frantar et al. 2022) rounds column by column and
     #: moves each rounding error onto the columns not yet rounded, weighted by the inverse of the
@@ -210,9 +210,9 @@ class Quantize(PassOptions):
     def implementation(self) -> str:
         """One pass class per method; rtn is the base the others reuse."""
         return {
-            "rtn": "passes.quantize:QuantizePass",
-            "gptq": "passes.quantize.gptq:GPTQPass",
-            "awq": "passes.quantize.awq:AWQPass",
+            "rtn": "planc.passes.quantize:QuantizePass",
+            "gptq": "planc.passes.quantize.gptq:GPTQPass",
+            "awq": "planc.passes.quantize.awq:AWQPass",
         }[self.method]
 
 
@@ -220,7 +220,7 @@ class Cast(PassOptions):
     """Run the selected part of the model in fp16/bf16, keeping numerically fragile ops in fp32."""
 
     name: ClassVar[str] = "cast"
-    impl: ClassVar[str] = "passes.cast:CastPass"
+    impl: ClassVar[str] = "planc.passes.cast:CastPass"
     default_types: ClassVar[tuple[str, ...]] = ()  # no selector: the whole model
     dtype: Literal["fp16", "bf16"] = "fp16"
     #: Op kinds kept in fp32; casts are inserted only at the boundaries.
@@ -233,7 +233,7 @@ class Partition(PassOptions):
     """Cut the model into pipeline stages of balanced cost with torch.fx's split_module."""
 
     name: ClassVar[str] = "partition"
-    impl: ClassVar[str] = "passes.partition:PartitionPass"
+    impl: ClassVar[str] = "planc.passes.partition:PartitionPass"
     default_types: ClassVar[tuple[str, ...]] = ()
     stages: int = Field(2, ge=2)
     balance: Literal["params", "flops", "time"] = "params"

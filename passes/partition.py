@@ -31,8 +31,8 @@ import torch
 from torch import fx
 from torch.fx.passes.split_module import split_module
 
-from passes.base import GraphPass, PassContext, PassError, PassResult
-from passes.graph_utils import (
+from planc.passes.base import GraphPass, PassContext, PassError, PassResult
+from planc.passes.graph_utils import (
     LINEAR,
     flat_inputs,
     get_tensor,
@@ -42,7 +42,7 @@ from passes.graph_utils import (
     set_tensor,
     tensor_shape,
 )
-from passes.options import Partition
+from planc.passes.options import Partition
 
 log = logging.getLogger(__name__)
 

@@ -10,10 +10,10 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
-from passes.options import PassOptions
+from planc.passes.options import PassOptions
 
 if TYPE_CHECKING:
-    from passes.base import GraphPass
+    from planc.passes.base import GraphPass
 
 
 def load_pass(options: PassOptions) -> GraphPass:

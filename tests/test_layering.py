@@ -31,21 +31,26 @@ def module_of(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def imports_of(path: Path) -> set[str]:
-    """Every module `path` imports, at any depth of its code (absolute names)."""
+def imported_names(path: Path) -> set[str]:
+    """Every module `path` imports, at any depth of its code, as written (absolute names)."""
     found: set[str] = set()
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
         if isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            if node.module not in PLANC:  # `from compiler import ir` imports compiler.ir, named below
+            if node.module.removeprefix("planc.") not in PLANC:  # `from planc.compiler import ir` imports ir, named below
                 found.add(node.module)
             found.update(f"{node.module}.{alias.name}" for alias in node.names)
     return found
 
 
+def imports_of(path: Path) -> set[str]:
+    """`imported_names` with planc's own modules named by their folder (`compiler.ir`)."""
+    return {name.removeprefix("planc.") for name in imported_names(path)}
+
+
 def _planc(imported: set[str]) -> set[str]:
-    return {name for name in imported if name.split(".")[0] in PLANC}
+    return {name for name in imported if name.split(".")[0] in (*PLANC, "planc")}
 
 
 def _within(name: str, prefixes: tuple[str, ...]) -> bool:
@@ -75,10 +80,17 @@ def test_imports_point_down(path: Path) -> None:
         private = {n for n in imported if n.startswith("compiler.model.") and not n.startswith("compiler.model.load_hf")}
         assert not {n for n in private if n.split(".")[2] in ("load", "capture", "outputs", "common", "tokenizers")}, (
             f"backends use compiler.model's public API, not its modules: {sorted(private)}")
-    if module not in ("compiler.cli", "compiler") and not module.startswith("compiler.cli"):
+    if module not in ("compiler.cli", "compiler.api") and not module.startswith("compiler.cli"):
         assert not {n for n in imported if _within(n, ("compiler.cli",))}, "nothing imports the CLI"
-    if not module.startswith(("compiler.cli", "compiler.driver")) and module != "compiler":
+    if not module.startswith(("compiler.cli", "compiler.driver")) and module != "compiler.api":
         assert not {n for n in imported if _within(n, ("compiler.driver",))}, "only the CLI and the API import the driver"
+
+
+@pytest.mark.parametrize("path", SOURCES, ids=[module_of(p) for p in SOURCES])
+def test_planc_imports_itself_by_its_installed_name(path: Path) -> None:
+    """`import compiler` would find a user's own `compiler` package, or nothing, once installed."""
+    bare = {name for name in imported_names(path) if name.split(".")[0] in PLANC}
+    assert not bare, f"import these as planc.*: {sorted(bare)}"
 
 
 def test_the_training_runtime_imports_no_planc() -> None:

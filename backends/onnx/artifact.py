@@ -27,10 +27,10 @@ from typing import Any
 
 import numpy as np
 
-from backends.onnx import runtime
-from backends.onnx.options import OnnxTarget
-from backends.onnx.runtime import ProviderError
-from compiler.publish import staged_dir
+from planc.backends.onnx import runtime
+from planc.backends.onnx.options import OnnxTarget
+from planc.backends.onnx.runtime import ProviderError
+from planc.compiler.publish import staged_dir
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ def quantization_of(gm: Any) -> tuple[str | None, int]:
     """("int4", group_size) / ("int8", 0) / (None, 0): the integer scheme planc ops in `gm` use."""
     import torch
 
-    import passes.qops  # noqa: F401  (registers torch.ops.planc)
+    import planc.passes.qops  # noqa: F401  (registers torch.ops.planc)
 
     planc = torch.ops.planc
     scheme, group = None, 0
@@ -112,7 +112,7 @@ def _measure_latency(loaded: Any, session: Any, target: OnnxTarget) -> dict[str,
     """Medians of eager torch and the ORT session on the bench shape, timed interleaved."""
     import torch
 
-    from backends.onnx.timing import interleaved_medians, torch_threads
+    from planc.backends.onnx.timing import interleaved_medians, torch_threads
 
     bench = target.bench
     inputs = _bench_inputs(loaded, bench.batch, bench.seq)
@@ -135,7 +135,7 @@ def _measure_latency(loaded: Any, session: Any, target: OnnxTarget) -> dict[str,
 
 def cpu_report(requested: str, int8: bool) -> dict[str, Any]:
     """The `cpu` entry of a report: the target CPU, the int8 weight format chosen for it and why."""
-    from passes.cpu import host_cpu, int8_format
+    from planc.passes.cpu import host_cpu, int8_format
 
     fmt = int8_format(requested)
     return {"target": fmt.cpu, "requested": requested, "compiled_on": host_cpu(), "int8": fmt.as_dict() if int8 else None}
@@ -143,7 +143,7 @@ def cpu_report(requested: str, int8: bool) -> dict[str, Any]:
 
 def numerics_warning(report: dict[str, Any]) -> str | None:
     """One line when this CPU sums the artifact's int8 weights differently from its target CPU."""
-    from passes.cpu import host_cpu, numerics_differ
+    from planc.passes.cpu import host_cpu, numerics_differ
 
     int8 = (report.get("cpu") or {}).get("int8")
     if int8 and numerics_differ(int(int8["weight_max"])):
@@ -158,8 +158,8 @@ def _pick_int4_compute(final: Path, work: Path, loaded: Any, providers: list[str
                        verification: Any, latency: dict[str, Any]) -> tuple[Any, dict[str, Any], dict[str, Any]]:
     """Verify and time the int8-compute variant of `final`'s int4 weights; keep the faster one
     that meets the goal (`target.int4_compute = auto`) or the one the plan names (`int8`)."""
-    from backends.onnx import int4_compute as int4
-    from backends.onnx.verify import verification_samples, verify_session
+    from planc.backends.onnx import int4_compute as int4
+    from planc.backends.onnx.verify import verification_samples, verify_session
 
     variant = work / "int8_compute" / final.name  # same file names: external data keeps its location
     variant.parent.mkdir()
@@ -233,9 +233,9 @@ def build_onnx_artifact(
     Raises `ProviderError` (provider or dtype this machine cannot run), `VerificationFailed`
     (goal missed; nothing written), `export.ExportError` (graph not exportable).
     """
-    from backends.onnx.export import export_model, files_size, save_model
-    from backends.onnx.optimize import optimize_graph
-    from backends.onnx.verify import verification_samples, verify_session
+    from planc.backends.onnx.export import export_model, files_size, save_model
+    from planc.backends.onnx.optimize import optimize_graph
+    from planc.backends.onnx.verify import verification_samples, verify_session
 
     out_dir = Path(out_dir).resolve()
     providers = runtime.resolve_providers(target.providers)
@@ -440,7 +440,7 @@ def bench_rows(
     bench = reports[0].get("bench", {})
     batch, seq = batch or bench.get("batch", 1), seq or bench.get("seq", 128)
     threads, runs = threads or bench.get("threads", 1), runs or bench.get("runs", 30)
-    from backends.onnx.timing import interleaved_medians
+    from planc.backends.onnx.timing import interleaved_medians
 
     calls = {}
     for directory, report in zip(dirs, reports):

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from backends.onnx.cache_adapter import (
+from planc.backends.onnx.cache_adapter import (
     CacheAdapter,
     UnsupportedDecoder,
     adapt,
@@ -38,9 +38,9 @@ from backends.onnx.cache_adapter import (
     is_hf_model,
     position_ids_from_mask,
 )
-from backends.onnx.decoder_tokenizer import HF_TOKENIZER_FILES
-from backends.onnx.export import initializer_bytes, save_model
-from passes.options import Quantize
+from planc.backends.onnx.decoder_tokenizer import HF_TOKENIZER_FILES
+from planc.backends.onnx.export import initializer_bytes, save_model
+from planc.passes.options import Quantize
 
 logger = logging.getLogger(__name__)
 
@@ -113,7 +113,7 @@ class DecoderSpec:
 
 def load_hf_decoder(path: str | Path) -> nn.Module:
     """A causal LM from a `save_pretrained` directory (the model source's loader, see there)."""
-    from compiler.model import load_hf_directory
+    from planc.compiler.model import load_hf_directory
 
     path = Path(path)
     if not (path / "config.json").exists():
@@ -190,7 +190,7 @@ def graph_targets(targets: set[str] | frozenset[str]) -> frozenset[str]:
 def export_onnx(adapter: CacheAdapter, opset: int = 18, graph: torch.fx.GraphModule | None = None):
     """torch.onnx.export(dynamo=True) of the adapter (or of its captured, transformed `graph`):
     an `onnx_ir.Model` with dynamic axes; planc's quantized ops are lowered on the way."""
-    from backends.onnx.lowering import translation_table
+    from planc.backends.onnx.lowering import translation_table
 
     n_layer = len(adapter.cache_layout())
     try:
@@ -228,10 +228,10 @@ def quantize_with_planc(
     options (method, smoothing, calibration); `load_samples(path, count)` gives tokenized texts
     for calibration, fed to the graph as prefills.
     """
-    from passes.base import PassContext, PassError
-    from passes.graph_utils import linear_sites
-    from passes.manager import PassManager
-    from passes.registry import load_pass
+    from planc.passes.base import PassContext, PassError
+    from planc.passes.graph_utils import linear_sites
+    from planc.passes.manager import PassManager
+    from planc.passes.registry import load_pass
 
     if isinstance(options, str):
         options = Quantize(scheme=options)
@@ -328,7 +328,7 @@ def _fuse_if_exact(model, adapter: CacheAdapter):
 def _with_weights_as_matmul(model):
     import onnx_ir as ir
 
-    from backends.onnx.decoder_quantize import weights_as_matmul
+    from planc.backends.onnx.decoder_quantize import weights_as_matmul
 
     proto = ir.serde.serialize_model(model)
     count = weights_as_matmul(proto)
@@ -463,17 +463,17 @@ def export_decoder(
     if fusions:
         onnx_model, applied = _fuse_if_exact(onnx_model, adapter)
     if graph is not None:
-        from backends.onnx.optimize import lower_int8
+        from planc.backends.onnx.optimize import lower_int8
 
         lowered = lower_int8(onnx_model)  # planc int8 weights -> DynamicQuantizeMatMul
         logger.info("planc int8 weights lowered to ORT kernels: %s", lowered or "none")
-    from compiler.publish import staged_dir
+    from planc.compiler.publish import staged_dir
 
     with staged_dir(out) as tmp:
         path = Path(tmp) / MODEL_FILE
         save_model(onnx_model, path)
         if quantize is not None and quantizer == "ort":
-            from backends.onnx.decoder_quantize import quantize_decoder
+            from planc.backends.onnx.decoder_quantize import quantize_decoder
 
             quantize_decoder(path, path, scheme, group_size=group_size, cpu=cpu)
         tok_entry = _copy_tokenizer(tokenizer_dir, Path(tmp))

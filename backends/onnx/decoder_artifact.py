@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from backends.onnx.artifact import (
+from planc.backends.onnx.artifact import (
     MODEL_FILE,
     PLAN_FILE,
     REPORT_FILE,
@@ -26,10 +26,10 @@ from backends.onnx.artifact import (
     _write_json,
     cpu_report,
 )
-from compiler.publish import staged_dir
-from backends.onnx.options import OnnxTarget
-from backends.onnx.verify import goal_met
-from passes.options import Quantize
+from planc.compiler.publish import staged_dir
+from planc.backends.onnx.options import OnnxTarget
+from planc.backends.onnx.verify import goal_met
+from planc.passes.options import Quantize
 
 logger = logging.getLogger(__name__)
 
@@ -50,11 +50,11 @@ def build_decoder_artifact(
     """Export `model` (an eager causal LM) with a key/value cache; verify; publish `out_dir`.
 
     `load_samples(path, count)` tokenizes the quantize step's calibration texts."""
-    from backends.onnx import runtime
-    from backends.onnx.decoder import export_decoder
-    from backends.onnx.decoder_verify import verify_decoder
-    from backends.onnx.export import files_size
-    from backends.onnx.generate import DecoderSession
+    from planc.backends.onnx import runtime
+    from planc.backends.onnx.decoder import export_decoder
+    from planc.backends.onnx.decoder_verify import verify_decoder
+    from planc.backends.onnx.export import files_size
+    from planc.backends.onnx.generate import DecoderSession
 
     decode = target.decode
     assert decode is not None
@@ -112,7 +112,7 @@ def build_decoder_artifact(
 
 def _tokens_per_s(directories: list[Path], target: OnnxTarget, prompt: list[list[int]], tokens: int, rounds: int = 3) -> list[float]:
     """Generation speed of each artifact, one warm-up, then the median of `rounds` interleaved runs."""
-    from backends.onnx.generate import DecoderSession, generate_ids
+    from planc.backends.onnx.generate import DecoderSession, generate_ids
 
     sessions = [DecoderSession(d, providers=target.providers, threads=target.bench.threads) for d in directories]
     seconds: list[list[float]] = [[] for _ in sessions]
@@ -130,8 +130,8 @@ def _pick_int4_compute(directory: Path, model: Any, target: OnnxTarget, heldout:
                        tokens: int, metrics: dict[str, Any], passed: bool | None) -> tuple[dict, float, bool | None, dict]:
     """Verify and time the int8-compute variant of the int4 decoder in `directory`; keep the faster
     one that meets the goal (`int4_compute = auto`) or the one the plan names (`int8`)."""
-    from backends.onnx import int4_compute as int4
-    from backends.onnx.decoder_verify import verify_decoder
+    from planc.backends.onnx import int4_compute as int4
+    from planc.backends.onnx.decoder_verify import verify_decoder
 
     decode = target.decode
     assert decode is not None

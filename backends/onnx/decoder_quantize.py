@@ -122,7 +122,7 @@ def quantize_int8(src: Path, dst: Path, cpu: str = "auto") -> None:
     """ORT's `quantize_dynamic`, with 7-bit weights (`reduce_range`) where the target's sums saturate."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    from passes.cpu import int8_format
+    from planc.passes.cpu import int8_format
 
     nodes = _weight_matmuls(onnx.load(src, load_external_data=False))
     if not nodes:
@@ -140,7 +140,7 @@ def quantize_int8(src: Path, dst: Path, cpu: str = "auto") -> None:
 
 
 def quantize_int4(src: Path, dst: Path, block_size: int, symmetric: bool = True) -> None:
-    from backends.onnx.lowering import INT4_ACCURACY_LEVEL
+    from planc.backends.onnx.lowering import INT4_ACCURACY_LEVEL
 
     from onnxruntime.quantization.matmul_nbits_quantizer import (
         DefaultWeightOnlyQuantConfig,
@@ -167,7 +167,7 @@ def quantize_decoder(src: str | Path, dst: str | Path, scheme: str, *, group_siz
     """
     if scheme not in ("int8", "int4"):
         raise ValueError(f"decoder quantization scheme must be 'int8' or 'int4', got {scheme!r}")
-    from compiler.publish import copy_file
+    from planc.compiler.publish import copy_file
 
     src, dst = Path(src), Path(dst)
     with tempfile.TemporaryDirectory() as tmp:

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from backends.onnx.cache_adapter import (
+from planc.backends.onnx.cache_adapter import (
     GPTCacheAdapter,
     adapt,
     empty_past,
@@ -29,7 +29,7 @@ from backends.onnx.cache_adapter import (
     left_padded_batch,
     position_ids_from_mask,
 )
-from backends.onnx.generate import DecoderSession, generate_ids, open_session
+from planc.backends.onnx.generate import DecoderSession, generate_ids, open_session
 
 logger = logging.getLogger(__name__)
 

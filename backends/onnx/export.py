@@ -19,7 +19,7 @@ import onnx_ir as ir
 import torch
 from torch.utils import _pytree as pytree
 
-from backends.onnx.lowering import translation_table
+from planc.backends.onnx.lowering import translation_table
 
 logger = logging.getLogger(__name__)
 

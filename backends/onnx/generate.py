@@ -21,9 +21,9 @@ from typing import Literal, TextIO
 
 import numpy as np
 
-from backends.onnx.decoder import MODEL_FILE, DecoderSpec, input_names, output_names
-from backends.onnx.decoder_tokenizer import Tokenizer, load_tokenizer
-from backends.onnx.runtime import create_session, resolve_providers
+from planc.backends.onnx.decoder import MODEL_FILE, DecoderSpec, input_names, output_names
+from planc.backends.onnx.decoder_tokenizer import Tokenizer, load_tokenizer
+from planc.backends.onnx.runtime import create_session, resolve_providers
 
 logger = logging.getLogger(__name__)
 
@@ -370,7 +370,7 @@ def read_prompts(path: str | Path) -> list[str]:
 
 def warn_if_numerics_differ(artifact_dir: Path) -> None:
     """Log one line when this CPU would sum the artifact's int8 weights differently than verified."""
-    from backends.onnx.artifact import REPORT_FILE, numerics_warning
+    from planc.backends.onnx.artifact import REPORT_FILE, numerics_warning
 
     report = artifact_dir / REPORT_FILE
     if report.is_file():

@@ -154,7 +154,7 @@ def translation_table() -> dict[Callable, Callable]:
     """`torch.onnx.export(custom_translation_table=...)` for every planc op."""
     import torch
 
-    import passes.qops  # noqa: F401  (registers torch.ops.planc.*)
+    import planc.passes.qops  # noqa: F401  (registers torch.ops.planc.*)
 
     planc = torch.ops.planc
     return {

@@ -30,7 +30,7 @@ import onnx
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
-from backends.onnx.lowering import MS_DOMAIN
+from planc.backends.onnx.lowering import MS_DOMAIN
 
 logger = logging.getLogger(__name__)
 

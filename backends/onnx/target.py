@@ -11,11 +11,11 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from backends.onnx.options import OnnxTarget
-from compiler import ir
-from compiler.targets import Built, Job, missing_file
-from dsl.source import Diagnostic, PlanError, Span
-from passes.options import Cast, Quantize
+from planc.backends.onnx.options import OnnxTarget
+from planc.compiler import ir
+from planc.compiler.targets import Built, Job, missing_file
+from planc.dsl.source import Diagnostic, PlanError, Span
+from planc.passes.options import Cast, Quantize
 
 
 def _error(span: Span, message: str, *notes: str) -> PlanError:
@@ -86,8 +86,8 @@ class OnnxKind:
         """A decoder's graph is the key/value-cache graph it is exported from; else the default."""
         if not self.is_decoder(target):
             return None
-        from backends.onnx.cache_adapter import UnsupportedDecoder
-        from backends.onnx.decoder import capture_decoder
+        from planc.backends.onnx.cache_adapter import UnsupportedDecoder
+        from planc.backends.onnx.decoder import capture_decoder
 
         try:
             return capture_decoder(loaded.model)
@@ -98,8 +98,8 @@ class OnnxKind:
         """A decoder's pipeline is its one quantize step over every projection; else the default."""
         if not self.is_decoder(target):
             return None
-        from backends.onnx.cache_adapter import UnsupportedDecoder, has_linear_projections
-        from backends.onnx.decoder import quantize_with_planc
+        from planc.backends.onnx.cache_adapter import UnsupportedDecoder, has_linear_projections
+        from planc.backends.onnx.decoder import quantize_with_planc
 
         step = self._decoder_quantize(job, loaded)
         if step is None or step.name != stop_after:
@@ -118,7 +118,7 @@ class OnnxKind:
 
     def build(self, job: Job, target: ir.Target) -> Built:
         options: OnnxTarget = target.options  # type: ignore[assignment]
-        from backends.onnx import artifact as onnx_artifact
+        from planc.backends.onnx import artifact as onnx_artifact
 
         try:
             if self.is_decoder(target):
@@ -148,8 +148,8 @@ class OnnxKind:
     def _graph(self, job: Job, target: ir.Target, options: OnnxTarget) -> Built:
         import dataclasses
 
-        from backends.onnx import artifact as onnx_artifact
-        from compiler.explain import explain
+        from planc.backends.onnx import artifact as onnx_artifact
+        from planc.compiler.explain import explain
 
         model, original = self._model(job)
         job.progress(f"capturing model '{job.plan.model.name}'")
@@ -170,7 +170,7 @@ class OnnxKind:
     @staticmethod
     def _texts(loaded: Any) -> Any:
         """Calibration texts (a file's lines, or `stdlib` windows) tokenized by the model's tokenizer."""
-        from compiler import model as model_source
+        from planc.compiler import model as model_source
 
         return lambda path, count: model_source.load_samples(loaded, path, count)
 
@@ -193,8 +193,8 @@ class OnnxKind:
     def _decoder(self, job: Job, target: ir.Target, options: OnnxTarget) -> Built:
         """A key/value-cache graph plus generation, quantized as planned; a trained decoder is
         served as trained (verified against itself)."""
-        from backends.onnx.decoder_artifact import build_decoder_artifact
-        from compiler.explain import explain
+        from planc.backends.onnx.decoder_artifact import build_decoder_artifact
+        from planc.compiler.explain import explain
 
         loaded, _ = self._model(job)
         step = self._decoder_quantize(job, loaded)
@@ -204,7 +204,7 @@ class OnnxKind:
         heldout = job.plan.model.base_dir / decode.heldout if decode.heldout else None
         job.progress("exporting the decoder to ONNX, verifying generation against the eager model")
         summaries = [{"name": step.name, "summary": f"{quantize.method} {quantize.scheme} weights for every projection"}] if step and quantize else []
-        from backends.onnx.cache_adapter import UnsupportedDecoder
+        from planc.backends.onnx.cache_adapter import UnsupportedDecoder
 
         try:
             result = build_decoder_artifact(loaded.model, options, quantize, job.out_dir, heldout, summaries, explain(job.plan),

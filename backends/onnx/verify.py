@@ -28,8 +28,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from backends.onnx import runtime
-from backends.onnx.options import Verify
+from planc.backends.onnx import runtime
+from planc.backends.onnx.options import Verify
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +110,7 @@ def verification_samples(loaded: Any, verify: Verify) -> list[dict[str, torch.Te
     """The plan's verification inputs: its text file, else random ids."""
     if verify.data is None:
         return random_samples(loaded, verify.samples or RANDOM_SAMPLES)
-    from compiler import model as model_source
+    from planc.compiler import model as model_source
 
     return model_source.load_samples(loaded, verify.data, verify.samples)
 
@@ -142,7 +142,7 @@ def _perplexity(logits: torch.Tensor, inputs: dict[str, torch.Tensor]) -> tuple[
 
 def verify_session(loaded: Any, session: Any, samples: list[dict[str, torch.Tensor]], verify: Verify) -> Verification:
     """Run eager and ONNX on every sample and score them by `verify.metric`."""
-    from compiler import model as model_source
+    from planc.compiler import model as model_source
 
     if not samples:
         raise ValueError("no verification samples")

@@ -11,6 +11,6 @@ the emitter (`backends.train.emit`) or the launcher (`backends.train.launch`); i
 
 from __future__ import annotations
 
-from backends.train.checks import TrainPlanError, check_batch_config
+from planc.backends.train.checks import TrainPlanError, check_batch_config
 
 __all__ = ["TrainPlanError", "check_batch_config"]

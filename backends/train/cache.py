@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from backends.train.options import TrainTarget
-    from compiler.ir import ModelSource
+    from planc.backends.train.options import TrainTarget
+    from planc.compiler.ir import ModelSource
 
 #: The runtime package emit copies next to every train.py (the `everyday` grammar included).
 RUNTIME = Path(__file__).parent / "planc_runtime"
@@ -84,7 +84,7 @@ def corpus_fingerprint(target: TrainTarget, base_dir: Path, task: str = "encoder
     its corpus cache, so it agrees with what training sees; a second call takes a second."""
     if task != "encoder":
         return ""
-    from backends.train import planc_runtime
+    from planc.backends.train import planc_runtime
 
     data: dict[str, Any] = target.data.model_dump()
     for key in ("path",):
@@ -102,7 +102,7 @@ def cached_weights(key: str) -> Path | None:
 
 def store_weights(key: str, weights: Path) -> Path:
     """Copy `weights` into the cache under `key`; returns the cached file."""
-    from compiler.publish import copy_file
+    from planc.compiler.publish import copy_file
 
     target = cache_dir() / f"{key}.pt"
     target.parent.mkdir(parents=True, exist_ok=True)

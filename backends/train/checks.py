@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from backends.train.options import TrainTarget
-from passes.options import Partition
+from planc.backends.train.options import TrainTarget
+from planc.passes.options import Partition
 
 
 class TrainPlanError(ValueError):

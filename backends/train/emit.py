@@ -16,15 +16,15 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from backends.train.cache import RUNTIME, runtime_files
-from backends.train.checks import TrainPlanError, mesh_of
-from backends.train.options import TrainTarget
-from backends.train.render import Program, render_launch_sh, render_train_py
-from compiler.publish import staged_dir
-from passes.options import Cast, LowRank, Partition, PassOptions, Prune, Quantize
+from planc.backends.train.cache import RUNTIME, runtime_files
+from planc.backends.train.checks import TrainPlanError, mesh_of
+from planc.backends.train.options import TrainTarget
+from planc.backends.train.render import Program, render_launch_sh, render_train_py
+from planc.compiler.publish import staged_dir
+from planc.passes.options import Cast, LowRank, Partition, PassOptions, Prune, Quantize
 
 if TYPE_CHECKING:  # compiler.ir imports this package's options: no import cycle at run time
-    from compiler.ir import ModelSource
+    from planc.compiler.ir import ModelSource
 
 log = logging.getLogger(__name__)
 

@@ -11,13 +11,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import ClassVar
 
-from backends.train.checks import TrainPlanError, check_batch_config
-from backends.train.options import TrainTarget
-from compiler import ir
-from compiler.targets import Built, Job
-from compiler.textdata import STDLIB
-from dsl.source import Diagnostic, PlanError, Span
-from passes.options import Partition
+from planc.backends.train.checks import TrainPlanError, check_batch_config
+from planc.backends.train.options import TrainTarget
+from planc.compiler import ir
+from planc.compiler.targets import Built, Job
+from planc.compiler.textdata import STDLIB
+from planc.dsl.source import Diagnostic, PlanError, Span
+from planc.passes.options import Partition
 
 #: Options a batch/mesh problem may name first, in the order they are looked for.
 _PROBLEM_OPTIONS = ("global_batch", "micro_batch", "world_size", "rdzv_endpoint", "precision", "distill", "strategy")
@@ -65,8 +65,8 @@ class TrainKind:
 
     @staticmethod
     def emit(plan: ir.Plan, target: ir.Target, resolved: list, directory: Path) -> Path:
-        from backends.train.emit import emit_training_program
-        from compiler.explain import explain
+        from planc.backends.train.emit import emit_training_program
+        from planc.compiler.explain import explain
 
         compression = [(step.options, targets) for step, targets in resolved if not isinstance(step.options, Partition)]
         partition = next((step.options for step, _ in resolved if isinstance(step.options, Partition)), None)
@@ -81,9 +81,9 @@ class TrainKind:
 
         `task` is the model's resolved task (`encoder` | `causal_lm`): it decides the corpus.
         """
-        from backends.train import cache
-        from backends.train.launch import launch
-        from compiler.explain import explain
+        from planc.backends.train import cache
+        from planc.backends.train.launch import launch
+        from planc.compiler.explain import explain
 
         plan, options = job.plan, target.options
         corpus = cache.corpus_fingerprint(options, plan.model.base_dir, task)  # type: ignore[arg-type]

@@ -18,11 +18,11 @@ line):
 
 from __future__ import annotations
 
-from compiler.model.capture import capture, module_table
-from compiler.model.common import FrontendError, Task, primary_output
-from compiler.model.load import LoadedModel, load_hf_directory, load_model
-from compiler.model.outputs import embed, load_samples, model_output
-from compiler.model.tokenizers import ByteTokenizer, HFTokenizer, Tokenizer
+from planc.compiler.model.capture import capture, module_table
+from planc.compiler.model.common import FrontendError, Task, primary_output
+from planc.compiler.model.load import LoadedModel, load_hf_directory, load_model
+from planc.compiler.model.outputs import embed, load_samples, model_output
+from planc.compiler.model.tokenizers import ByteTokenizer, HFTokenizer, Tokenizer
 
 __all__ = [
     "ByteTokenizer",

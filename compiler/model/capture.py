@@ -24,8 +24,8 @@ from torch.utils import _pytree as pytree
 logger = logging.getLogger(__name__)
 
 
-from compiler.model.common import FrontendError, logger
-from compiler.model.load import LoadedModel
+from planc.compiler.model.common import FrontendError, logger
+from planc.compiler.model.load import LoadedModel
 
 #: Tolerances of the capture check: the graph computes the same ops as eager, so only
 #: reassociation noise is allowed.

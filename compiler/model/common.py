@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 import torch
 
-logger = logging.getLogger("compiler.model")
+logger = logging.getLogger("planc.compiler.model")
 
 Task = Literal["encoder", "causal_lm"]
 

@@ -24,15 +24,15 @@ import torch
 import torch.fx
 from torch import nn
 
-from compiler import textdata
-from compiler.ir import InputSpec, ModelSource
-from dsl.source import did_you_mean
+from planc.compiler import textdata
+from planc.compiler.ir import InputSpec, ModelSource
+from planc.dsl.source import did_you_mean
 
 logger = logging.getLogger(__name__)
 
 
-from compiler.model.common import TOKEN_INPUTS, FrontendError, Task, logger, primary_output
-from compiler.model.tokenizers import ByteTokenizer, HFTokenizer, Tokenizer
+from planc.compiler.model.common import TOKEN_INPUTS, FrontendError, Task, logger, primary_output
+from planc.compiler.model.tokenizers import ByteTokenizer, HFTokenizer, Tokenizer
 
 #: Number of texts in the example batch (more when it would equal the sequence length, which
 #: would make torch.export unify the two dims).

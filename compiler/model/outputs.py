@@ -14,9 +14,9 @@ import torch.nn.functional as F
 logger = logging.getLogger(__name__)
 
 
-from compiler import textdata
-from compiler.model.common import FrontendError, logger, primary_output
-from compiler.model.load import LoadedModel
+from planc.compiler import textdata
+from planc.compiler.model.common import FrontendError, logger, primary_output
+from planc.compiler.model.load import LoadedModel
 
 #: Tokens per window (and windows when no count is given) of the `stdlib` samples.
 STDLIB_WINDOW, STDLIB_WINDOWS = 128, 32

@@ -7,8 +7,8 @@ from typing import Any
 
 import torch
 
-from compiler.ir import InputSpec
-from compiler.model.common import DTYPES, FrontendError
+from planc.compiler.ir import InputSpec
+from planc.compiler.model.common import DTYPES, FrontendError
 
 class Tokenizer(ABC):
     """Text to the model's declared inputs, and ids back to text.

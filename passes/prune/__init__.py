@@ -17,8 +17,8 @@ import importlib
 
 from torch import fx
 
-from passes.base import GraphPass, PassContext, PassResult
-from passes.options import Prune
+from planc.passes.base import GraphPass, PassContext, PassResult
+from planc.passes.options import Prune
 
 
 class PrunePass(GraphPass[Prune]):

@@ -15,10 +15,10 @@ from typing import ClassVar
 import torch
 from torch import fx
 
-from passes.base import PassContext, PassError, PassResult
-from passes.calibration import InputStats, load_calibration, output_error, sequential
-from passes.graph_utils import LinearSite, get_tensor, select_linears, set_tensor
-from passes.prune.common import PruneMethodPass, mark_users, selected_weights, unique_weights
+from planc.passes.base import PassContext, PassError, PassResult
+from planc.passes.calibration import InputStats, load_calibration, output_error, sequential
+from planc.passes.graph_utils import LinearSite, get_tensor, select_linears, set_tensor
+from planc.passes.prune.common import PruneMethodPass, mark_users, selected_weights, unique_weights
 
 
 class CalibratedPrunePass(PruneMethodPass):

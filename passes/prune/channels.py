@@ -6,7 +6,7 @@ activation. See `passes/prune/structured.py` and `passes/structure.py`."""
 
 from __future__ import annotations
 
-from passes.prune.structured import StructuredPass
+from planc.passes.prune.structured import StructuredPass
 
 
 class ChannelsPass(StructuredPass):

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from torch import fx
 
-from passes.base import GraphPass, PassContext, PassError
-from passes.graph_utils import get_tensor, linear_sites, mark, select_linears
-from passes.options import Prune
+from planc.passes.base import GraphPass, PassContext, PassError
+from planc.passes.graph_utils import get_tensor, linear_sites, mark, select_linears
+from planc.passes.options import Prune
 
 
 class PruneMethodPass(GraphPass[Prune]):

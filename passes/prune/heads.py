@@ -7,7 +7,7 @@ untouched. See `passes/prune/structured.py` and `passes/structure.py`."""
 
 from __future__ import annotations
 
-from passes.prune.structured import StructuredPass
+from planc.passes.prune.structured import StructuredPass
 
 
 class HeadsPass(StructuredPass):

@@ -13,9 +13,9 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from passes.base import PassContext, PassError, PassResult
-from passes.graph_utils import erase_if_unused, get_tensor, is_within, module_stack
-from passes.prune.common import PruneMethodPass
+from planc.passes.base import PassContext, PassError, PassResult
+from planc.passes.graph_utils import erase_if_unused, get_tensor, is_within, module_stack
+from planc.passes.prune.common import PruneMethodPass
 
 
 class LayersPass(PruneMethodPass):

@@ -10,9 +10,9 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from passes.base import PassContext, PassError, PassResult
-from passes.graph_utils import get_tensor, set_tensor
-from passes.prune.common import PruneMethodPass, mark_users, unique_weights
+from planc.passes.base import PassContext, PassError, PassResult
+from planc.passes.graph_utils import get_tensor, set_tensor
+from planc.passes.prune.common import PruneMethodPass, mark_users, unique_weights
 
 
 def _keep_mask(magnitudes: torch.Tensor, drop: int) -> torch.Tensor:

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import torch
 
-from passes.calibration import InputStats, damped_inverse_factor
-from passes.prune.calibrated import CalibratedPrunePass, drop_smallest
+from planc.passes.calibration import InputStats, damped_inverse_factor
+from planc.passes.prune.calibrated import CalibratedPrunePass, drop_smallest
 
 #: Columns pruned before the lazy update of the rest.
 BLOCK_SIZE = 128

@@ -19,10 +19,10 @@ from typing import ClassVar
 import torch
 from torch import fx
 
-from passes.base import PassContext, PassError, PassResult
-from passes.graph_utils import get_tensor, is_within, linear_sites, mark, placeholder_values, set_tensor
-from passes.prune.common import PruneMethodPass
-from passes.structure import CoupledGroup, Member, Refusal, StructureError, find_structure
+from planc.passes.base import PassContext, PassError, PassResult
+from planc.passes.graph_utils import get_tensor, is_within, linear_sites, mark, placeholder_values, set_tensor
+from planc.passes.prune.common import PruneMethodPass
+from planc.passes.structure import CoupledGroup, Member, Refusal, StructureError, find_structure
 
 
 def unit_weights(gm: torch.nn.Module, member: Member) -> torch.Tensor:

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from passes.calibration import InputStats
-from passes.prune.calibrated import CalibratedPrunePass, drop_smallest
+from planc.passes.calibration import InputStats
+from planc.passes.prune.calibrated import CalibratedPrunePass, drop_smallest
 
 
 def wanda_mask(w: torch.Tensor, norms: torch.Tensor, sparsity: float, nm: tuple[int, int] | None = None) -> torch.Tensor:

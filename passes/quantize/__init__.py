@@ -10,7 +10,7 @@ captures in `passes/calibration.py`.
 
 from __future__ import annotations
 
-from passes.quantize.rtn import (
+from planc.passes.quantize.rtn import (
     OP_DYNAMIC,
     OP_EMBEDDING,
     OP_INT4,

@@ -20,11 +20,11 @@ import time
 import torch
 from torch import fx
 
-from passes.base import PassContext
-from passes.calibration import capture
-from passes.graph_utils import LinearSite, get_tensor
-from passes.quantize.rtn import QuantizePass
-from passes.quantize.weights import QuantizedWeight, WeightFormat, rtn
+from planc.passes.base import PassContext
+from planc.passes.calibration import capture
+from planc.passes.graph_utils import LinearSite, get_tensor
+from planc.passes.quantize.rtn import QuantizePass
+from planc.passes.quantize.weights import QuantizedWeight, WeightFormat, rtn
 
 #: Points of the alpha grid in [0, 1] (the paper's 20).
 GRID = 20

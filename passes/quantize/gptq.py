@@ -27,11 +27,11 @@ import math
 import torch
 from torch import fx
 
-from passes.base import PassContext
-from passes.calibration import InputStats, damped_inverse_factor, output_error, sequential
-from passes.graph_utils import LinearSite, get_tensor, set_tensor
-from passes.quantize.rtn import QuantizePass
-from passes.quantize.weights import (
+from planc.passes.base import PassContext
+from planc.passes.calibration import InputStats, damped_inverse_factor, output_error, sequential
+from planc.passes.graph_utils import LinearSite, get_tensor, set_tensor
+from planc.passes.quantize.rtn import QuantizePass
+from planc.passes.quantize.weights import (
     QuantizedWeight,
     WeightFormat,
     int4_codes,

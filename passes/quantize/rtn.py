@@ -45,11 +45,11 @@ from typing import ClassVar
 import torch
 from torch import fx, nn
 
-import passes.qops as qops
-from passes.base import GraphPass, PassContext, PassError, PassResult
-from passes.calibration import load_calibration, observe
-from passes.cpu import int8_format
-from passes.graph_utils import (
+import planc.passes.qops as qops
+from planc.passes.base import GraphPass, PassContext, PassError, PassResult
+from planc.passes.calibration import load_calibration, observe
+from planc.passes.cpu import int8_format
+from planc.passes.graph_utils import (
     EmbeddingSite,
     LinearSite,
     copy_meta,
@@ -62,8 +62,8 @@ from passes.graph_utils import (
     select_linears,
     set_tensor,
 )
-from passes.options import Quantize
-from passes.quantize.weights import QuantizedWeight, WeightFormat, rtn
+from planc.passes.options import Quantize
+from planc.passes.quantize.weights import QuantizedWeight, WeightFormat, rtn
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-import passes.qops as qops
+import planc.passes.qops as qops
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from compiler.cli import main
+from planc.compiler.cli import main
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -85,9 +85,9 @@ def test_trained_weights_are_reused_when_only_the_onnx_target_changes(plans: Pat
     reuses the trained weights, a new training option trains again."""
     import importlib
 
-    from backends.train.target import TARGET as TRAIN
-    from compiler import driver
-    from compiler.validate import load_plan
+    from planc.backends.train.target import TARGET as TRAIN
+    from planc.compiler import driver
+    from planc.compiler.validate import load_plan
 
     monkeypatch.setenv("PLANC_CACHE", str(plans / "cache"))
     runs: list[Path] = []
@@ -98,7 +98,7 @@ def test_trained_weights_are_reused_when_only_the_onnx_target_changes(plans: Pat
         return 0
 
     # the module, not the package's `launch` function of the same name
-    monkeypatch.setattr(importlib.import_module("backends.train.launch"), "launch", fake_launch)
+    monkeypatch.setattr(importlib.import_module("planc.backends.train.launch"), "launch", fake_launch)
 
     def weights(train: str, goal: str) -> bytes:
         plan_file = plans / "t.plan"

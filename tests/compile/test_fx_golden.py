@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from golden_util import check_golden
 
-from compiler.driver import compile_plan
-from compiler.validate import load_plan
+from planc.compiler.driver import compile_plan
+from planc.compiler.validate import load_plan
 
 CASES = sorted((Path(__file__).resolve().parents[1] / "golden" / "fx").glob("*.plan"))
 
@@ -26,7 +26,7 @@ def test_graph_after_the_pass(plan: Path) -> None:
 
 
 def test_every_pass_has_a_golden_graph() -> None:
-    from passes.options import PASS_OPTIONS
+    from planc.passes.options import PASS_OPTIONS
 
     covered = {load_plan(plan)[0].pipeline[-1].name for plan in CASES}
     assert covered == set(PASS_OPTIONS)

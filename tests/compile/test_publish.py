@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from compiler.publish import staged_dir, write_text
+from planc.compiler.publish import staged_dir, write_text
 
 
 def _leftovers(parent: Path) -> list[str]:

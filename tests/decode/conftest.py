@@ -98,7 +98,7 @@ def gpt2_dir(models_dir) -> Path:
 
 @pytest.fixture(scope="session")
 def gpt2_model(gpt2_dir):
-    from backends.onnx.decoder import load_hf_decoder
+    from planc.backends.onnx.decoder import load_hf_decoder
 
     return load_hf_decoder(gpt2_dir)
 
@@ -124,7 +124,7 @@ def llama_dir(models_dir) -> Path:
 
 @pytest.fixture(scope="session")
 def llama_model(llama_dir):
-    from backends.onnx.decoder import load_hf_decoder
+    from planc.backends.onnx.decoder import load_hf_decoder
 
     return load_hf_decoder(llama_dir)
 
@@ -137,7 +137,7 @@ def decoders(gpt_model, gpt2_model, llama_model) -> dict:
 @pytest.fixture(scope="session")
 def artifacts(tmp_path_factory, decoders, gpt2_dir):
     """fp32 artifact of each model, exported on first use: name -> directory."""
-    from backends.onnx.decoder import export_decoder
+    from planc.backends.onnx.decoder import export_decoder
 
     root = tmp_path_factory.mktemp("decode_artifacts")
     built: dict[str, Path] = {}

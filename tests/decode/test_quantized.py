@@ -10,8 +10,8 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from backends.onnx.decoder import DecoderSpec
-from backends.onnx.decoder_verify import verify_decoder
+from planc.backends.onnx.decoder import DecoderSpec
+from planc.backends.onnx.decoder_verify import verify_decoder
 
 # llama: nn.Linear projections, quantized by planc's pass; gpt2: Conv1D, by ORT's tools
 CASES = [("llama", "int8", "planc"), ("gpt2", "int8", "ort"), ("llama", "int4", "planc"), ("gpt2", "int4", "ort")]

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from backends.onnx.decoder_verify import read_heldout, token_windows, verify_decoder
+from planc.backends.onnx.decoder_verify import read_heldout, token_windows, verify_decoder
 
 
 def test_fp32_verification(artifacts, decoders, heldout_files):

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from backends.train import planc_runtime as rt
-from backends.train.planc_runtime import corpus
+from planc.backends.train import planc_runtime as rt
+from planc.backends.train.planc_runtime import corpus
 from distill_helpers import HELDOUT, MODEL_SPEC, SENTENCES, REPO
-from dsl.parser import parse_file  # noqa: F401  (the plans below must parse)
-from compiler.validate import load_plan
+from planc.dsl.parser import parse_file  # noqa: F401  (the plans below must parse)
+from planc.compiler.validate import load_plan
 
 
 def data(path: Path, **extra) -> dict:
@@ -100,7 +100,7 @@ def test_sentence_set_batches_are_sharded_seeded_and_padded_per_batch(tmp_path):
 
 
 def test_everyday_grammar_is_seeded_prose_and_never_echoes_the_heldout_set(tmp_path):
-    from backends.train.planc_runtime import everyday_text
+    from planc.backends.train.planc_runtime import everyday_text
 
     generated = everyday_text.sentences(5000)
     assert generated == everyday_text.sentences(5000) and len(set(generated)) == 5000

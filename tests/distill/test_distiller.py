@@ -7,7 +7,7 @@ import copy
 import torch
 import torch.nn.functional as F
 
-from backends.train import planc_runtime as rt
+from planc.backends.train import planc_runtime as rt
 from distill_helpers import MODEL_SPEC, SENTENCES
 
 

@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 from scipy.stats import spearmanr
 
-from backends.train import TrainPlanError
-from backends.train.emit import emit_training_program
-from backends.train.options import TrainTarget
-from compiler.evaluate import agreement, pairwise_cosines, spearman
-from compiler.ir import InputSpec, ModelSource
+from planc.backends.train import TrainPlanError
+from planc.backends.train.emit import emit_training_program
+from planc.backends.train.options import TrainTarget
+from planc.compiler.evaluate import agreement, pairwise_cosines, spearman
+from planc.compiler.ir import InputSpec, ModelSource
 from distill_helpers import REPO
-from dsl.source import Span
-from passes.options import Prune, Quantize
+from planc.dsl.source import Span
+from planc.passes.options import Prune, Quantize
 
 SPAN = Span("test.plan", 1, 1, 1, 1)
 LAYERS = [f"encoder.layer.{i}.attention.self.query" for i in range(6)]

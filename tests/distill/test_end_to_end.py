@@ -46,10 +46,10 @@ target onnx {
 
 @pytest.mark.slow
 def test_distil_then_compile_beats_the_untrained_cut(tmp_path, monkeypatch):
-    from compiler.driver import compile_plan
-    from compiler.evaluate import agreement, artifact_embeddings, eager_embeddings, read_sentences
-    from compiler.model import load_model
-    from compiler.validate import load_plan
+    from planc.compiler.driver import compile_plan
+    from planc.compiler.evaluate import agreement, artifact_embeddings, eager_embeddings, read_sentences
+    from planc.compiler.model import load_model
+    from planc.compiler.validate import load_plan
 
     monkeypatch.setenv("PLANC_CACHE", str(tmp_path / "cache"))
     shutil.copytree(REPO / "examples" / "data", tmp_path / "data")

@@ -8,14 +8,14 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from backends.train import planc_runtime as rt
+from planc.backends.train import planc_runtime as rt
 from distill_helpers import capture, embeddings, keep_layers
-from passes.base import PassContext, PassError
-from passes.graph_utils import module_stack
-from passes.manager import PassManager
-from passes.options import Prune, Quantize
-from passes.prune import PrunePass
-from passes.quantize import QuantizePass
+from planc.passes.base import PassContext, PassError
+from planc.passes.graph_utils import module_stack
+from planc.passes.manager import PassManager
+from planc.passes.options import Prune, Quantize
+from planc.passes.prune import PrunePass
+from planc.passes.quantize import QuantizePass
 
 
 def linears(model: torch.nn.Module) -> frozenset[str]:

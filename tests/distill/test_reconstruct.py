@@ -11,13 +11,13 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from backends.train import planc_runtime as rt
-from compiler.validate import check_file
+from planc.backends.train import planc_runtime as rt
+from planc.compiler.validate import check_file
 from distill_helpers import HELDOUT, SENTENCES, capture, embeddings
-from passes.base import PassContext
-from passes.manager import PassManager
-from passes.options import Prune
-from passes.prune import PrunePass
+from planc.passes.base import PassContext
+from planc.passes.manager import PassManager
+from planc.passes.options import Prune
+from planc.passes.prune import PrunePass
 
 
 def batches_of(tokenizer, path, count: int) -> list[dict[str, torch.Tensor]]:

@@ -7,12 +7,12 @@ import copy
 
 import torch
 
-from backends.train import planc_runtime as rt
+from planc.backends.train import planc_runtime as rt
 from distill_helpers import capture
-from passes.base import PassContext
-from passes.manager import PassManager
-from passes.options import Prune
-from passes.prune import PrunePass
+from planc.passes.base import PassContext
+from planc.passes.manager import PassManager
+from planc.passes.options import Prune
+from planc.passes.prune import PrunePass
 
 
 def of_type(model: torch.nn.Module, name: str) -> frozenset[str]:

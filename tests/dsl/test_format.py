@@ -6,12 +6,12 @@ from pathlib import Path
 
 import pytest
 
-from compiler.cli import main
-from compiler.explain import explain
-from compiler.validate import check_file
+from planc.compiler.cli import main
+from planc.compiler.explain import explain
+from planc.compiler.validate import check_file
 ROOT = Path(__file__).resolve().parents[2]
-from dsl.format import format_document
-from dsl.parser import parse
+from planc.dsl.format import format_document
+from planc.dsl.parser import parse
 
 GOLDEN = ROOT / "tests" / "golden" / "parse"
 PLANS = sorted((ROOT / "examples").glob("*.plan")) + sorted(GOLDEN.glob("*.plan"))

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from golden_util import check_golden
 
-from compiler.cli import render
-from compiler.irdump import dump_ir
-from compiler.validate import check_file
+from planc.compiler.cli import render
+from planc.compiler.irdump import dump_ir
+from planc.compiler.validate import check_file
 
 GOLDEN = Path(__file__).resolve().parent.parent / "golden"
 PARSE_CASES = sorted((GOLDEN / "parse").glob("*.plan"))

@@ -18,7 +18,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from compiler.cli import main
+from planc.compiler.cli import main
 ROOT = Path(__file__).resolve().parents[2]
 
 EXAMPLES = sorted((ROOT / "examples").glob("*.plan"))

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from compiler.selectors import layer_index, resolve, step_targets
-from compiler.validate import check_file
+from planc.compiler.selectors import layer_index, resolve, step_targets
+from planc.compiler.validate import check_file
 
 TABLE = [
     ("", "GPT"),

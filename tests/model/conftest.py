@@ -9,20 +9,20 @@ from frontend_sources import gpt_source, minilm_source
 
 @pytest.fixture(scope="session")
 def minilm():
-    from compiler.model import load_model
+    from planc.compiler.model import load_model
 
     return load_model(minilm_source())
 
 
 @pytest.fixture(scope="session")
 def minilm_graph(minilm):
-    from compiler.model import capture
+    from planc.compiler.model import capture
 
     return capture(minilm)
 
 
 @pytest.fixture(scope="session")
 def gpt():
-    from compiler.model import load_model
+    from planc.compiler.model import load_model
 
     return load_model(gpt_source())

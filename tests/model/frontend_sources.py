@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from compiler.ir import InputSpec, ModelSource
-from dsl.source import Span
+from planc.compiler.ir import InputSpec, ModelSource
+from planc.dsl.source import Span
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO / "examples"

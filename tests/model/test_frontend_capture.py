@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from compiler.model import capture, load_model, model_output, module_table
+from planc.compiler.model import capture, load_model, model_output, module_table
 from frontend_sources import EXAMPLES, REPO, factory_source, gpt_source, inputs, minilm_source
 
 SHORT = ["Good morning.", "The bus is late."]
@@ -143,7 +143,7 @@ def test_graph_owns_its_weights(gpt):
 
 
 def test_a_module_passed_in_replaces_the_source(minilm):
-    from compiler.model import ByteTokenizer, FrontendError, HFTokenizer
+    from planc.compiler.model import ByteTokenizer, FrontendError, HFTokenizer
 
     model = load_model(gpt_source()).model
     loaded = load_model(gpt_source(ref="models/missing.py:gpt"), module=model)

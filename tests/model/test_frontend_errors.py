@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from compiler.model import FrontendError, load_model
+from planc.compiler.model import FrontendError, load_model
 from frontend_sources import EXAMPLES, factory_source, gpt_source, inputs, minilm_source
 
 FACTORIES = '''

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from compiler.model import FrontendError, capture, load_model, model_output, module_table
+from planc.compiler.model import FrontendError, capture, load_model, model_output, module_table
 from frontend_sources import factory_source, inputs
 
 MODELS = '''

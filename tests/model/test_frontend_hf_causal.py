@@ -7,10 +7,10 @@ import shutil
 import pytest
 import torch
 
-from compiler.model import capture, load_model, model_output
+from planc.compiler.model import capture, load_model, model_output
 from frontend_sources import SPAN, inputs
 
-from compiler.ir import ModelSource
+from planc.compiler.ir import ModelSource
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from compiler.model import FrontendError, embed, load_samples, model_output
+from planc.compiler.model import FrontendError, embed, load_samples, model_output
 from frontend_sources import EXAMPLES
 
 SENTENCES = EXAMPLES / "data" / "sentences.txt"
@@ -121,7 +121,7 @@ def test_stdlib_calibration_is_windows_of_python_sources(gpt):
 
 
 def test_a_plan_may_calibrate_on_stdlib_without_a_file(tmp_path):
-    from compiler.validate import check_file
+    from planc.compiler.validate import check_file
 
     plan = tmp_path / "s.plan"
     plan.write_text(f'model gpt = factory("{EXAMPLES}/models/gpt.py:gpt")\n'

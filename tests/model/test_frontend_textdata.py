@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from compiler import textdata
+from planc.compiler import textdata
 
 
 def test_stdlib_text_is_real_python_capped_in_bytes():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from compiler.model import ByteTokenizer, FrontendError, HFTokenizer
+from planc.compiler.model import ByteTokenizer, FrontendError, HFTokenizer
 from frontend_sources import inputs
 
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import torch
 
-from compiler.ir import InputSpec, ModelSource
-from dsl.source import Span
+from planc.compiler.ir import InputSpec, ModelSource
+from planc.dsl.source import Span
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO / "examples"
@@ -76,16 +76,16 @@ def tiny_bert_source(directory: Path) -> ModelSource:
 
 
 def linear_paths(loaded, exclude: str = "pooler") -> frozenset[str]:
-    from compiler.model import module_table
+    from planc.compiler.model import module_table
 
     return frozenset(path for path, kind in module_table(loaded.model) if kind == "Linear" and exclude not in path)
 
 
 def run_passes(loaded, gm, *steps) -> tuple[torch.fx.GraphModule, list[dict]]:
     """Run (options, targets) steps with planc's PassManager; returns the graph and summaries."""
-    from passes.base import PassContext
-    from passes.manager import PassManager
-    from passes.registry import load_pass
+    from planc.passes.base import PassContext
+    from planc.passes.manager import PassManager
+    from planc.passes.registry import load_pass
 
     scheduled = [
         (

@@ -16,12 +16,12 @@ import onnx
 import pytest
 import torch
 
-from backends.onnx import artifact
-from backends.onnx.artifact import VerificationFailed, bench_rows, build_onnx_artifact, run_artifact
-from backends.onnx.export import export_model, files_size, save_model
-from backends.onnx.options import OnnxTarget
+from planc.backends.onnx import artifact
+from planc.backends.onnx.artifact import VerificationFailed, bench_rows, build_onnx_artifact, run_artifact
+from planc.backends.onnx.export import export_model, files_size, save_model
+from planc.backends.onnx.options import OnnxTarget
 from onnx_helpers import SENTENCES, linear_paths, run_passes
-from passes.options import Quantize
+from planc.passes.options import Quantize
 
 HERE = Path(__file__).resolve().parent
 
@@ -149,9 +149,9 @@ _KILLED_COMPILE = textwrap.dedent(
     import sys, time
     from pathlib import Path
     sys.path.insert(0, {here!r})
-    from compiler.model import capture, load_model
-    from backends.onnx import artifact
-    from backends.onnx.options import OnnxTarget
+    from planc.compiler.model import capture, load_model
+    from planc.backends.onnx import artifact
+    from planc.backends.onnx.options import OnnxTarget
     from onnx_helpers import gpt_source
 
     real_write = artifact._write_json
@@ -184,16 +184,16 @@ def test_killed_compile_leaves_no_artifact(tmp_path):
     temporaries = [p for p in tmp_path.iterdir() if p.name.startswith(".killed.tmp-")]
     assert len(temporaries) == 1 and (temporaries[0] / "report.json").exists()
     # The next compile to the same place sweeps the dead process's temporary away.
-    from compiler.publish import remove_stale_temporaries
+    from planc.compiler.publish import remove_stale_temporaries
 
     remove_stale_temporaries(out.resolve())
     assert not temporaries[0].exists()
 
 
 def test_bf16_on_the_cpu_provider_is_a_provider_error(gpt, tmp_path):
-    from passes.options import Cast
+    from planc.passes.options import Cast
 
-    from backends.onnx.runtime import ProviderError
+    from planc.backends.onnx.runtime import ProviderError
 
     loaded, gm = gpt
     graph, summaries = run_passes(loaded, gm, (Cast(dtype="bf16"), frozenset()))
@@ -205,7 +205,7 @@ def test_bf16_on_the_cpu_provider_is_a_provider_error(gpt, tmp_path):
 
 def test_large_models_keep_weights_in_external_data(gpt_int8, tmp_path, monkeypatch):
     """Above the threshold (1 GiB; lowered here) weights go to model.onnx.data, sizes count both."""
-    from backends.onnx import export
+    from planc.backends.onnx import export
 
     loaded, graph, summaries = gpt_int8
     monkeypatch.setattr(export, "EXTERNAL_DATA_THRESHOLD", 0)
@@ -241,7 +241,7 @@ def test_verify_gate_is_not_fooled_by_a_lucky_sample(tiny_bert, tmp_path):
 
 
 def test_encoder_report_has_min_mean_and_similarity_spearman(tiny_bert, tmp_path):
-    from passes.cpu import host_cpu
+    from planc.passes.cpu import host_cpu
 
     loaded, gm = tiny_bert
     graph, summaries = run_passes(loaded, gm, (Quantize(scheme="int8"), linear_paths(loaded)))
@@ -268,7 +268,7 @@ def bert_artifact(tiny_bert, tmp_path_factory):
 
 
 def test_run_prints_sentence_embeddings_and_their_similarities(bert_artifact, capsys, tmp_path):
-    from compiler.cli import main
+    from planc.compiler.cli import main
 
     texts = ["A cat sat on the mat.", "Dogs bark at night.", "A cat was sitting on a mat."]
     assert main(["run", str(bert_artifact), "--input", *texts, "--output", str(tmp_path / "e.npy")]) == 0
@@ -286,7 +286,7 @@ def test_run_prints_sentence_embeddings_and_their_similarities(bert_artifact, ca
 
 
 def test_run_prints_a_causal_lms_next_tokens(built, capsys, tmp_path):
-    from compiler.cli import main
+    from planc.compiler.cli import main
 
     assert main(["run", str(built.path), "--input", "def main(", "import os", "--output", str(tmp_path / "all.json")]) == 0
     out = capsys.readouterr().out
@@ -299,14 +299,14 @@ def test_run_prints_a_causal_lms_next_tokens(built, capsys, tmp_path):
 
 
 def test_run_refuses_an_unknown_output_format(built):
-    from compiler.cli import main
+    from planc.compiler.cli import main
 
     assert main(["run", str(built.path), "--input", "x", "--output", "out.csv"]) == 2
 
 
 def test_bench_fits_an_80_column_terminal(built, bert_artifact, tmp_path, capsys):
-    from compiler.cli import main
-    from compiler.present import bench_lines
+    from planc.compiler.cli import main
+    from planc.compiler.present import bench_lines
 
     deep = tmp_path / ("a-very-long-directory-name-" * 4) / "artifact"
     shutil.copytree(built.path, deep)

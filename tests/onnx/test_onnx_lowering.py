@@ -7,11 +7,11 @@ import onnx
 import pytest
 import torch
 
-import passes.qops as qops
-from passes.cpu import FORMATS, int8_format
-from backends.onnx import runtime
-from backends.onnx.export import export_model, save_model
-from backends.onnx.optimize import optimize_graph
+import planc.passes.qops as qops
+from planc.passes.cpu import FORMATS, int8_format
+from planc.backends.onnx import runtime
+from planc.backends.onnx.export import export_model, save_model
+from planc.backends.onnx.optimize import optimize_graph
 
 #: Whether ONNX Runtime's integer sums saturate on the CPU running this test (read, not assumed):
 #: the reference op then computes exactly what ORT computes here, for either target's weights.

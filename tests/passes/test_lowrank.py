@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from pass_helpers import gpt_inputs, make_ctx
-from passes.graph_utils import get_tensor
-from passes.lowrank import LowRankPass
-from passes.ranks import choose_rank
-from passes.manager import PassManager
-from passes.options import LowRank
+from planc.passes.graph_utils import get_tensor
+from planc.passes.lowrank import LowRankPass
+from planc.passes.ranks import choose_rank
+from planc.passes.manager import PassManager
+from planc.passes.options import LowRank
 
 
 def test_rank_reconstruction_error_equals_svd_bound(small_gpt):

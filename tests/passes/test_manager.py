@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from pass_helpers import make_ctx, modules_of_type
-from passes.base import GraphPass, PassError, PassResult
-from passes.manager import GraphStats, PassManager, graph_code
-from passes.options import LowRank, Partition, Prune, Quantize
-from passes.options import PASS_OPTIONS
-from passes.registry import load_pass
+from planc.passes.base import GraphPass, PassError, PassResult
+from planc.passes.manager import GraphStats, PassManager, graph_code
+from planc.passes.options import LowRank, Partition, Prune, Quantize
+from planc.passes.options import PASS_OPTIONS
+from planc.passes.registry import load_pass
 
 
 def test_records_stats_and_leaves_input_untouched(small_gpt):

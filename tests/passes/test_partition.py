@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from pass_helpers import capture, gpt_inputs, make_ctx
-from passes.manager import PassManager
-from passes.options import Partition
-from passes.partition import PartitionPass, balanced_cuts
+from planc.passes.manager import PassManager
+from planc.passes.options import Partition
+from planc.passes.partition import PartitionPass, balanced_cuts
 
 
 @pytest.fixture(scope="module")

@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from pass_helpers import gpt_inputs, last_hidden, make_ctx, modules_of_type, sentence_embeddings
-from passes.base import PassError
-from passes.graph_utils import get_tensor
-from passes.manager import PassManager
-from passes.options import Prune
-from passes.prune import PrunePass
+from planc.passes.base import PassError
+from planc.passes.graph_utils import get_tensor
+from planc.passes.manager import PassManager
+from planc.passes.options import Prune
+from planc.passes.prune import PrunePass
 
 
 def run(gm, model, inputs, targets, **options):
@@ -184,8 +184,8 @@ def test_errors_are_actionable(small_gpt):
 
 
 def test_structured_after_lowrank_is_refused(small_gpt):
-    from passes.lowrank import LowRankPass
-    from passes.options import LowRank
+    from planc.passes.lowrank import LowRankPass
+    from planc.passes.options import LowRank
 
     model, inputs, gm = small_gpt
     steps = [

@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from pass_helpers import capture, gpt_inputs, last_hidden, load_gpt_module, make_ctx
-from passes.base import PassError
-from passes.graph_utils import get_tensor
-from passes.manager import PassManager
-from passes.options import Prune
-from passes.registry import load_pass
+from planc.passes.base import PassError
+from planc.passes.graph_utils import get_tensor
+from planc.passes.manager import PassManager
+from planc.passes.options import Prune
+from planc.passes.registry import load_pass
 from shared_models import LAYOUTS
 
 transformers = pytest.importorskip("transformers")

@@ -7,12 +7,12 @@ import torch
 from pydantic import ValidationError
 
 from pass_helpers import make_ctx, modules_of_type
-from passes.graph_utils import get_tensor
-from passes.manager import PassManager
-from passes.options import Prune
-from passes.prune.sparsegpt import sparsegpt
-from passes.prune.wanda import wanda_mask
-from passes.registry import load_pass
+from planc.passes.graph_utils import get_tensor
+from planc.passes.manager import PassManager
+from planc.passes.options import Prune
+from planc.passes.prune.sparsegpt import sparsegpt
+from planc.passes.prune.wanda import wanda_mask
+from planc.passes.registry import load_pass
 
 
 def correlated_inputs(rows: int = 2048, k: int = 256, rank: int = 12, seed: int = 0) -> torch.Tensor:
@@ -121,4 +121,4 @@ def test_calibrated_pruning_needs_calibration():
         Prune(method="magnitude", structure="nm")
     with pytest.raises(ValidationError, match="n < m"):
         Prune(method="wanda", calibration="c.txt", structure="nm", n=4, m=4)
-    assert Prune(method="sparsegpt", calibration="c.txt").implementation() == "passes.prune.sparsegpt:SparseGPTPass"
+    assert Prune(method="sparsegpt", calibration="c.txt").implementation() == "planc.passes.prune.sparsegpt:SparseGPTPass"

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-import passes.qops as qops
-from passes.cpu import FORMATS, cpu_of, int8_format
+import planc.passes.qops as qops
+from planc.passes.cpu import FORMATS, cpu_of, int8_format
 
 #: Whether ONNX Runtime's u8 x s8 kernels saturate on the CPU running this test (read, not assumed).
 HOST_SATURATES = int8_format("auto").arithmetic == "u8s8_sat16"

@@ -6,12 +6,12 @@ import pytest
 import torch
 
 from pass_helpers import REPO, last_hidden, make_ctx, modules_of_type, sentence_embeddings
-from passes.base import PassError
-from passes.graph_utils import get_tensor, quiet_deepcopy, select_linears
-from passes.manager import PassManager
-from passes.options import Quantize
-from passes.quantize import OP_DYNAMIC, OP_EMBEDDING, OP_INT4, OP_STATIC, QuantizePass
-from passes.qops import unpack_int4
+from planc.passes.base import PassError
+from planc.passes.graph_utils import get_tensor, quiet_deepcopy, select_linears
+from planc.passes.manager import PassManager
+from planc.passes.options import Quantize
+from planc.passes.quantize import OP_DYNAMIC, OP_EMBEDDING, OP_INT4, OP_STATIC, QuantizePass
+from planc.passes.qops import unpack_int4
 
 
 def run(gm, model, inputs, targets, load_samples=None, **options):
@@ -148,7 +148,7 @@ def test_smoothing_is_an_identity_and_raises_int8_accuracy(minilm):
 
 
 def test_int4_accepts_activation_aware_scaling() -> None:
-    from passes.options import Quantize
+    from planc.passes.options import Quantize
 
     options = Quantize(scheme="int4", smooth=0.5)
     assert options.mode == "weight_only" and options.smooth == 0.5

@@ -9,15 +9,15 @@ import torch
 from pydantic import ValidationError
 
 from pass_helpers import make_ctx, modules_of_type
-from passes import qops
-from passes.calibration import sequential
-from passes.graph_utils import get_tensor, select_linears, set_tensor
-from passes.manager import PassManager
-from passes.options import Quantize
-from passes.quantize.awq import relative_errors, search_alpha
-from passes.quantize.gptq import gptq
-from passes.quantize.weights import WeightFormat, rtn
-from passes.registry import load_pass
+from planc.passes import qops
+from planc.passes.calibration import sequential
+from planc.passes.graph_utils import get_tensor, select_linears, set_tensor
+from planc.passes.manager import PassManager
+from planc.passes.options import Quantize
+from planc.passes.quantize.awq import relative_errors, search_alpha
+from planc.passes.quantize.gptq import gptq
+from planc.passes.quantize.weights import WeightFormat, rtn
+from planc.passes.registry import load_pass
 
 INT8 = WeightFormat("int8", "per_channel", 32, True, 127)
 INT8_7BIT_TENSOR = WeightFormat("int8", "per_tensor", 32, True, 63)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from backends.train import TrainPlanError, check_batch_config
-from backends.train.checks import mesh_of
-from backends.train.options import TrainTarget
-from passes.options import Partition
+from planc.backends.train import TrainPlanError, check_batch_config
+from planc.backends.train.checks import mesh_of
+from planc.backends.train.options import TrainTarget
+from planc.passes.options import Partition
 
 
 def test_consistent_batch_has_no_problem() -> None:

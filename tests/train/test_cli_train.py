@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_planc_train_pipeline_example(tmp_path: Path) -> None:
     out = tmp_path / "pipeline"
     result = subprocess.run(
-        [sys.executable, "-m", "compiler.cli", "train", str(ROOT / "examples" / "gpt_train_pipeline.plan"), "-o", str(out)],
+        [sys.executable, "-m", "planc.compiler.cli", "train", str(ROOT / "examples" / "gpt_train_pipeline.plan"), "-o", str(out)],
         capture_output=True, text=True, cwd=ROOT, timeout=900,
     )
     assert result.returncode == 0, result.stderr[-3000:]

@@ -28,10 +28,10 @@ from train_helpers import (
     target,
 )
 
-from backends.train.emit import emit_training_program
-from backends.train.launch import launch
-from backends.train import planc_runtime as rt
-from passes.options import Prune
+from planc.backends.train.emit import emit_training_program
+from planc.backends.train.launch import launch
+from planc.backends.train import planc_runtime as rt
+from planc.passes.options import Prune
 
 pytestmark = pytest.mark.slow
 

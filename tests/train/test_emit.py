@@ -11,11 +11,11 @@ import pytest
 from golden_util import check_golden
 from train_helpers import REPO, gpt_source, target
 
-from backends.train import TrainPlanError
-from backends.train.emit import emit_training_program
-from backends.train.options import TrainTarget
-from compiler.ir import InputSpec, ModelSource
-from passes.options import Cast, LowRank, Partition, Prune, Quantize
+from planc.backends.train import TrainPlanError
+from planc.backends.train.emit import emit_training_program
+from planc.backends.train.options import TrainTarget
+from planc.compiler.ir import InputSpec, ModelSource
+from planc.passes.options import Cast, LowRank, Partition, Prune, Quantize
 from train_helpers import SPAN
 
 GOLDEN = Path(__file__).resolve().parents[1] / "golden" / "train"
@@ -43,7 +43,7 @@ def test_emits_program_launcher_runtime_and_plan(tmp_path: Path) -> None:
                   micro_batch=4, accumulation=2, global_batch=32)
     out = emit_training_program(plan, gpt_source(), [], None, tmp_path / "run", "model gpt = ...\n")
     assert sorted(p.name for p in out.iterdir()) == ["launch.sh", "plan.resolved", "planc_runtime", "train.py"]
-    from backends.train.cache import RUNTIME, runtime_files
+    from planc.backends.train.cache import RUNTIME, runtime_files
 
     copied = runtime_files(out / "planc_runtime")
     assert [p.relative_to(out / "planc_runtime") for p in copied] == [p.relative_to(RUNTIME) for p in runtime_files()]

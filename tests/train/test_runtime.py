@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from backends.train import planc_runtime as rt
+from planc.backends.train import planc_runtime as rt
 from train_helpers import GPT_FILE, TINY_GPT
 
 

@@ -13,11 +13,11 @@ import copy
 import pytest
 import torch
 
-from backends.train import planc_runtime as rt
-from passes.base import PassContext
-from passes.manager import PassManager
-from passes.options import Prune
-from passes.registry import load_pass
+from planc.backends.train import planc_runtime as rt
+from planc.passes.base import PassContext
+from planc.passes.manager import PassManager
+from planc.passes.options import Prune
+from planc.passes.registry import load_pass
 from shared_models import LAYOUTS, example_gpt_module
 
 transformers = pytest.importorskip("transformers")

@@ -12,9 +12,9 @@ import sysconfig
 from pathlib import Path
 from typing import Any
 
-from backends.train.options import TrainTarget
-from compiler.ir import InputSpec, ModelSource
-from dsl.source import Span
+from planc.backends.train.options import TrainTarget
+from planc.compiler.ir import InputSpec, ModelSource
+from planc.dsl.source import Span
 
 REPO = Path(__file__).resolve().parents[2]
 GPT_FILE = REPO / "examples" / "models" / "gpt.py"

@@ -11,7 +11,7 @@ The blocks live by concern: `program.py` (what a program is made of, Python lite
 
 from __future__ import annotations
 
-from backends.train.render.files import render_launch_sh, render_train_py
-from backends.train.render.program import Program
+from planc.backends.train.render.files import render_launch_sh, render_train_py
+from planc.backends.train.render.program import Program
 
 __all__ = ["Program", "render_launch_sh", "render_train_py"]

@@ -5,10 +5,10 @@ from __future__ import annotations
 import string
 import textwrap
 
-from backends.train.options import TrainTarget
-from passes.options import PassOptions, Prune, Quantize
+from planc.backends.train.options import TrainTarget
+from planc.passes.options import PassOptions, Prune, Quantize
 
-from backends.train.render.loop_code import (
+from planc.backends.train.render.loop_code import (
     before_step_block,
     eval_args,
     evaluate_block,
@@ -22,8 +22,8 @@ from backends.train.render.loop_code import (
     train_step_args,
     train_step_block,
 )
-from backends.train.render.program import TEMPLATES, Program, _const, _indent
-from backends.train.render.setup_code import build_block, build_call, build_params, constants_block, strategy_words
+from planc.backends.train.render.program import TEMPLATES, Program, _const, _indent
+from planc.backends.train.render.setup_code import build_block, build_call, build_params, constants_block, strategy_words
 
 # ------------------------------------------------------------------------------ whole files
 

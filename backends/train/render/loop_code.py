@@ -5,7 +5,7 @@ from __future__ import annotations
 
 
 
-from backends.train.render.program import Program, _indent, _signature
+from planc.backends.train.render.program import Program, _indent, _signature
 
 # ------------------------------------------------------------------------------ parallelize
 

@@ -8,9 +8,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from backends.train.checks import Mesh
-from backends.train.options import TrainTarget
-from passes.options import PassOptions, Prune
+from planc.backends.train.checks import Mesh
+from planc.backends.train.options import TrainTarget
+from planc.passes.options import PassOptions, Prune
 
 TEMPLATES = Path(__file__).parents[1] / "templates"
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import textwrap
 from typing import Any
 
-from passes.options import LowRank, PassOptions, Prune, Quantize
+from planc.passes.options import LowRank, PassOptions, Prune, Quantize
 
-from backends.train.render.program import Program, _const, _indent
+from planc.backends.train.render.program import Program, _const, _indent
 
 # ------------------------------------------------------------------------------ the constants
 
