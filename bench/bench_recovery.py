@@ -97,7 +97,7 @@ def gpt_rows(weights: Path, scratch: Path) -> list[dict]:
     from planc.backends.onnx.generate import DecoderSession, generate_ids
     from planc.compiler import model as model_source
     from planc.compiler.validate import load_plan
-    from planc.passes.options import Quantize
+    from planc.passes.quantize import Quantize
 
     plan, _ = load_plan(REPO / "examples" / "gpt_decode_int8.plan")
     loaded = model_source.load_model(plan.model)
@@ -156,7 +156,7 @@ def gpt_prune_rows(weights: Path) -> list[dict]:
     from planc.compiler.validate import load_plan
     from planc.passes.base import PassContext
     from planc.passes.manager import PassManager
-    from planc.passes.options import Prune
+    from planc.passes.prune import Prune
     from planc.passes.registry import load_pass
 
     plan, _ = load_plan(REPO / "examples" / "gpt_decode_int8.plan")

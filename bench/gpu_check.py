@@ -20,7 +20,7 @@ from transformers import BertConfig, BertModel
 
 from planc.passes.base import PassContext
 from planc.passes.manager import PassManager
-from planc.passes.options import Cast
+from planc.passes.cast import Cast
 from planc.passes.registry import load_pass
 
 

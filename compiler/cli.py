@@ -94,11 +94,11 @@ def cmd_fmt(args: argparse.Namespace) -> int:
 
 def cmd_schema(args: argparse.Namespace) -> int:
     from planc.compiler.targets import target_kinds
-    from planc.passes.options import PASS_OPTIONS
+    from planc.passes.options import pass_options
 
     schema = {
         "$comment": "planc plan options: each pass and target block is validated against these schemas",
-        "passes": {name: model.model_json_schema() for name, model in PASS_OPTIONS.items()},
+        "passes": {name: model.model_json_schema() for name, model in pass_options().items()},
         "targets": {name: kind.options.model_json_schema() for name, kind in target_kinds().items()},
     }
     print(json.dumps(schema, indent=2))

@@ -34,7 +34,7 @@ def explain(plan: ir.Plan) -> str:
 def target_notes(plan: ir.Plan) -> list[str]:
     """Comment lines on what the plan's defaults resolve to on this machine (the int8 format)."""
     from planc.passes.cpu import host_cpu, int8_format
-    from planc.passes.options import Quantize
+    from planc.passes.quantize import Quantize
 
     if not any(isinstance(s.options, Quantize) and s.options.scheme == "int8" for s in plan.pipeline):
         return []

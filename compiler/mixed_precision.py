@@ -24,7 +24,7 @@ from typing import Any
 
 from planc.compiler import ir
 from planc.dsl.source import Diagnostic, PlanError
-from planc.passes.options import Quantize
+from planc.passes.quantize import Quantize
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,8 @@ from planc.dsl import ast
 from planc.dsl.parser import parse_file
 from planc.dsl.source import Diagnostic, PlanError, Source, Span, did_you_mean
 from planc.compiler.textdata import STDLIB
-from planc.passes.options import PASS_OPTIONS, Prune
+from planc.passes.options import pass_options
+from planc.passes.prune import Prune
 
 SELECTOR_FUNCTIONS = ("name", "regex", "layers", "type")
 MODEL_SOURCES = ("factory", "hf")
@@ -384,9 +385,9 @@ class _Validator:
     # pipeline steps and targets -------------------------------------------------------------
 
     def step(self, step: ast.Step, selectors: dict[str, ir.SelectDef]) -> ir.PassStep | None:
-        options_model = PASS_OPTIONS.get(step.name)
+        options_model = pass_options().get(step.name)
         if options_model is None:
-            self.error(f"unknown pass '{step.name}'", step.name_span, did_you_mean(step.name, list(PASS_OPTIONS)) or (f"passes: {', '.join(PASS_OPTIONS)}",))
+            self.error(f"unknown pass '{step.name}'", step.name_span, did_you_mean(step.name, list(pass_options())) or (f"passes: {', '.join(pass_options())}",))
             return None
         selector = self.selector(step.selector, selectors) if step.selector is not None else None
         options = _block_options(step.body, self.diagnostics) if step.body else _Options({}, {}, {})

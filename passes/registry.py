@@ -1,8 +1,8 @@
 """Lazy registry: pass options -> implementation, imported only when a graph is touched.
 
-Each option model (`passes/options.py`) names its implementation (`impl`, or `implementation()`
-for a pass with one class per method); nothing else lists passes. Option models import
-without torch, so validating a plan never pays for torch.
+Each pass package's option model (`passes/<name>/__init__.py`) names its implementation (`impl`,
+or `implementation()` for a pass with one class per method); nothing else lists passes. Option
+models import without torch, so validating a plan never pays for torch.
 """
 
 from __future__ import annotations

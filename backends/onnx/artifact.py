@@ -28,8 +28,10 @@ from typing import Any
 import numpy as np
 
 from planc.backends.onnx import runtime
+from planc.backends.onnx.decoder_tokenizer import ByteTokenizer
 from planc.backends.onnx.options import OnnxTarget
 from planc.backends.onnx.runtime import ProviderError
+from planc.compiler.model_source import load_tokenizer
 from planc.compiler.publish import staged_dir
 
 logger = logging.getLogger(__name__)
@@ -345,9 +347,7 @@ def _tokenize(directory: Path, report: dict[str, Any], texts: list[str], seq: in
     """Texts -> the artifact's declared inputs, with the tokenizer saved next to the model."""
     left = report.get("task") == "causal_lm"
     if report.get("tokenizer") == "hf":
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(str(directory / TOKENIZER_DIR))
+        tokenizer = load_tokenizer(directory / TOKENIZER_DIR)
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         encoded = tokenizer(
@@ -410,11 +410,9 @@ def detokenizer(directory: str | Path) -> Any:
     directory = Path(directory)
     kind = load_report(directory).get("tokenizer")
     if kind == "hf":
-        from transformers import AutoTokenizer
-
-        return AutoTokenizer.from_pretrained(str(directory / TOKENIZER_DIR)).decode
+        return load_tokenizer(directory / TOKENIZER_DIR).decode
     if kind == "bytes":
-        return lambda ids: bytes(i for i in ids if 0 <= i < 256).decode("utf-8", errors="replace")
+        return ByteTokenizer().decode
     raise ValueError(f"{directory} has no tokenizer to show tokens with")
 
 

@@ -40,7 +40,7 @@ from planc.backends.onnx.cache_adapter import (
 )
 from planc.backends.onnx.decoder_tokenizer import HF_TOKENIZER_FILES
 from planc.backends.onnx.export import initializer_bytes, save_model
-from planc.passes.options import Quantize
+from planc.passes.quantize import Quantize
 
 logger = logging.getLogger(__name__)
 

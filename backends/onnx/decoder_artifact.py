@@ -29,7 +29,7 @@ from planc.backends.onnx.artifact import (
 from planc.compiler.publish import staged_dir
 from planc.backends.onnx.options import OnnxTarget
 from planc.backends.onnx.verify import goal_met
-from planc.passes.options import Quantize
+from planc.passes.quantize import Quantize
 
 logger = logging.getLogger(__name__)
 

@@ -15,7 +15,8 @@ from planc.backends.onnx.options import OnnxTarget
 from planc.compiler import ir
 from planc.compiler.targets import Built, Job, missing_file
 from planc.dsl.source import Diagnostic, PlanError, Span
-from planc.passes.options import Cast, Quantize
+from planc.passes.cast import Cast
+from planc.passes.quantize import Quantize
 
 
 def _error(span: Span, message: str, *notes: str) -> PlanError:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from planc.backends.train.options import TrainTarget
-from planc.passes.options import Partition
+from planc.passes.partition import Partition
 
 
 class TrainPlanError(ValueError):

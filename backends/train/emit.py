@@ -8,11 +8,8 @@ modules) and renders it; it imports no torch, so it runs as fast as `planc check
 
 from __future__ import annotations
 
-import importlib.util
-import json
 import logging
 import shutil
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -20,8 +17,14 @@ from planc.backends.train.cache import RUNTIME, runtime_files
 from planc.backends.train.checks import TrainPlanError, mesh_of
 from planc.backends.train.options import TrainTarget
 from planc.backends.train.render import Program, render_launch_sh, render_train_py
+from planc.compiler.model_source import ModelSourceError, declared_task, spec_of
 from planc.compiler.publish import staged_dir
-from planc.passes.options import Cast, LowRank, Partition, PassOptions, Prune, Quantize
+from planc.passes.cast import Cast
+from planc.passes.lowrank import LowRank
+from planc.passes.options import PassOptions
+from planc.passes.partition import Partition
+from planc.passes.prune import Prune
+from planc.passes.quantize import Quantize
 
 if TYPE_CHECKING:  # compiler.ir imports this package's options: no import cycle at run time
     from planc.compiler.ir import ModelSource
@@ -112,63 +115,17 @@ def _kept_run_state(old: Path, new: Path, target: TrainTarget) -> list[str]:
 
 
 def model_spec(model: ModelSource) -> tuple[dict[str, Any], str]:
-    """How the program rebuilds the model (planc_runtime's load_model spec) and its task."""
-    if model.kind == "factory":
-        ref, _, function = model.ref.rpartition(":")
-        if not ref or not function:
-            raise TrainPlanError(
-                [f"factory reference {model.ref!r} must look like path/file.py:function or package.module:function"]
-            )
-        spec: dict[str, Any] = {"kind": "factory", "function": function, "args": dict(model.args)}
-        if ref.endswith(".py"):
-            path = (model.base_dir / ref).resolve()
-            if not path.is_file():
-                raise TrainPlanError([f"model factory file {path} does not exist"])
-            spec["file"] = str(path)
-        else:
-            spec["module"] = ref
-            origin = _module_origin(ref, model.base_dir)
-            if origin is not None:  # found beside the plan: the program may run from elsewhere
-                spec["file"] = origin
-        task = "causal_lm" if model.task == "auto" else model.task
-        return spec, task
-    spec = {"kind": "hf", "ref": model.ref, "args": dict(model.args)}
-    if model.package:
-        spec["package"] = model.package
-        found = importlib.util.find_spec(model.package)
-        directory = Path(found.origin).parent / model.ref if found and found.origin else None
-    else:
-        directory = (model.base_dir / model.ref).resolve()
-        spec["ref"] = str(directory)
-    task = model.task
-    if task == "auto":
-        task = _hf_task(directory)
-    spec["task"] = task
-    return spec, task
-
-
-def _module_origin(module: str, base_dir: Path) -> str | None:
-    sys.path.insert(0, str(base_dir))
+    """How the program rebuilds the model (`compiler/model_source.py`, which it carries) and its
+    task; a factory with `task = auto` is run once to tell (the compiler's probe)."""
     try:
-        found = importlib.util.find_spec(module)
-    except (ImportError, ValueError):
-        found = None
-    finally:
-        sys.path.remove(str(base_dir))
-    return found.origin if found is not None and found.origin and found.origin.endswith(".py") else None
+        task = declared_task(model)
+        if task is None:
+            from planc.compiler.model import model_task  # loads torch: only for this case
 
-
-def _hf_task(directory: Path | None) -> str:
-    """causal_lm if the checkpoint's architecture has a language-model head, else encoder."""
-    config = directory / "config.json" if directory is not None else None
-    if config is not None and not config.is_file() and directory.is_dir():
-        # A package may keep its model in a subfolder: the shallowest config.json is the model's.
-        found = sorted(directory.rglob("config.json"), key=lambda p: (len(p.parts), str(p)))
-        config = found[0] if found else config
-    if config is None or not config.is_file():
-        return "causal_lm"
-    architectures = json.loads(config.read_text()).get("architectures") or []
-    return "causal_lm" if any("CausalLM" in a or "LMHead" in a for a in architectures) else "encoder"
+            task = model_task(model)
+        return spec_of(model, task), task
+    except ModelSourceError as error:
+        raise TrainPlanError([str(error)]) from error
 
 
 def _feature_problems(

@@ -17,7 +17,7 @@ from planc.compiler import ir
 from planc.compiler.targets import Built, Job
 from planc.compiler.textdata import STDLIB
 from planc.dsl.source import Diagnostic, PlanError, Span
-from planc.passes.options import Partition
+from planc.passes.partition import Partition
 
 #: Options a batch/mesh problem may name first, in the order they are looked for.
 _PROBLEM_OPTIONS = ("global_batch", "micro_batch", "world_size", "rdzv_endpoint", "precision", "distill", "strategy")

@@ -7,15 +7,9 @@ input, builds the tokenizer and a realistic, padded example batch, and maps symb
 
 from __future__ import annotations
 
-import hashlib
 import importlib
-import importlib.util
 import inspect
-import json
 import logging
-import os
-import re
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +26,18 @@ logger = logging.getLogger(__name__)
 
 
 from planc.compiler.model.common import TOKEN_INPUTS, FrontendError, Task, logger, primary_output
+from planc.compiler.model_source import (
+    ModelSourceError,
+    call_factory,
+    declared_task,
+    hf_source_directory,
+    hf_task,
+    import_factory,
+    import_transformers,
+    load_hf,
+    load_tokenizer,
+    spec_of,
+)
 from planc.compiler.model.tokenizers import ByteTokenizer, HFTokenizer, Tokenizer
 
 #: Number of texts in the example batch (more when it would equal the sequence length, which
@@ -117,7 +123,7 @@ def _load_factory(source: ModelSource) -> tuple[nn.Module, str]:
     target, _, func_name = source.ref.rpartition(":")
     if not target or not func_name:
         raise FrontendError(f"factory reference '{source.ref}' names no module or no function")
-    module, origin = _import_factory_module(target, source.base_dir)
+    module, origin = _located(import_factory, target, source.base_dir)
     factory = getattr(module, func_name, None)
     if factory is None:
         names = [n for n, v in vars(module).items() if callable(v) and not n.startswith("_")]
@@ -128,11 +134,7 @@ def _load_factory(source: ModelSource) -> tuple[nn.Module, str]:
     if not callable(factory):
         raise FrontendError(f"'{origin}:{func_name}' is a {type(factory).__name__}, not a callable factory")
     try:
-        # A fixed seed makes randomly initialised models identical on every load, without
-        # disturbing the caller's random state.
-        with torch.random.fork_rng():
-            torch.manual_seed(0)
-            model = factory(**source.args)
+        model = call_factory(factory, source.args)
     except Exception as error:  # the factory is user code: any failure is reported, not raised raw
         raise FrontendError(
             f"factory '{source.ref}' raised {type(error).__name__}: {error}"
@@ -144,119 +146,27 @@ def _load_factory(source: ModelSource) -> tuple[nn.Module, str]:
     return model, f"{origin}:{func_name}"
 
 
-def _import_factory_module(target: str, base_dir: Path) -> tuple[Any, str]:
-    """A module from a file path (relative to the plan) or a dotted module name."""
-    looks_like_path = target.endswith(".py") or "/" in target or "\\" in target
-    if not looks_like_path:
-        try:
-            return importlib.import_module(target), target
-        except ModuleNotFoundError as error:
-            # Not importable: a dotted path to a file next to the plan (`examples.models.gpt`)
-            # still works, since example folders are often not packages.
-            as_file = base_dir / (target.replace(".", "/") + ".py")
-            missing = error.name or ""
-            missing_is_target = bool(missing) and (target == missing or target.startswith(missing + "."))
-            if not missing_is_target or not as_file.is_file():
-                raise FrontendError(
-                    f"cannot import factory module '{target}': {error}"
-                ) from error
-            target = str(as_file)
-        except Exception as error:
-            raise FrontendError(
-                f"importing factory module '{target}' raised {type(error).__name__}: {error}"
-            ) from error
-    path = Path(target)
-    if not path.is_absolute():
-        path = base_dir / path
-    path = path.resolve()
-    if not path.is_file():
-        raise FrontendError(f"factory file '{target}' not found (looked for {path})")
-    digest = hashlib.sha1(str(path).encode()).hexdigest()[:10]
-    name = f"planc_factory_{re.sub(r'[^0-9a-zA-Z_]', '_', path.stem)}_{digest}"
-    spec = importlib.util.spec_from_file_location(name, path)
-    if spec is None or spec.loader is None:
-        raise FrontendError(f"factory file '{target}' is not a loadable Python module")
-    module = importlib.util.module_from_spec(spec)
-    # Registered before running it, as dataclasses and pickling look classes up by module name;
-    # the file's folder is importable meanwhile so it can import its sibling files.
-    sys.modules[name] = module
-    sys.path.insert(0, str(path.parent))
+def _located(function: Any, *args: Any) -> Any:
+    """`function(*args)` of the shared model source, its errors as the front end's."""
     try:
-        spec.loader.exec_module(module)
-    except Exception as error:
-        sys.modules.pop(name, None)
-        raise FrontendError(
-            f"importing factory file '{target}' raised {type(error).__name__}: {error}"
-        ) from error
-    finally:
-        if str(path.parent) in sys.path:
-            sys.path.remove(str(path.parent))
-    return module, str(path)
+        return function(*args)
+    except ModelSourceError as error:
+        raise FrontendError(str(error)) from error
 
 
 def _hf_model_dir(source: ModelSource) -> Path:
     """The directory holding the model's `config.json`: under base_dir, or inside a package."""
-    if source.package is not None:
-        spec = importlib.util.find_spec(source.package)
-        if spec is None:
-            raise FrontendError(f"Python package '{source.package}' is not installed")
-        if spec.submodule_search_locations:
-            root = Path(next(iter(spec.submodule_search_locations)))
-        elif spec.origin:
-            root = Path(spec.origin).parent
-        else:
-            raise FrontendError(f"Python package '{source.package}' has no directory on disk")
-        where = f"package '{source.package}'"
-    else:
-        root = source.base_dir
-        where = f"{source.base_dir}"
-    directory = (root / source.ref) if source.ref not in ("", ".") else root
-    if not directory.is_dir():
-        raise FrontendError(
-            f"Hugging Face model directory '{source.ref}' not found in {where} (looked for {directory})"
-        )
-    configs = [path for path in directory.rglob("config.json") if _is_hf_config(path)]
-    if not configs:
-        raise FrontendError(f"no Hugging Face config.json found under {directory}")
-    shallowest = min(len(path.parts) for path in configs)
-    candidates = sorted(path.parent for path in configs if len(path.parts) == shallowest)
-    if len(candidates) > 1:
-        listing = ", ".join(str(c.relative_to(directory)) for c in candidates)
-        raise FrontendError(f"several models under {directory} ({listing}): name one in the plan")
-    return candidates[0]
-
-
-def _is_hf_config(path: Path) -> bool:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return isinstance(data, dict) and ("model_type" in data or "architectures" in data)
-
-
-def _import_transformers() -> Any:
-    """transformers, set up for offline loading without progress bars."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    try:
-        import transformers
-    except ImportError as error:
-        raise FrontendError("Hugging Face models need the 'transformers' package (pip install planc[hf])") from error
-    transformers.utils.logging.disable_progress_bar()
-    return transformers
+    return _located(hf_source_directory, source)
 
 
 def _hf_task(source: ModelSource, config: Any) -> Task:
     if source.task != "auto":
         return source.task
-    architectures = getattr(config, "architectures", None) or []
-    if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures):
-        return "causal_lm"
-    return "causal_lm" if getattr(config, "is_decoder", False) else "encoder"
+    return hf_task(getattr(config, "architectures", None), bool(getattr(config, "is_decoder", False)))
 
 
 def _read_hf_config(directory: Path) -> Any:
-    transformers = _import_transformers()
+    transformers = _located(import_transformers)
     try:
         return transformers.AutoConfig.from_pretrained(directory, local_files_only=True)
     except Exception as error:
@@ -278,45 +188,19 @@ def _load_hf(source: ModelSource) -> tuple[nn.Module, Any, Path]:
 
 
 def load_hf_directory(directory: Path, task: Task, config: Any = None) -> nn.Module:
-    """The model in a `save_pretrained` directory, offline: `AutoModel` for an encoder,
-    `AutoModelForCausalLM` for a causal LM. A directory holding only `config.json` names an
-    architecture: seeded random weights, the same on every load (how plans describe models
-    trained or benchmarked from scratch)."""
-    transformers = _import_transformers()
+    """The model in a `save_pretrained` directory, offline (see `source.load_hf`); a directory
+    holding only `config.json` gets seeded random weights, with a warning."""
     config = config if config is not None else _read_hf_config(directory)
-    if task == "causal_lm":
-        config.use_cache = False
-        auto_class = transformers.AutoModelForCausalLM
-    else:
-        auto_class = transformers.AutoModel
-    has_weights = any(directory.glob("*.safetensors")) or any(directory.glob("pytorch_model*.bin"))
-    try:
-        if has_weights:
-            model = auto_class.from_pretrained(directory, config=config, local_files_only=True)
-        else:
-            logger.warning("%s has no weights: using a seeded random initialization", directory)
-            with torch.random.fork_rng():
-                torch.manual_seed(0)
-                model = auto_class.from_config(config)
-    except Exception as error:
-        raise FrontendError(
-            f"cannot load the Hugging Face model in {directory} as {auto_class.__name__}: "
-            f"{type(error).__name__}: {error}"
-        ) from error
-    return model.eval()
+    if not any(directory.glob("*.safetensors")) and not any(directory.glob("pytorch_model*.bin")):
+        logger.warning("%s has no weights: using a seeded random initialization", directory)
+    return _located(load_hf, directory, task, config)
 
 
 def _load_hf_tokenizer(directory: Path, source: ModelSource, max_positions: int | None) -> Tokenizer:
-    if not any((directory / name).exists() for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json")):
+    tokenizer = _located(load_tokenizer, directory)
+    if tokenizer is None:
         logger.warning("%s has no tokenizer files: using byte-level ids 0..255", directory)
         return ByteTokenizer(source.inputs, max_positions)
-    transformers = _import_transformers()
-    try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(directory, local_files_only=True)
-    except Exception as error:
-        raise FrontendError(
-            f"cannot load the tokenizer files in {directory}: {type(error).__name__}: {error}"
-        ) from error
     limits = [n for n in (tokenizer.model_max_length, max_positions) if n is not None and n < 1_000_000]
     return HFTokenizer(tokenizer, source.inputs, min(limits) if limits else None)
 
@@ -469,3 +353,15 @@ def _dynamic_shapes(inputs: tuple[InputSpec, ...], max_positions: int | None) ->
     return shapes
 
 
+
+
+
+def model_task(source: ModelSource) -> Task:
+    """The plan's task without capturing: declared, read from an HF config, or (a factory with
+    `task = auto`) decided by `load_model`'s probe of the model's output."""
+    return _located(declared_task, source) or load_model(source).task
+
+
+def model_spec(source: ModelSource, task: Task) -> dict[str, Any]:
+    """The spec (`compiler/model_source.py`) another process rebuilds this model from."""
+    return _located(spec_of, source, task)

@@ -6,7 +6,7 @@ from torch import fx
 
 from planc.passes.base import GraphPass, PassContext, PassError
 from planc.passes.graph_utils import get_tensor, linear_sites, mark, select_linears
-from planc.passes.options import Prune
+from planc.passes.prune import Prune
 
 
 class PruneMethodPass(GraphPass[Prune]):

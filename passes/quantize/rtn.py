@@ -62,7 +62,7 @@ from planc.passes.graph_utils import (
     select_linears,
     set_tensor,
 )
-from planc.passes.options import Quantize
+from planc.passes.quantize import Quantize
 from planc.passes.quantize.weights import QuantizedWeight, WeightFormat, rtn
 
 log = logging.getLogger(__name__)

@@ -15,7 +15,8 @@ from planc.compiler.evaluate import agreement, pairwise_cosines, spearman
 from planc.compiler.ir import InputSpec, ModelSource
 from distill_helpers import REPO
 from planc.dsl.source import Span
-from planc.passes.options import Prune, Quantize
+from planc.passes.prune import Prune
+from planc.passes.quantize import Quantize
 
 SPAN = Span("test.plan", 1, 1, 1, 1)
 LAYERS = [f"encoder.layer.{i}.attention.self.query" for i in range(6)]

@@ -13,9 +13,10 @@ from distill_helpers import capture, embeddings, keep_layers
 from planc.passes.base import PassContext, PassError
 from planc.passes.graph_utils import module_stack
 from planc.passes.manager import PassManager
-from planc.passes.options import Prune, Quantize
-from planc.passes.prune import PrunePass
-from planc.passes.quantize import QuantizePass
+from planc.passes.prune import Prune
+from planc.passes.registry import load_pass
+from planc.passes.quantize import Quantize
+from planc.passes.quantize.rtn import QuantizePass
 
 
 def linears(model: torch.nn.Module) -> frozenset[str]:
@@ -24,7 +25,7 @@ def linears(model: torch.nn.Module) -> frozenset[str]:
 
 def drop(gm, model, inputs, keep, targets=None):
     ctx = PassContext(model=model, example_inputs=inputs, targets=targets or linears(model), source="t.plan:1:1")
-    return PassManager().run(gm, [(PrunePass(Prune(method="layers", keep=keep)), ctx)])
+    return PassManager().run(gm, [(load_pass(Prune(method="layers", keep=keep)), ctx)])
 
 
 @pytest.mark.parametrize("keep", [[1, 3, 5], [0, 5], [2]])
@@ -62,8 +63,8 @@ def test_then_channels_and_int8_still_run(minilm):
     ctx = lambda targets: PassContext(model=model, example_inputs=inputs, targets=targets, source="t.plan:1:1")  # noqa: E731
     encoder = frozenset(n for n in linears(model) if not n.startswith("pooler"))
     out, records = PassManager().run(gm, [
-        (PrunePass(Prune(method="layers", keep=[1, 3, 5])), ctx(linears(model))),
-        (PrunePass(Prune(method="channels", sparsity=0.5)), ctx(mlps)),
+        (load_pass(Prune(method="layers", keep=[1, 3, 5])), ctx(linears(model))),
+        (load_pass(Prune(method="channels", sparsity=0.5)), ctx(mlps)),
         (QuantizePass(Quantize()), ctx(encoder)),
     ])
     assert len(records[1].details["groups"]) == 3  # only the kept blocks' MLPs are left to prune

@@ -16,8 +16,8 @@ from planc.compiler.validate import check_file
 from distill_helpers import HELDOUT, SENTENCES, capture, embeddings
 from planc.passes.base import PassContext
 from planc.passes.manager import PassManager
-from planc.passes.options import Prune
-from planc.passes.prune import PrunePass
+from planc.passes.prune import Prune
+from planc.passes.registry import load_pass
 
 
 def batches_of(tokenizer, path, count: int) -> list[dict[str, torch.Tensor]]:
@@ -95,7 +95,7 @@ def test_refit_student_round_trips_through_the_passes(minilm):
     restored.load_state_dict(rt.dense_state_dict(student.state_dict(), shrink), strict=True)
     targets = frozenset(of_type(model, "BertIntermediate"))
     ctx = PassContext(model=restored, example_inputs=inputs, targets=targets, source="t.plan:1:1")
-    pruning = PrunePass(Prune(method="channels", sparsity=0.5, importance="activation", reconstruct=True))
+    pruning = load_pass(Prune(method="channels", sparsity=0.5, importance="activation", reconstruct=True))
     out, _ = PassManager().run(capture(restored, inputs), [(pruning, ctx)])
     with torch.no_grad():
         torch.testing.assert_close(out(**inputs)["last_hidden_state"], student(**inputs).last_hidden_state,

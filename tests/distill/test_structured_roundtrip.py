@@ -11,8 +11,8 @@ from planc.backends.train import planc_runtime as rt
 from distill_helpers import capture
 from planc.passes.base import PassContext
 from planc.passes.manager import PassManager
-from planc.passes.options import Prune
-from planc.passes.prune import PrunePass
+from planc.passes.prune import Prune
+from planc.passes.registry import load_pass
 
 
 def of_type(model: torch.nn.Module, name: str) -> frozenset[str]:
@@ -40,8 +40,8 @@ def test_bert_heads_and_channels_round_trip(minilm):
 
     ctx = lambda t: PassContext(model=restored, example_inputs=inputs, targets=t, source="t.plan:1:1")  # noqa: E731
     out, records = PassManager().run(capture(restored, inputs), [
-        (PrunePass(Prune(method="heads", sparsity=0.25)), ctx(of_type(model, "BertSelfAttention"))),
-        (PrunePass(Prune(method="channels", sparsity=0.5)), ctx(of_type(model, "BertIntermediate"))),
+        (load_pass(Prune(method="heads", sparsity=0.25)), ctx(of_type(model, "BertSelfAttention"))),
+        (load_pass(Prune(method="channels", sparsity=0.5)), ctx(of_type(model, "BertIntermediate"))),
     ])
     heads_kept, channels_kept = records[0].details["groups"], records[1].details["groups"]
     for i in range(6):  # the passes keep exactly what training kept

@@ -21,7 +21,7 @@ from planc.backends.onnx.artifact import VerificationFailed, bench_rows, build_o
 from planc.backends.onnx.export import export_model, files_size, save_model
 from planc.backends.onnx.options import OnnxTarget
 from onnx_helpers import SENTENCES, linear_paths, run_passes
-from planc.passes.options import Quantize
+from planc.passes.quantize import Quantize
 
 HERE = Path(__file__).resolve().parent
 
@@ -191,7 +191,7 @@ def test_killed_compile_leaves_no_artifact(tmp_path):
 
 
 def test_bf16_on_the_cpu_provider_is_a_provider_error(gpt, tmp_path):
-    from planc.passes.options import Cast
+    from planc.passes.cast import Cast
 
     from planc.backends.onnx.runtime import ProviderError
 

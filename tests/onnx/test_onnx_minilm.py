@@ -14,7 +14,7 @@ import torch
 from planc.backends.onnx.artifact import build_onnx_artifact, run_artifact
 from planc.backends.onnx.options import OnnxTarget
 from onnx_helpers import SENTENCES, linear_paths, minilm_source, run_passes
-from planc.passes.options import Quantize
+from planc.passes.quantize import Quantize
 
 pytestmark = pytest.mark.slow
 

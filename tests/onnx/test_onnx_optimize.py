@@ -13,7 +13,7 @@ from planc.backends.onnx.export import export_model, save_model
 from planc.backends.onnx.optimize import optimize_graph, probe_mask_kind
 from planc.compiler import model as model_source
 from onnx_helpers import linear_paths, run_passes
-from planc.passes.options import Quantize
+from planc.passes.quantize import Quantize
 
 TEXTS = ["The train was late again.", "Rain is expected over the weekend, so the picnic moved indoors.", "Hi"]
 

@@ -70,7 +70,7 @@ def test_fp16_graph_runs_on_the_cpu_provider(gpt, tmp_path):
 
     from planc.backends.onnx.export import export_model, save_model
     from planc.backends.onnx.optimize import optimize_graph
-    from planc.passes.options import Cast
+    from planc.passes.cast import Cast
 
     loaded, gm = gpt
     half, _ = run_passes(loaded, gm, (Cast(dtype="fp16"), frozenset()))

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from pass_helpers import gpt_inputs, make_ctx
-from planc.passes.cast import CAST, CastPass
+from planc.passes.cast.convert import CAST, CastPass
 from planc.passes.graph_utils import get_tensor, owner_path, record_shapes
 from planc.passes.manager import PassManager
-from planc.passes.options import Cast
+from planc.passes.cast import Cast
 
 LAYER_NORM = torch.ops.aten.layer_norm.default
 LINEAR = torch.ops.aten.linear.default

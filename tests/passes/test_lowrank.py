@@ -9,10 +9,10 @@ import torch
 
 from pass_helpers import gpt_inputs, make_ctx
 from planc.passes.graph_utils import get_tensor
-from planc.passes.lowrank import LowRankPass
+from planc.passes.lowrank.factorize import LowRankPass
 from planc.passes.ranks import choose_rank
 from planc.passes.manager import PassManager
-from planc.passes.options import LowRank
+from planc.passes.lowrank import LowRank
 
 
 def test_rank_reconstruction_error_equals_svd_bound(small_gpt):

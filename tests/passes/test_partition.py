@@ -7,8 +7,8 @@ import torch
 
 from pass_helpers import capture, gpt_inputs, make_ctx
 from planc.passes.manager import PassManager
-from planc.passes.options import Partition
-from planc.passes.partition import PartitionPass, balanced_cuts
+from planc.passes.partition import Partition
+from planc.passes.partition.split import PartitionPass, balanced_cuts
 
 
 @pytest.fixture(scope="module")

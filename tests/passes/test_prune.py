@@ -11,13 +11,13 @@ from pass_helpers import gpt_inputs, last_hidden, make_ctx, modules_of_type, sen
 from planc.passes.base import PassError
 from planc.passes.graph_utils import get_tensor
 from planc.passes.manager import PassManager
-from planc.passes.options import Prune
-from planc.passes.prune import PrunePass
+from planc.passes.prune import Prune
+from planc.passes.registry import load_pass
 
 
 def run(gm, model, inputs, targets, **options):
     ctx = make_ctx(model, inputs, targets)
-    return PassManager().run(gm, [(PrunePass(Prune(**options)), ctx)])
+    return PassManager().run(gm, [(load_pass(Prune(**options)), ctx)])
 
 
 def linear_weights(gm, model, names):
@@ -134,7 +134,7 @@ def test_head_count_constant_is_rewritten():
     program = torch.export.export(model, (x,), dynamic_shapes=({0: torch.export.Dim("b"), 1: torch.export.Dim("s")},), strict=False)
     gm = program.module()
     ctx = make_ctx(model, {"x": x}, {""})
-    pass_ = PrunePass(Prune(method="heads", sparsity=0.5))
+    pass_ = load_pass(Prune(method="heads", sparsity=0.5))
     pass_.requires(gm, ctx)
     result = pass_.call(gm, ctx)
     gm.recompile()
@@ -155,8 +155,8 @@ def test_bert_heads_and_channels(minilm):
     heads_sel = modules_of_type(model, "BertSelfAttention")
     mlp_sel = modules_of_type(model, "BertIntermediate")
     steps = [
-        (PrunePass(Prune(method="heads", sparsity=0.25)), make_ctx(model, inputs, heads_sel)),
-        (PrunePass(Prune(method="channels", sparsity=0.25)), make_ctx(model, inputs, mlp_sel)),
+        (load_pass(Prune(method="heads", sparsity=0.25)), make_ctx(model, inputs, heads_sel)),
+        (load_pass(Prune(method="channels", sparsity=0.25)), make_ctx(model, inputs, mlp_sel)),
     ]
     out, (heads, channels) = PassManager().run(gm, steps)
     assert get_tensor(out, "encoder.layer.0.attention.self.query.weight").shape == (288, 384)
@@ -184,16 +184,16 @@ def test_errors_are_actionable(small_gpt):
 
 
 def test_structured_after_lowrank_is_refused(small_gpt):
-    from planc.passes.lowrank import LowRankPass
-    from planc.passes.options import LowRank
+    from planc.passes.lowrank.factorize import LowRankPass
+    from planc.passes.lowrank import LowRank
 
     model, inputs, gm = small_gpt
     steps = [
         (LowRankPass(LowRank(rank=8)), make_ctx(model, inputs, {"blocks.0.attn.q_proj"})),
-        (PrunePass(Prune(method="heads")), make_ctx(model, inputs, {"blocks.1.attn"})),
+        (load_pass(Prune(method="heads")), make_ctx(model, inputs, {"blocks.1.attn"})),
     ]
     out, _ = PassManager().run(gm, steps)  # another block: fine
     assert get_tensor(out, "blocks.1.attn.q_proj.weight").shape == (64, 128)
-    steps[1] = (PrunePass(Prune(method="heads")), make_ctx(model, inputs, {"blocks.0.attn"}))
+    steps[1] = (load_pass(Prune(method="heads")), make_ctx(model, inputs, {"blocks.0.attn"}))
     with pytest.raises(PassError, match=r"after \['lowrank'\]: blocks.0.attn.q_proj is already factored"):
         PassManager().run(gm, steps)

@@ -13,7 +13,7 @@ from pass_helpers import capture, gpt_inputs, last_hidden, load_gpt_module, make
 from planc.passes.base import PassError
 from planc.passes.graph_utils import get_tensor
 from planc.passes.manager import PassManager
-from planc.passes.options import Prune
+from planc.passes.prune import Prune
 from planc.passes.registry import load_pass
 from shared_models import LAYOUTS
 

@@ -9,7 +9,7 @@ from pydantic import ValidationError
 from pass_helpers import make_ctx, modules_of_type
 from planc.passes.graph_utils import get_tensor
 from planc.passes.manager import PassManager
-from planc.passes.options import Prune
+from planc.passes.prune import Prune
 from planc.passes.prune.sparsegpt import sparsegpt
 from planc.passes.prune.wanda import wanda_mask
 from planc.passes.registry import load_pass

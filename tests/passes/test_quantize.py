@@ -9,8 +9,8 @@ from pass_helpers import REPO, last_hidden, make_ctx, modules_of_type, sentence_
 from planc.passes.base import PassError
 from planc.passes.graph_utils import get_tensor, quiet_deepcopy, select_linears
 from planc.passes.manager import PassManager
-from planc.passes.options import Quantize
-from planc.passes.quantize import OP_DYNAMIC, OP_EMBEDDING, OP_INT4, OP_STATIC, QuantizePass
+from planc.passes.quantize import Quantize
+from planc.passes.quantize.rtn import OP_DYNAMIC, OP_EMBEDDING, OP_INT4, OP_STATIC, QuantizePass
 from planc.passes.qops import unpack_int4
 
 
@@ -148,7 +148,7 @@ def test_smoothing_is_an_identity_and_raises_int8_accuracy(minilm):
 
 
 def test_int4_accepts_activation_aware_scaling() -> None:
-    from planc.passes.options import Quantize
+    from planc.passes.quantize import Quantize
 
     options = Quantize(scheme="int4", smooth=0.5)
     assert options.mode == "weight_only" and options.smooth == 0.5

@@ -13,7 +13,7 @@ from planc.passes import qops
 from planc.passes.calibration import sequential
 from planc.passes.graph_utils import get_tensor, select_linears, set_tensor
 from planc.passes.manager import PassManager
-from planc.passes.options import Quantize
+from planc.passes.quantize import Quantize
 from planc.passes.quantize.awq import relative_errors, search_alpha
 from planc.passes.quantize.gptq import gptq
 from planc.passes.quantize.weights import WeightFormat, rtn

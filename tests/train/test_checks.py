@@ -7,7 +7,7 @@ import pytest
 from planc.backends.train import TrainPlanError, check_batch_config
 from planc.backends.train.checks import mesh_of
 from planc.backends.train.options import TrainTarget
-from planc.passes.options import Partition
+from planc.passes.partition import Partition
 
 
 def test_consistent_batch_has_no_problem() -> None:

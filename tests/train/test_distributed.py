@@ -31,7 +31,7 @@ from train_helpers import (
 from planc.backends.train.emit import emit_training_program
 from planc.backends.train.launch import launch
 from planc.backends.train import planc_runtime as rt
-from planc.passes.options import Prune
+from planc.passes.prune import Prune
 
 pytestmark = pytest.mark.slow
 

@@ -15,7 +15,11 @@ from planc.backends.train import TrainPlanError
 from planc.backends.train.emit import emit_training_program
 from planc.backends.train.options import TrainTarget
 from planc.compiler.ir import InputSpec, ModelSource
-from planc.passes.options import Cast, LowRank, Partition, Prune, Quantize
+from planc.passes.cast import Cast
+from planc.passes.lowrank import LowRank
+from planc.passes.partition import Partition
+from planc.passes.prune import Prune
+from planc.passes.quantize import Quantize
 from train_helpers import SPAN
 
 GOLDEN = Path(__file__).resolve().parents[1] / "golden" / "train"

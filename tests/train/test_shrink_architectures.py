@@ -16,7 +16,7 @@ import torch
 from planc.backends.train import planc_runtime as rt
 from planc.passes.base import PassContext
 from planc.passes.manager import PassManager
-from planc.passes.options import Prune
+from planc.passes.prune import Prune
 from planc.passes.registry import load_pass
 from shared_models import LAYOUTS, example_gpt_module
 

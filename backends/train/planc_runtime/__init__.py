@@ -6,7 +6,7 @@ planc copies this package verbatim next to the `train.py` it generates. It needs
 module per concern, in the order a run meets them:
 
 1. distributed.py     distributed setup: Parallel, init_distributed, seed_everything
-2. model.py           the model: load_model, hf_directory, find_blocks, logits_of, set_dropout,
+2. model.py           the model: load_model (model_source.py), find_blocks, logits_of, set_dropout,
                       freeze
 3. corpus.py          sentence mining for encoders, before training: collect_sentences,
                       prose_sentences, augment_sentence, planc_cache_dir
@@ -23,6 +23,8 @@ module per concern, in the order a run meets them:
    structure.py       the coupled heads/channels of a traced graph: a byte-for-byte copy of
                       planc's passes/structure.py (tests/train/test_vendored_structure.py)
    ranks.py           choose_rank, the low-rank rule: a byte-for-byte copy of passes/ranks.py
+   model_source.py    finding and rebuilding the model, its task and tokenizer: a byte-for-byte
+                      copy of planc's compiler/model_source.py
 6. distill.py         distillation: Distiller, EncoderDistiller, the teacher cache
 7. steps.py           step mechanics: make_optimizer, lr_multiplier, make_grad_scaler,
                       clip_grad_norm, autocast, checkpoint_blocks
@@ -74,7 +76,7 @@ from .data import (
 from .distill import Distiller, EncoderDistiller
 from .distributed import Parallel, init_distributed, seed_everything
 from .logs import MetricsLog, ProgressBar, StepTimer, global_mean, loss_weight, maybe_fail, mean_over, setup_logging
-from .model import find_blocks, freeze, hf_directory, load_model, logits_of, set_dropout
+from .model import find_blocks, freeze, load_model, logits_of, set_dropout
 from .parallel import DecoderStage, all_reduce_grads, parallelize_tensor, shard_fsdp, split_blocks, wrap_ddp
 from .steps import autocast, checkpoint_blocks, clip_grad_norm, lr_multiplier, make_grad_scaler, make_optimizer
 
@@ -111,7 +113,6 @@ __all__ = [
     "full_state_dict",
     "global_mean",
     "heldout_batches",
-    "hf_directory",
     "init_distributed",
     "input_gram",
     "load_model",

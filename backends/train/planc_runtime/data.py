@@ -13,7 +13,6 @@ of training, so a resumed run sees exactly the data an uninterrupted one would.
 from __future__ import annotations
 
 import math
-import os
 import random
 import sysconfig
 from collections.abc import Sequence
@@ -26,7 +25,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from .corpus import augment_sentence, collect_sentences, vocabulary_words
-from .model import hf_directory
+from .model_source import load_tokenizer, spec_directory
 
 
 def read_documents(path: str, glob: str, max_bytes: int, base: Path) -> list[bytes]:
@@ -61,10 +60,7 @@ def tokenize(documents: list[bytes], tokenizer: str, model_spec: dict[str, Any])
         return torch.tensor(bytearray(b"\n".join(documents)), dtype=torch.long)
     if model_spec["kind"] != "hf":
         raise ValueError("tokenizer = model needs a Hugging Face model directory with tokenizer files")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(hf_directory(model_spec))
+    tok = _model_tokenizer(model_spec)
     ids: list[int] = []
     for doc in documents:
         ids.extend(tok(doc.decode("utf-8", errors="replace"), add_special_tokens=False)["input_ids"])
@@ -187,6 +183,14 @@ class SentenceSet:
         return {"input_ids": ids, "attention_mask": mask, "index": torch.tensor(list(indices), dtype=torch.long)}
 
 
+def _model_tokenizer(model_spec: dict[str, Any]) -> Any:
+    directory = spec_directory(model_spec)
+    tokenizer = load_tokenizer(directory)
+    if tokenizer is None:
+        raise ValueError(f"{directory} has no tokenizer files: use data {{ tokenizer = bytes }}")
+    return tokenizer
+
+
 def load_sentence_corpus(data: dict[str, Any], model_spec: dict[str, Any], base: Path) -> tuple[SentenceSet, SentenceSet]:
     """(train, heldout) sentences of the plan's `data` block, tokenized with the model's tokenizer.
 
@@ -195,9 +199,6 @@ def load_sentence_corpus(data: dict[str, Any], model_spec: dict[str, Any], base:
     """
     if model_spec["kind"] != "hf":
         raise ValueError("sentence data needs a Hugging Face model's tokenizer (data.tokenizer = model)")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from transformers import AutoTokenizer
-
     if dist.is_initialized() and dist.get_world_size() > 1:
         if dist.get_rank() == 0:
             collect_sentences(data, base)  # reads the machine's text once and caches it for every rank
@@ -206,7 +207,7 @@ def load_sentence_corpus(data: dict[str, Any], model_spec: dict[str, Any], base:
     random.Random(0).shuffle(texts)
     held = min(len(texts) - 1, math.ceil(len(texts) * data["heldout"])) if data["heldout"] > 0 else 0
     train_texts, heldout_texts = texts[: len(texts) - held], texts[len(texts) - held :]
-    tokenizer = AutoTokenizer.from_pretrained(hf_directory(model_spec))
+    tokenizer = _model_tokenizer(model_spec)
     rng, originals = random.Random(1), list(train_texts)
     vocabulary = vocabulary_words(tokenizer) if "word_swap" in data.get("augment", []) else []
     for kind in data.get("augment", []):

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import string
 import textwrap
+from pathlib import Path
 
 from planc.backends.train.options import TrainTarget
-from planc.passes.options import PassOptions, Prune, Quantize
+from planc.passes.options import PassOptions
+from planc.passes.prune import Prune
+from planc.passes.quantize import Quantize
 
 from planc.backends.train.render.loop_code import (
     before_step_block,
@@ -58,7 +61,9 @@ def _step_words(options: PassOptions) -> str:
 def _model_words(p: Program) -> str:
     if p.model["kind"] == "factory":
         return f"{p.model['function']}({', '.join(f'{k}={v!r}' for k, v in p.model.get('args', {}).items())})"
-    return f"the Hugging Face model {p.model.get('package') or ''}{'/' if p.model.get('package') else ''}{p.model['ref']}"
+    if "package" in p.model:
+        return f"the Hugging Face model {p.model['package']}/{p.model['ref']}"
+    return f"the Hugging Face model {Path(p.model['directory']).name}"
 
 
 def imports_block(p: Program) -> str:

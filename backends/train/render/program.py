@@ -10,7 +10,8 @@ from typing import Any
 
 from planc.backends.train.checks import Mesh
 from planc.backends.train.options import TrainTarget
-from planc.passes.options import PassOptions, Prune
+from planc.passes.options import PassOptions
+from planc.passes.prune import Prune
 
 TEMPLATES = Path(__file__).parents[1] / "templates"
 

@@ -5,7 +5,13 @@ from __future__ import annotations
 import textwrap
 from typing import Any
 
-from planc.passes.options import LowRank, PassOptions, Prune, Quantize
+from planc.passes.lowrank import LowRank
+
+from planc.passes.options import PassOptions
+
+from planc.passes.prune import Prune
+
+from planc.passes.quantize import Quantize
 
 from planc.backends.train.render.program import Program, _const, _indent
 

@@ -32,7 +32,7 @@ from torch import fx
 
 from planc.passes.base import GraphPass, PassContext, PassError, PassResult
 from planc.passes.graph_utils import get_tensor, mark, module_stack, owner_path, record_shapes, set_tensor, within_any
-from planc.passes.options import Cast
+from planc.passes.cast import Cast
 
 log = logging.getLogger(__name__)
 

@@ -42,7 +42,7 @@ from planc.passes.graph_utils import (
     set_tensor,
     tensor_shape,
 )
-from planc.passes.options import Partition
+from planc.passes.partition import Partition
 
 log = logging.getLogger(__name__)
 

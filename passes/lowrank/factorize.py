@@ -28,7 +28,7 @@ from planc.passes.graph_utils import (
     select_linears,
     set_tensor,
 )
-from planc.passes.options import LowRank
+from planc.passes.lowrank import LowRank
 from planc.passes.ranks import choose_rank
 
 
