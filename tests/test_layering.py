@@ -1,6 +1,6 @@
 """The import layering the README documents, read from the source (every import, local ones too).
 
-    dsl  <-  compiler.ir, compiler.model, compiler.targets  <-  passes  <-  backends  <-  compiler.driver  <-  compiler.cli
+    dsl  <-  compiler.ir, compiler.model, compiler.targets  <-  passes  <-  backends  <-  compiler.driver  <-  compiler.cli, planc
 
 An arrow points at what may be imported. The emitted training runtime imports only torch, the
 standard library and optional helpers, so `train.py` runs without planc installed.
