@@ -98,11 +98,13 @@ def capture_model(plan: ir.Plan, model: Any = None) -> Captured:
 def capture_loaded(plan: ir.Plan, loaded: Any) -> Captured:
     """Capture a loaded model; a model that cannot be captured is an error at the model line."""
     from planc.compiler import model as model_source
+    from planc.passes.graph_utils import conv1d_as_linear
 
     try:
         graph = model_source.capture(loaded)
     except model_source.FrontendError as error:
         raise error_at(plan.model.span, f"model '{plan.model.name}': {error}") from error
+    conv1d_as_linear(graph)  # GPT-2's projections become Linears for every pass
     return Captured(loaded, graph, module_table_of(loaded))
 
 

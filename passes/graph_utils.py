@@ -111,6 +111,35 @@ def linear_sites(gm: fx.GraphModule) -> list[LinearSite]:
     return sites
 
 
+ADDMM = torch.ops.aten.addmm.default
+
+
+def conv1d_as_linear(gm: fx.GraphModule) -> int:
+    """Rewrite GPT-2-style `Conv1D` projections (`addmm(b, x, W)`, W stored [in, out]) as
+    `linear(x, W.T, b)` with the weight stored [out, in], so every pass (quantize, gptq, awq,
+    wanda, sparsegpt, lowrank) sees one kind of projection. The parameter keeps its name, so
+    selectors and reports still say `h.0.attn.c_attn`; the eager model is not touched (the
+    graph owns its weights). Returns the number of projections rewritten."""
+    rewritten = 0
+    for node in list(gm.graph.find_nodes(op="call_function", target=ADDMM)):
+        bias, x, weight = (_get_attr_target(node.args[0]), node.args[1], _get_attr_target(node.args[2]))
+        stack = module_stack(node)
+        if weight is None or bias is None or node.kwargs or not (stack and stack[-1][1].endswith("Conv1D")):
+            continue
+        if len(node.args[2].users) != 1:
+            continue
+        owner_name, _, attr = weight.rpartition(".")
+        owner = gm.get_submodule(owner_name)
+        stored = getattr(owner, attr)
+        setattr(owner, attr, torch.nn.Parameter(stored.detach().t().contiguous(), requires_grad=stored.requires_grad))
+        node.target = LINEAR
+        node.args = (x, node.args[2], node.args[0])
+        rewritten += 1
+    if rewritten:
+        gm.recompile()
+    return rewritten
+
+
 def embedding_sites(gm: fx.GraphModule) -> list[EmbeddingSite]:
     """Every `aten.embedding` lookup whose table is a get_attr."""
     sites = []

@@ -111,8 +111,9 @@ class HFCacheAdapter(CacheAdapter):
 
 
 def has_linear_projections(model: nn.Module) -> bool:
-    """True when the blocks' projections are nn.Linear (planc's quantize pass rewrites those)."""
-    linears = sum(isinstance(m, nn.Linear) for m in model.modules())
+    """True when the blocks' projections are nn.Linear or GPT-2 Conv1D (captured as Linears):
+    what planc's quantize pass rewrites."""
+    linears = sum(isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D" for m in model.modules())
     return linears > 1  # more than the lm_head alone
 
 

@@ -40,6 +40,7 @@ from planc.backends.onnx.cache_adapter import (
 )
 from planc.backends.onnx.decoder_tokenizer import HF_TOKENIZER_FILES
 from planc.backends.onnx.export import initializer_bytes, save_model
+from planc.passes.graph_utils import conv1d_as_linear
 from planc.passes.quantize import Quantize
 
 logger = logging.getLogger(__name__)
@@ -179,7 +180,9 @@ def capture_decoder(model: nn.Module) -> torch.fx.GraphModule:
     except Exception as error:  # noqa: BLE001 - torch.export raises many kinds; all mean "not capturable"
         first = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
         raise UnsupportedDecoder(f"torch.export cannot capture {type(model).__name__} with a dynamic sequence: {first}") from error
-    return program.module()
+    gm = program.module()
+    conv1d_as_linear(gm)  # GPT-2's projections become Linears for planc's passes
+    return gm
 
 
 def graph_targets(targets: set[str] | frozenset[str]) -> frozenset[str]:
@@ -240,7 +243,7 @@ def quantize_with_planc(
     if not targets:
         raise ValueError(
             f"planc's quantize pass finds no Linear in {type(model).__name__} "
-            "(GPT-2's Conv1D layers are not Linears): use quantizer='ort'"
+            "(nor a GPT-2 Conv1D): use quantizer='ort'"
         )
     adapter = adapt(model)
     ctx = PassContext(
@@ -422,7 +425,7 @@ def export_decoder(
     its texts). `quantizer` picks who
     quantizes: "planc" (the quantize pass on the captured graph, lowered by `lowering.py` and
     `optimize.py`), "ort" (ONNX Runtime's tools on the exported graph), "auto" (planc when the
-    model's projections are Linears, else ort: GPT-2's Conv1D). `graph` is a `capture_decoder`
+    model's projections are Linears or GPT-2 Conv1Ds and torch.export captures it, else ort). `graph` is a `capture_decoder`
     graph already transformed by planc passes (then `quantize` must be None). `tokenizer` is a
     directory holding tokenizer.json, "bytes", or None (the HF model's own directory, else bytes).
     `cpu` is the target CPU of int8 weights (`passes/cpu.py`: 7-bit where its sums saturate).

@@ -106,7 +106,7 @@ class OnnxKind:
         if step is None or step.name != stop_after:
             raise _error(job.plan.span, f"--emit fx-after:{stop_after}: the decoder pipeline has no pass '{stop_after}'")
         if not has_linear_projections(loaded.model):
-            raise _error(step.span, f"{type(loaded.model).__name__}'s projections are not Linear layers (GPT-2's Conv1D): "
+            raise _error(step.span, f"{type(loaded.model).__name__}'s projections are neither Linear nor GPT-2 Conv1D layers: "
                          "ONNX Runtime's quantizer rewrites them after export, so no fx graph shows this step",
                          "--emit fx prints the graph before it")
         options: Quantize = step.options  # type: ignore[assignment]
