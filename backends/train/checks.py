@@ -7,9 +7,16 @@ ones the emitted program uses, so the check and the program cannot disagree.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from planc.backends.train.options import TrainTarget
+from planc.dsl.source import Diagnostic
+from planc.passes.lowrank import LowRank
 from planc.passes.partition import Partition
+from planc.passes.prune import Prune
+
+if TYPE_CHECKING:  # compiler.ir imports this package's options: no import cycle at run time
+    from planc.compiler import ir
 
 
 class TrainPlanError(ValueError):
@@ -129,4 +136,39 @@ def check_batch_config(target: TrainTarget, partition: Partition | None = None) 
             f"{target.nodes} nodes cannot meet at rdzv_endpoint {target.rdzv_endpoint!r}: "
             "name a host every node can reach"
         )
+    return problems
+
+
+def regularize_problems(plan: ir.Plan, target: ir.Target) -> list[Diagnostic]:
+    """What `regularize { }` cannot be combined with, each at the option or step it is about."""
+    options: TrainTarget = target.options  # type: ignore[assignment]
+    regularize, spans = options.regularize, target.option_spans
+    problems = []
+    if options.sweep is not None:
+        for key, block in (("l1", "regularize"), ("alpha", "distill"), ("temperature", "distill")):
+            if getattr(options.sweep, key) is not None and getattr(options, block) is None:
+                problems.append(Diagnostic("error", f"sweep {key} sets {block} {{ {key} }}, but the target has no "
+                                           f"`{block} {{ }}` block", spans.get(f"sweep.{key}", target.span)))
+    if regularize is None:
+        return problems
+    where = spans.get("regularize", target.span)
+    split = sorted({"fsdp", "tensor", "pipeline"} & set(options.strategy))
+    if split:
+        problems.append(Diagnostic("error", f"regularize shrinks whole heads, channels or weights on every rank after "
+                                   f"each step, which {', '.join(split)} splits: use strategy = [ddp]", where))
+    for step in plan.pipeline:
+        if isinstance(step.options, LowRank):
+            problems.append(Diagnostic("error", "lowrank replaces the Linear weights regularize acts on: factor them "
+                                       "in a compile of the trained weights instead", step.span))
+        if not isinstance(step.options, Prune) or not regularize.defers(step.options.method):
+            continue
+        if step.options.measures_activations:
+            option = "reconstruct" if step.options.reconstruct else "importance"
+            problems.append(Diagnostic("error", f"after regularize, prune removes the groups of smallest weight "
+                                       f"norm (the zero ones): use importance = l2 or l1, without reconstruct",
+                                       step.option_spans.get(option, step.span)))
+        if step.options.schedule == "gradual":
+            problems.append(Diagnostic("error", f"regularize {{ group = {regularize.group} }} decides which weights "
+                                       "reach zero; this prune step then runs once after training: use schedule = "
+                                       "oneshot", step.option_spans.get("schedule", step.span)))
     return problems

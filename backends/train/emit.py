@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -43,13 +44,15 @@ def emit_training_program(
     out_dir: Path,
     plan_resolved: str,
     stage_cuts: list[int] | None = None,
+    keep: Sequence[str] = (),
 ) -> Path:
     """Write the training program into `out_dir` (atomically: a temporary folder, then a rename).
 
     `compression` holds the plan's prune/quantize/lowrank steps with the module paths their
     selectors matched; `partition` (and `stage_cuts`, the first block of every stage after the
     first, if the partition pass computed them) shapes the pipeline. Re-emitting an unchanged
-    program keeps the previous run's checkpoints, so `planc train` resumes it.
+    program keeps the previous run's checkpoints, so `planc train` resumes it; `keep` names
+    entries of an earlier `out_dir` kept whatever changed (a sweep's trials).
     Raises TrainPlanError with every problem found.
     """
     mesh = mesh_of(target, partition)
@@ -77,7 +80,7 @@ def emit_training_program(
             log.info("cast steps shape the exported model; training precision is target train's `precision`")
 
     out_dir = Path(out_dir)
-    with staged_dir(out_dir, keep=lambda new: _kept_run_state(out_dir, new, target)) as tmp:
+    with staged_dir(out_dir, keep=lambda new: [*_kept_run_state(out_dir, new, target), *keep]) as tmp:
         (tmp / "train.py").write_text(render_train_py(program))
         launch = tmp / "launch.sh"
         launch.write_text(render_launch_sh(target, program.plan_name))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -18,13 +19,15 @@ def torchrun_command() -> str:
     return str(script) if script.is_file() else f"{sys.executable} -m torch.distributed.run"
 
 
-def launch(out_dir: Path, env_overrides: dict[str, str] | None = None, timeout: float | None = None) -> int:
+def launch(out_dir: Path, env_overrides: dict[str, str] | None = None, timeout: float | None = None,
+           log_file: Path | None = None) -> int:
     """Run `out_dir/launch.sh` and return its exit code.
 
     `env_overrides` set launch.sh's variables (NPROC_PER_NODE, NNODES, RDZV_ENDPOINT,
     MAX_RESTARTS, TORCHRUN) or anything train.py reads; TORCHRUN defaults to this Python's
     torchrun. After `timeout` seconds the whole job (torchrun and its workers) is killed and
-    TimeoutError raised.
+    TimeoutError raised. `log_file` takes the job's output instead of the console (sweep
+    trials running side by side).
     """
     script = Path(out_dir).resolve() / "launch.sh"
     if not script.is_file():
@@ -33,10 +36,13 @@ def launch(out_dir: Path, env_overrides: dict[str, str] | None = None, timeout: 
     env.setdefault("TORCHRUN", torchrun_command())
     env.update({k: str(v) for k, v in (env_overrides or {}).items()})
     log.info("launching %s", script)
-    job = subprocess.Popen(["bash", str(script)], env=env, cwd=script.parent, start_new_session=True)
-    try:
-        return job.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(job.pid, signal.SIGKILL)  # its own session: torchrun and every worker
-        job.wait()
-        raise TimeoutError(f"training job {script} ran past {timeout} s and was killed") from None
+    with contextlib.ExitStack() as stack:
+        output = stack.enter_context(open(log_file, "w")) if log_file is not None else None
+        job = subprocess.Popen(["bash", str(script)], env=env, cwd=script.parent, start_new_session=True,
+                               stdout=output, stderr=subprocess.STDOUT if output else None)
+        try:
+            return job.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(job.pid, signal.SIGKILL)  # its own session: torchrun and every worker
+            job.wait()
+            raise TimeoutError(f"training job {script} ran past {timeout} s and was killed") from None

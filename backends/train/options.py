@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import Annotated, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -129,6 +129,87 @@ class PipelineSchedule(_Frozen):
     stages: int | None = Field(None, ge=2)
 
 
+class Regularize(_Frozen):
+    """Sparsity from regularization: a penalty that drives whole groups of weights to zero while
+    the model trains, so a `prune` step after training removes groups that no longer do anything.
+
+    `group = heads | channels`: group lasso (Yuan & Lin 2006) over the attention heads or MLP
+    channels that the traced graph couples (a head's q/k/v rows and out-projection columns, a
+    channel's up/gate rows and down column; planc_runtime/structure.py), `l1 * sum_g sqrt(p_g) *
+    ||W_g||_2` with p_g the group's weight count (the usual weighting: one `l1` means the same
+    pressure on groups of any size). `group = weights`: plain L1, `l1 * sum |w|`, on the Linear
+    weights. The penalty is minimized by a proximal step after every optimizer step (block soft
+    thresholding), which sets a group exactly to zero once the penalty outweighs what the loss
+    pulls it back by; a subgradient in backward would only make groups jitter around zero.
+    """
+
+    group: Literal["heads", "channels", "weights"] = "heads"
+    #: Strength of the penalty (per sqrt(weight) of a group; per weight for `weights`).
+    l1: float = Field(gt=0)
+    #: A group whose l2 norm (a weight whose magnitude) ends at or below this has reached zero:
+    #: it is counted, and set exactly to zero before the held-out evaluation and the save.
+    threshold: float = Field(1e-3, ge=0)
+
+    #: Prune methods whose steps act on the groups regularized by each `group`: with the
+    #: regularizer, those steps run after training (on the trained weights), not before it.
+    PRUNES: ClassVar[dict[str, tuple[str, ...]]] = {
+        "heads": ("heads",), "channels": ("channels",), "weights": ("magnitude", "nm"),
+    }
+
+    def defers(self, method: str) -> bool:
+        """Whether a prune step of `method` runs after training, on the regularized weights."""
+        return method in self.PRUNES[self.group]
+
+
+_Lr = Annotated[float, Field(gt=0)]
+_Fraction = Annotated[float, Field(ge=0, le=1)]
+
+
+class Sweep(_Frozen):
+    """A hyperparameter sweep: one short trial per combination of the listed values, each the
+    same standalone program with the values substituted; the lowest held-out loss wins, and its
+    values are the target's from then on (`plan.resolved` spells them out).
+
+    Every key names one option of `target train` (KEYS); the values are checked as that option.
+    """
+
+    lr: list[_Lr] | None = Field(None, min_length=1)
+    warmup: list[Annotated[int, Field(ge=0)]] | None = Field(None, min_length=1)
+    weight_decay: list[Annotated[float, Field(ge=0)]] | None = Field(None, min_length=1)
+    min_lr_ratio: list[_Fraction] | None = Field(None, min_length=1)
+    grad_clip: list[_Lr] | None = Field(None, min_length=1)
+    dropout: list[Annotated[float, Field(ge=0, lt=1)]] | None = Field(None, min_length=1)
+    micro_batch: list[Annotated[int, Field(ge=1)]] | None = Field(None, min_length=1)
+    #: regularize { l1 }
+    l1: list[_Lr] | None = Field(None, min_length=1)
+    #: distill { alpha, temperature }
+    alpha: list[_Fraction] | None = Field(None, min_length=1)
+    temperature: list[_Lr] | None = Field(None, min_length=1)
+    #: Trials run at once (each with the target's world_size processes).
+    parallel: int = Field(1, ge=1)
+    #: Optimizer steps of each trial; None: the target's `steps`.
+    trial_steps: int | None = Field(None, ge=1)
+
+    #: Sweep key -> the option of `target train` it sets (a path through the nested blocks).
+    KEYS: ClassVar[dict[str, tuple[str, ...]]] = {
+        "lr": ("optimizer", "lr"), "warmup": ("schedule", "warmup"), "weight_decay": ("optimizer", "weight_decay"),
+        "min_lr_ratio": ("schedule", "min_lr_ratio"), "grad_clip": ("grad_clip",), "dropout": ("dropout",),
+        "micro_batch": ("micro_batch",), "l1": ("regularize", "l1"), "alpha": ("distill", "alpha"),
+        "temperature": ("distill", "temperature"),
+    }
+
+    @model_validator(mode="after")
+    def _lists_something(self) -> Sweep:
+        if not self.swept:
+            raise ValueError(f"a sweep lists values of at least one of {', '.join(self.KEYS)}")
+        return self
+
+    @property
+    def swept(self) -> dict[str, list]:
+        """The swept keys with their values, in the order of KEYS."""
+        return {key: getattr(self, key) for key in self.KEYS if getattr(self, key) is not None}
+
+
 class TrainTarget(_Frozen):
     """`target train`: emit a standalone torchrun program."""
 
@@ -174,6 +255,10 @@ class TrainTarget(_Frozen):
     #: Every dropout probability of the trained model; unset keeps the model's own. A student
     #: distilled on little text usually fits its teacher better with dropout = 0.
     dropout: float | None = Field(None, ge=0.0, lt=1.0)
+    #: Group lasso on heads/channels or L1 on weights while training (see Regularize).
+    regularize: Regularize | None = None
+    #: Short trials over hyperparameter values; the best one's values are kept (see Sweep).
+    sweep: Sweep | None = None
 
     @model_validator(mode="after")
     def _strategy_is_consistent(self) -> TrainTarget:

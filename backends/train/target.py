@@ -3,7 +3,8 @@
 Imports nothing heavy at module level: `planc check` reads `TARGET.options` and `TARGET.check`.
 Alone, the target only writes the program. With another target in the same plan (an onnx
 export), it also runs the program, so the export gets the trained weights (`Job.shared`);
-identical earlier runs are reused from the content-hashed cache.
+identical earlier runs are reused from the content-hashed cache. A `sweep { }` first runs its
+trials (sweep.py) and continues with the best one's values, as if the plan had spelled them out.
 """
 
 from __future__ import annotations
@@ -11,8 +12,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import ClassVar
 
-from planc.backends.train.checks import TrainPlanError, check_batch_config
+from planc.backends.train.checks import TrainPlanError, check_batch_config, regularize_problems
 from planc.backends.train.options import TrainTarget
+from planc.backends.train.sweep import chosen_note, run_sweep, value_problems
 from planc.compiler import ir
 from planc.compiler.targets import Built, Job
 from planc.compiler.textdata import STDLIB
@@ -45,7 +47,7 @@ class TrainKind:
                                        target.option_spans.get("data.path", target.span)))
         partition = next((s.options for s in plan.pipeline if isinstance(s.options, Partition)), None)
         problems += [Diagnostic("error", problem, _span_of(target, problem)) for problem in check_batch_config(options, partition)]
-        return problems
+        return problems + regularize_problems(plan, target) + value_problems(target)
 
     def capture(self, target: ir.Target, loaded: object) -> None:
         return None
@@ -57,26 +59,51 @@ class TrainKind:
         job.progress(f"loading model '{job.plan.model.name}'")
         loaded = job.load()
         resolved = job.resolve(loaded)
+        report: dict = {}
+        notes: list[str] = []
+        keep: tuple[str, ...] = ()
+        if target.options.sweep is not None:  # type: ignore[attr-defined]
+            target, report = self.sweep(job, target, resolved)
+            notes, keep = chosen_note(report["sweep"]), ("sweep",)
         if not job.others:
             job.progress("emitting the training program")
-            return Built(self.emit(job.plan, target, resolved, job.out_dir))
-        job.shared["weights"] = self.trained_weights(job, target, resolved, loaded.task)
-        return Built(job.out_dir)
+            return Built(self.emit(job.plan, target, resolved, job.out_dir, notes, keep), report)
+        job.shared["weights"] = self.trained_weights(job, target, resolved, loaded.task, notes, keep)
+        return Built(job.out_dir, report)
+
+    def sweep(self, job: Job, target: ir.Target, resolved: list) -> tuple[ir.Target, dict]:
+        """Run the sweep's trials; the target (and job.plan) with the chosen values from now on."""
+
+        def emit_trial(trial: TrainTarget, directory: Path) -> Path:
+            trial_target = target.model_copy(update={"options": trial})
+            return self.emit(_with_target(job.plan, target, trial_target), trial_target, resolved, directory,
+                             keep=("train.log",))
+
+        chosen, report = run_sweep(target, job.out_dir, emit_trial, job.progress)
+        resolved_target = target.model_copy(update={"options": chosen})
+        job.plan = _with_target(job.plan, target, resolved_target)
+        return resolved_target, {"sweep": report}
 
     @staticmethod
-    def emit(plan: ir.Plan, target: ir.Target, resolved: list, directory: Path) -> Path:
+    def emit(plan: ir.Plan, target: ir.Target, resolved: list, directory: Path, notes: list[str] | None = None,
+             keep: tuple[str, ...] = ()) -> Path:
+        """Write the program; `notes` are comment lines above plan.resolved, `keep` entries of
+        an earlier `directory` to keep (see emit_training_program)."""
         from planc.backends.train.emit import emit_training_program
         from planc.compiler.explain import explain
 
         compression = [(step.options, targets) for step, targets in resolved if not isinstance(step.options, Partition)]
         partition = next((step.options for step, _ in resolved if isinstance(step.options, Partition)), None)
+        text = "".join(f"{line}\n" for line in notes or ()) + explain(plan)
+        options: TrainTarget = target.options  # type: ignore[assignment]
         try:
-            return emit_training_program(target.options, plan.model, compression, partition, directory, explain(plan))  # type: ignore[arg-type]
+            return emit_training_program(options, plan.model, compression, partition, directory, text, keep=keep)
         except TrainPlanError as error:
             problems = error.args[0] if error.args and isinstance(error.args[0], list) else [str(error)]
             raise PlanError([Diagnostic("error", str(p), _span_of(target, str(p))) for p in problems]) from error
 
-    def trained_weights(self, job: Job, target: ir.Target, resolved: list, task: str) -> Path:
+    def trained_weights(self, job: Job, target: ir.Target, resolved: list, task: str, notes: list[str] | None = None,
+                        keep: tuple[str, ...] = ()) -> Path:
         """Run the training program, or reuse the weights of an identical earlier run.
 
         `task` is the model's resolved task (`encoder` | `causal_lm`): it decides the corpus.
@@ -95,13 +122,17 @@ class TrainKind:
         if cached is not None:
             job.progress(f"reusing trained weights {cached}")
             return cached
-        directory = self.emit(plan, target, resolved, job.out_dir)
+        directory = self.emit(plan, target, resolved, job.out_dir, notes, keep)
         job.progress(f"training ({directory / 'train.py'}, torchrun)")
         code = launch(directory)
         weights = directory / options.save  # type: ignore[union-attr]
         if code != 0 or not weights.is_file():
             raise PlanError([Diagnostic("error", f"the training program failed (exit {code}); its log is above, the program is in {directory}", target.span)])
         return cache.store_weights(key, weights)
+
+
+def _with_target(plan: ir.Plan, old: ir.Target, new: ir.Target) -> ir.Plan:
+    return plan.model_copy(update={"targets": tuple(new if t == old else t for t in plan.targets)})
 
 
 TARGET = TrainKind()

@@ -19,7 +19,7 @@ module per concern, in the order a run meets them:
                       (activation importance and least-squares refits: calibration_batches,
                       example_batch, input_gram, output_energy, refit_columns), layers.py
                       (LowRankLinear, FakeQuantLinear, factor_low_rank, fake_quantize), masks.py
-                      (PruneMasks)
+                      (PruneMasks), regularize.py (group lasso / L1 while training: regularizer)
    structure.py       the coupled heads/channels of a traced graph: a byte-for-byte copy of
                       planc's passes/structure.py (tests/train/test_vendored_structure.py)
    ranks.py           choose_rank, the low-rank rule: a byte-for-byte copy of passes/ranks.py
@@ -54,6 +54,7 @@ from .compress import (
     input_gram,
     output_energy,
     refit_columns,
+    regularizer,
     shrink_attention_heads,
     shrink_mlp_channels,
 )
@@ -133,6 +134,7 @@ __all__ = [
     "prose_sentences",
     "read_documents",
     "refit_columns",
+    "regularizer",
     "rng_state",
     "save_atomically",
     "seed_everything",

@@ -12,6 +12,7 @@ from planc.passes.prune import Prune
 from planc.passes.quantize import Quantize
 
 from planc.backends.train.render.loop_code import (
+    after_training_block,
     before_step_block,
     eval_args,
     evaluate_block,
@@ -40,7 +41,11 @@ def summary(p: Program) -> str:
         features.append("activation checkpointing")
     if t.distill is not None:
         features.append(f"distillation ({', '.join(t.distill.losses)})")
-    steps = [_step_words(o) for o, _ in p.compression if p.target.qat or not isinstance(o, Quantize)]
+    if t.regularize is not None:
+        penalty = "L1 on weights" if t.regularize.group == "weights" else f"group lasso on {t.regularize.group}"
+        features.append(f"{penalty} (l1 {t.regularize.l1:g})")
+    steps = [_step_words(o) + (" after training" if p.defers(o) else "")
+             for o, _ in p.compression if p.target.qat or not isinstance(o, Quantize)]
     if steps:
         features.append("compression-aware: " + ", ".join(steps))
     return textwrap.fill(
@@ -145,6 +150,7 @@ def render_train_py(p: Program) -> str:
         load_data=load_data_block(p),
         tokens_per_step=tokens_per_step(p),
         streams=streams_block(p),
+        after_training=after_training_block(p),
     )
     # A placeholder alone on its line that renders to nothing removes its line.
     blocks = {k: v if v or k in _INLINE else _DROP for k, v in blocks.items()}

@@ -236,6 +236,8 @@ def optimizer_step_block(p: Program) -> str:
     else:
         lines.append("optimizer.step()")
     lines.append("optimizer.zero_grad(set_to_none=True)")
+    if p.target.regularize is not None:
+        lines.append("regularizer.prox(scheduler.get_last_lr()[0])  # the penalty's step: groups shrink, some to zero")
     if p.masked:
         lines.append("for mask in masks:\n    mask.apply()  # pruned weights stay zero")
     return _indent("\n".join(lines), 2)
@@ -253,7 +255,30 @@ def extra_metrics(p: Program) -> str:
         extra.append("loss_scale=scaler.get_scale()")
     if p.masked:
         extra.append("sparsity=[round(mask.sparsity(), 4) for mask in masks]")
+    if p.target.regularize is not None:
+        extra += ["regularizer=regularizer.value()", "zero_groups=regularizer.zeros()"]
     return "".join(f"\n                {e}," for e in extra)
+
+
+def after_training_block(p: Program) -> str:
+    """Regularized training ends by zeroing what reached zero, then runs the prune steps that
+    act on the regularized groups; the held-out evaluation that follows measures the result."""
+    if p.target.regularize is None:
+        return ""
+    lines = [
+        "# What reached zero is set exactly to zero; then the prune steps on the regularized groups run",
+        "# on the trained weights (a removed unit is zero), so the held-out loss below is the pruned model's.",
+        "report = regularizer.finish()",
+    ]
+    if p.deferred:
+        steps = ", ".join(f'"step{i}": regularizer.prune(STEP{i}_MODULES, **STEP{i})' for i, _, _ in p.deferred)
+        lines.append(f"report[\"prune\"] = {{{steps}}}")
+    lines += [
+        'metrics.write(event="regularize", step=STEPS, **report)',
+        'log.info("regularize: %d of %d groups (%s) at or below %g", report["zero_groups"], report["groups"],',
+        '         REGULARIZE["group"], REGULARIZE["threshold"])',
+    ]
+    return "\n" + _indent("\n".join(lines), 1)
 
 
 def extra_checkpoint(p: Program) -> str:

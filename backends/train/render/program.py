@@ -61,7 +61,23 @@ class Program:
 
     @property
     def prunes(self) -> list[tuple[int, Prune, list[str]]]:
-        return [(i, o, p) for i, (o, p) in enumerate(self.compression, 1) if isinstance(o, Prune)]
+        """The prune steps applied before (and kept through) training."""
+        return [(i, o, p) for i, (o, p) in enumerate(self.compression, 1) if isinstance(o, Prune) and not self.defers(o)]
+
+    def defers(self, options: PassOptions) -> bool:
+        """Whether a step runs after training, on weights the plan's regularizer drove to zero."""
+        regularize = self.target.regularize
+        return isinstance(options, Prune) and regularize is not None and regularize.defers(options.method)
+
+    @property
+    def deferred(self) -> list[tuple[int, Prune, list[str]]]:
+        """The prune steps run after training, on the regularized groups."""
+        return [(i, o, p) for i, (o, p) in enumerate(self.compression, 1) if self.defers(o)]
+
+    @property
+    def regularizes_units(self) -> bool:
+        """Group lasso on heads or channels: build_model traces the model to find them."""
+        return self.target.regularize is not None and self.target.regularize.group != "weights"
 
     @property
     def encoder(self) -> bool:
@@ -72,6 +88,11 @@ class Program:
     def shrinks_units(self) -> bool:
         """Heads or channels pruning: build_model traces the model on a few training samples."""
         return any(o.method in ("heads", "channels") for _, o, _ in self.prunes)
+
+    @property
+    def traces_units(self) -> bool:
+        """build_model needs an example batch: it finds heads or channels in the traced model."""
+        return self.shrinks_units or self.regularizes_units
 
     @property
     def measures_activations(self) -> bool:

@@ -84,7 +84,37 @@ def constants_block(p: Program) -> str:
                        "# are computed once per sample before training (student layer -> teacher layer in layer_map).")
         lines += ["", comment, _const("DISTILL", distill)]
     lines += _compression_constants(p)
+    lines += _regularize_constants(p)
     return "\n".join(lines)
+
+
+#: How each `regularize { group }` reads in the program's comments.
+_PENALTY = {
+    "heads": ["group lasso on attention heads, L1 * sum_g sqrt(p_g) * ||W_g||_2;",
+              "a head g: its q/k/v rows and biases and its out-projection columns, p_g: their count."],
+    "channels": ["group lasso on MLP channels, L1 * sum_g sqrt(p_g) * ||W_g||_2;",
+                 "a channel g: its up/gate rows and biases and its down-projection column, p_g: their count."],
+    "weights": ["L1 on the Linear weights, L1 * sum |w|."],
+}
+
+
+def _regularize_constants(p: Program) -> list[str]:
+    regularize = p.target.regularize
+    if regularize is None:
+        return []
+    steps = [f"STEP{i}_MODULES" for i, _, _ in p.deferred]
+    what, *more = _PENALTY[regularize.group]
+    where = "the modules of the prune steps above" if steps else "the whole model"
+    return [
+        "",
+        f"# Regularization: {what}",
+        *(f"# {line}" for line in more),
+        "# Minimized by a proximal step after each optimizer step, which sets groups exactly to zero;",
+        "# at the end, what is at or below `threshold` counts as zero and is set to zero.",
+        _const("REGULARIZE", regularize.model_dump()),
+        f"REGULARIZE_MODULES = {steps[0] if len(steps) == 1 else 'sorted({' + ', '.join('*' + s for s in steps) + '})' if steps else 'None'}"
+        f"  # {where}",
+    ]
 
 
 #: The `data` options a decoder's packed-token corpus uses.
@@ -158,7 +188,8 @@ def _compression_constants(p: Program) -> list[str]:
             if options.reconstruct:
                 what = what.replace(" importance)", " importance, least-squares refit)")
             when = (
-                "before training"
+                "after training" if p.defers(options)
+                else "before training"
                 if options.method in ("heads", "channels", "layers")
                 else "ramped up during training" if options.schedule == "gradual" else "kept through training"
             )
@@ -193,6 +224,9 @@ def build_block(p: Program) -> str:
             code.append(f"rt.shrink_attention_heads(model, STEP{i}_MODULES, shrink, **STEP{i}{traced})")
         elif options.method == "channels":
             code.append(f"rt.shrink_mlp_channels(model, STEP{i}_MODULES, shrink, **STEP{i}{traced})")
+    if p.target.regularize is not None:
+        example = ", example=example" if p.regularizes_units else ""
+        code.append(f"regularizer = rt.regularizer(model, REGULARIZE_MODULES, **REGULARIZE{example})")
     for i, (options, _) in enumerate(p.compression, 1):
         if isinstance(options, LowRank):
             code.append(f"rt.factor_low_rank(model, STEP{i}_MODULES, **STEP{i})")
@@ -218,6 +252,8 @@ def build_block(p: Program) -> str:
         code.append("rt.set_dropout(model, DROPOUT)")
     code.append("if ACTIVATION_CHECKPOINTING:\n    rt.checkpoint_blocks(rt.find_blocks(model)[1])")
     masks = "[" + ", ".join(mask_names) + "]"
+    if p.target.regularize is not None:
+        masks += ", regularizer"
     if p.target.distill is not None and p.encoder:
         code.append("distiller = rt.EncoderDistiller(teacher, **DISTILL, student_blocks=len(rt.find_blocks(model)[1]))")
         code.append("distiller.prepare_student(model)")
@@ -234,10 +270,13 @@ def build_block(p: Program) -> str:
 
 def build_call(p: Program) -> str:
     returned = "model, distiller, shrink, masks" if p.target.distill is not None else "model, shrink, masks"
+    if p.target.regularize is not None:
+        returned += ", regularizer"
     text = "train_set" if p.encoder else "train_rows"
     lines, args = [], ["par"]
-    if p.shrinks_units:
-        lines.append(f"example = rt.example_batch({text})  # traced to find the heads and channels to prune")
+    if p.traces_units:
+        why = "to prune" if p.shrinks_units else "to regularize"
+        lines.append(f"example = rt.example_batch({text})  # traced to find the heads and channels {why}")
         args.append("example")
     if p.measures_activations:
         lines.append(f"calibration = rt.calibration_batches({text})  # the text pruning measures activations on")
@@ -247,7 +286,7 @@ def build_call(p: Program) -> str:
 
 def build_params(p: Program) -> str:
     params = ["par: rt.Parallel"]
-    if p.shrinks_units:
+    if p.traces_units:
         params.append("example: dict[str, torch.Tensor]")
     if p.measures_activations:
         params.append("calibration: list[dict]")

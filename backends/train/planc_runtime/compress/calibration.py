@@ -108,7 +108,8 @@ def calibration_batches(samples: SentenceSet | torch.Tensor, count: int = 1024,
     """The first `count` training sentences (or packed token rows), the same on every rank, in
     batches: the text that importance = activation and reconstruct measure."""
     if isinstance(samples, torch.Tensor):
-        rows = samples[: max(1, count // 8)]  # rows hold many sentences' worth of tokens
+        # Rows hold many sentences' worth of tokens; the model reads all but the last (a target).
+        rows = samples[: max(1, count // 8), :-1]
         return [{"input_ids": rows[i : i + micro_batch]} for i in range(0, len(rows), micro_batch)]
     chosen = sorted(range(min(count, len(samples))), key=lambda i: len(samples.ids[i]))
     return [samples.collate(chosen[i : i + micro_batch]) for i in range(0, len(chosen), micro_batch)]
@@ -119,6 +120,6 @@ def example_batch(samples: SentenceSet | torch.Tensor, count: int = 4) -> dict[s
     pruning traces the model on to find its heads and channels. Sentences are padded, as in
     training; packed token rows have no padding."""
     if isinstance(samples, torch.Tensor):
-        return {"input_ids": samples[:count]}
+        return {"input_ids": samples[:count, :-1]}  # as training feeds them: seq_len ids, the last is a target
     batch = samples.collate(range(min(count, len(samples))))
     return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}

@@ -64,8 +64,8 @@ def _shrink(
     importance: str, reconstruct: bool, calibration: Sequence[Batch], example: Batch | None,
 ) -> int:
     method, what = ("heads", "attention") if kind == "attention" else ("channels", "MLP")
-    inputs = _model_inputs(model, example if example is not None else calibration[0] if calibration else None)
-    groups = _selected_groups(model, kind, paths, inputs, method)
+    inputs = model_inputs(model, example if example is not None else calibration[0] if calibration else None)
+    groups = selected_groups(model, kind, paths, inputs, f"prune method={method}")
     if not groups:
         raise ValueError(f"prune method={method} found no {what} with Linear layers among the selected modules "
                          f"{list(paths)[:4]}")
@@ -77,27 +77,30 @@ def _shrink(
 # ----------------------------------------------------------------------------- finding the groups
 
 
-def _selected_groups(
-    model: nn.Module, kind: str, paths: Sequence[str], inputs: Batch, method: str
+def selected_groups(
+    model: nn.Module, kind: str, paths: Sequence[str], inputs: Batch, what: str
 ) -> list[CoupledGroup]:
-    """The model's groups of `kind` that `paths` select; a refused one is an error naming why."""
+    """The model's groups of `kind` that `paths` select; a refused one is an error naming why.
+
+    `what` names the plan's request in the messages ("prune method=heads", "regularize group=heads").
+    """
     try:
         with _capturing(model):
             graph = torch.export.export(model, (), kwargs=inputs, strict=False).module()
     except Exception as error:  # noqa: BLE001 - any capture failure: say so in the plan's terms
-        raise ValueError(f"prune method={method} traces the model with torch.export to find its units, and "
+        raise ValueError(f"{what} traces the model with torch.export to find its units, and "
                          f"that failed: {type(error).__name__}: {_first_line(error)}") from error
     try:
         structure = find_structure(graph, _placeholder_values(graph, inputs))
     except StructureError as error:
-        raise ValueError(f"prune method={method}: {error}") from error
+        raise ValueError(f"{what}: {error}") from error
     groups = [g for g in structure.groups if g.kind == kind and len(g.module_paths) > 1
               and _selected(g.root, g.module_paths, paths)]
     refused = [r for r in structure.refusals if r.kind == kind and len(r.module_paths) > 1
                and _selected(r.root, r.module_paths, paths)]
     if refused and (kind == "attention" or not groups):
         first = refused[0]
-        raise ValueError(f"prune method={method} cannot shrink {first.root or 'the model'}: {first.reason}")
+        raise ValueError(f"{what} cannot shrink {first.root or 'the model'}: {first.reason}")
     return groups
 
 
@@ -132,7 +135,7 @@ def _selected(root: str, module_paths: Sequence[str], paths: Sequence[str]) -> b
     return any(t == root or any(_within(p, t) for p in module_paths) for t in paths)
 
 
-def _model_inputs(model: nn.Module, batch: Batch | None) -> Batch:
+def model_inputs(model: nn.Module, batch: Batch | None) -> Batch:
     """The keyword inputs to trace `model` with, on its device: a few rows of `batch`, or two
     rows of seeded random token ids, the second padded (never all-ones: padding must show)."""
     device = next(model.parameters()).device
