@@ -151,10 +151,20 @@ def cmd_compile(args: argparse.Namespace) -> int:
         return 0
     if result.records:
         _print_records(result.records)
-    if result.report:
+    _print_sweep(result.report)
+    if set(result.report) - {"sweep"}:
         _print_report(result.report)
     console.print(f"[green]wrote[/] {result.artifact}")
     return 0
+
+
+def _print_sweep(report: dict) -> None:
+    """A `target train { sweep { } }`'s trials, the chosen one marked (backends/train/sweep.py)."""
+    sweep = report.get("sweep")
+    if sweep:
+        files = "sweep.json, sweep.txt" + (", sweep.png" if "plot" in sweep else "")
+        folder = Path(sweep["trials"][0]["directory"]).parent
+        _console().print(f"{sweep['table']}\n({files} in {folder})", markup=False, highlight=False)
 
 
 def _print_report(report: dict) -> None:
@@ -262,6 +272,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     output = Path(args.output or Path(args.file).with_suffix("").name + "-train")
     with _console().status("compiling the training program"):
         result = compile_plan(args.file, output, emit="train")
+    _print_sweep(result.report)
     _console().print(f"[green]wrote[/] {result.artifact}; launching torchrun")
     return launch(result.artifact)
 

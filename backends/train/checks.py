@@ -143,12 +143,7 @@ def regularize_problems(plan: ir.Plan, target: ir.Target) -> list[Diagnostic]:
     """What `regularize { }` cannot be combined with, each at the option or step it is about."""
     options: TrainTarget = target.options  # type: ignore[assignment]
     regularize, spans = options.regularize, target.option_spans
-    problems = []
-    if options.sweep is not None:
-        for key, block in (("l1", "regularize"), ("alpha", "distill"), ("temperature", "distill")):
-            if getattr(options.sweep, key) is not None and getattr(options, block) is None:
-                problems.append(Diagnostic("error", f"sweep {key} sets {block} {{ {key} }}, but the target has no "
-                                           f"`{block} {{ }}` block", spans.get(f"sweep.{key}", target.span)))
+    problems: list[Diagnostic] = []
     if regularize is None:
         return problems
     where = spans.get("regularize", target.span)

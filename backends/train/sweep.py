@@ -230,7 +230,8 @@ def _eval_losses(directory: Path) -> tuple[float | None, float | None]:
 
 
 def _plot(trials: list[Trial], best: Trial, keys: list[str]) -> bytes | None:
-    """Held-out loss per trial as PNG bytes: against the value for one key, else one bar per trial."""
+    """Held-out loss per trial as PNG bytes: against the value when one key varies, else one
+    row per trial; the chosen trial is the red star. None without matplotlib."""
     try:
         import io
 
@@ -241,26 +242,28 @@ def _plot(trials: list[Trial], best: Trial, keys: list[str]) -> bytes | None:
     except ImportError:
         return None
     done = [t for t in trials if t.ok]
-    figure, axis = plt.subplots(figsize=(6, 3.5), dpi=100)
-    if len(keys) == 1:
-        key = keys[0]
-        axis.plot([t.values[key] for t in done], [t.eval_loss for t in done], "o-")
-        axis.plot([best.values[key]], [best.eval_loss], "r*", markersize=14, label="chosen")
+    varying = [k for k in keys if len({t.values[k] for t in trials}) > 1]
+    figure, axis = plt.subplots(figsize=(6, 1.5 + 0.3 * len(done)) if len(varying) != 1 else (6, 3.5), dpi=100)
+    if len(varying) == 1:
+        key = varying[0]
+        done.sort(key=lambda t: t.values[key])
         values = [t.values[key] for t in done]
+        axis.plot(values, [t.eval_loss for t in done], "o-")
+        axis.plot([best.values[key]], [best.eval_loss], "r*", markersize=14, label="chosen")
         if key in _LOG_KEYS and min(values) > 0 and max(values) / min(values) >= 10:
             axis.set_xscale("log")
         axis.set_xlabel(key)
+        axis.set_ylabel("held-out loss")
         axis.legend()
     else:
-        labels = [t.label() for t in done]
-        colors = ["tab:red" if t is best else "tab:blue" for t in done]
-        axis.barh(range(len(done)), [t.eval_loss for t in done], color=colors)
-        axis.set_yticks(range(len(done)), labels, fontsize=8)
-        axis.set_xlim(left=min(t.eval_loss for t in done) * 0.98)
+        rows = range(len(done))
+        axis.plot([t.eval_loss for t in done], rows, "o")
+        axis.plot([best.eval_loss], [done.index(best)], "r*", markersize=14, label="chosen")
+        axis.set_yticks(rows, [t.label() for t in done], fontsize=8)
         axis.set_xlabel("held-out loss")
-    axis.set_title("sweep: held-out loss per trial (chosen in red)" if len(keys) > 1 else "sweep: held-out loss")
-    if len(keys) == 1:
-        axis.set_ylabel("held-out loss")
+        axis.legend()
+    axis.set_title(f"sweep: held-out loss after {len(done)} trials")
+    axis.grid(alpha=0.3)
     figure.tight_layout()
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png")
