@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from pydantic import ValidationError
+
 from planc.backends.train.options import TrainTarget
 from planc.dsl.source import Diagnostic
 from planc.passes.lowrank import LowRank
@@ -166,4 +168,27 @@ def regularize_problems(plan: ir.Plan, target: ir.Target) -> list[Diagnostic]:
             problems.append(Diagnostic("error", f"regularize {{ group = {regularize.group} }} decides which weights "
                                        "reach zero; this prune step then runs once after training: use schedule = "
                                        "oneshot", step.option_spans.get("schedule", step.span)))
+    return problems
+
+
+def sweep_problems(target: ir.Target) -> list[Diagnostic]:
+    """Each swept value checked as the option it sets (TrainTarget.trial), at its own span."""
+    options: TrainTarget = target.options  # type: ignore[assignment]
+    if options.sweep is None:
+        return []
+    problems = []
+    for key, values in options.sweep.swept.items():
+        for index, value in enumerate(values):
+            span = target.option_spans.get(f"sweep.{key}.{index}") or target.option_spans.get(f"sweep.{key}", target.span)
+            try:
+                trial = options.trial({key: value})
+            except ValidationError as error:
+                message = "; ".join(e["msg"].removeprefix("Value error, ") for e in error.errors())
+                problems.append(Diagnostic("error", f"sweep {key} = {value!r}: {message}", span))
+                continue
+            except ValueError as error:
+                problems.append(Diagnostic("error", str(error), target.option_spans.get(f"sweep.{key}", target.span)))
+                break
+            problems += [Diagnostic("error", f"sweep {key} = {value!r}: {problem}", span)
+                         for problem in check_batch_config(trial)]
     return problems

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Annotated, ClassVar, Literal
+import itertools
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -209,6 +210,11 @@ class Sweep(_Frozen):
         """The swept keys with their values, in the order of KEYS."""
         return {key: getattr(self, key) for key in self.KEYS if getattr(self, key) is not None}
 
+    def combinations(self) -> list[dict[str, Any]]:
+        """Every combination of the swept values (one trial each), the first key varying slowest."""
+        swept = self.swept
+        return [dict(zip(swept, values)) for values in itertools.product(*swept.values())]
+
 
 class TrainTarget(_Frozen):
     """`target train`: emit a standalone torchrun program."""
@@ -273,3 +279,22 @@ class TrainTarget(_Frozen):
     @property
     def nproc_per_node(self) -> int:
         return self.world_size // self.nodes
+
+    def trial(self, values: dict[str, Any], steps: int | None = None) -> TrainTarget:
+        """This target with swept `values` substituted (Sweep.KEYS), no sweep, and `steps` steps
+        if given; validated like a plan's own (pydantic's ValidationError), or ValueError for a
+        key whose block the target lacks."""
+        data = self.model_dump()
+        for key, value in values.items():
+            *blocks, option = Sweep.KEYS[key]
+            where = data
+            for block in blocks:
+                if where.get(block) is None:
+                    raise ValueError(f"sweep key '{key}' sets {'.'.join(Sweep.KEYS[key])}, but the target has no "
+                                     f"`{block} {{ }}` block")
+                where = where[block]
+            where[option] = value
+        data["sweep"] = None
+        if steps is not None:
+            data["steps"] = steps
+        return TrainTarget.model_validate(data)

@@ -9,12 +9,11 @@ are those of a plan that had spelled them out. `DIR/sweep/` keeps the trials, `s
 `sweep.txt` (the table) and `sweep.png` (when matplotlib is importable).
 
 A trial whose program is unchanged since an earlier sweep and finished is reused, not rerun.
-Imports nothing heavy: `planc check` uses `value_problems` and `trial_target`.
+(`planc check` checks the values without this module: checks.sweep_problems, TrainTarget.trial.)
 """
 
 from __future__ import annotations
 
-import itertools
 import json
 import math
 import os
@@ -25,69 +24,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic import ValidationError
-
-from planc.backends.train.checks import check_batch_config
-from planc.backends.train.options import Sweep, TrainTarget
+from planc.backends.train.options import TrainTarget
 from planc.compiler import ir
 from planc.compiler.publish import write_bytes, write_text
 from planc.dsl.source import Diagnostic, PlanError
 
 #: Sweep keys whose values usually span decades: plotted on a log axis.
 _LOG_KEYS = ("lr", "l1", "weight_decay")
-
-
-def combinations(sweep: Sweep) -> list[dict[str, Any]]:
-    """Every combination of the swept values, the first key varying slowest."""
-    swept = sweep.swept
-    return [dict(zip(swept, values)) for values in itertools.product(*swept.values())]
-
-
-def trial_target(target: TrainTarget, values: dict[str, Any], steps: int | None = None) -> TrainTarget:
-    """`target` with the swept `values` substituted, no sweep, and `steps` steps if given;
-    validated like a plan's own (raises pydantic's ValidationError, or ValueError for a key
-    whose block the target lacks)."""
-    data = target.model_dump()
-    for key, value in values.items():
-        *blocks, option = Sweep.KEYS[key]
-        where = data
-        for block in blocks:
-            if where.get(block) is None:
-                raise ValueError(f"sweep key '{key}' sets {'.'.join(Sweep.KEYS[key])}, but the target has no "
-                                 f"`{block} {{ }}` block")
-            where = where[block]
-        where[option] = value
-    data["sweep"] = None
-    if steps is not None:
-        data["steps"] = steps
-    return TrainTarget.model_validate(data)
-
-
-def value_problems(target: ir.Target) -> list[Diagnostic]:
-    """Each swept value checked as the option it sets, at its own span in the plan."""
-    options: TrainTarget = target.options  # type: ignore[assignment]
-    sweep = options.sweep
-    if sweep is None:
-        return []
-    problems = []
-    for key, values in sweep.swept.items():
-        for index, value in enumerate(values):
-            span = target.option_spans.get(f"sweep.{key}.{index}") or target.option_spans.get(f"sweep.{key}", target.span)
-            try:
-                trial = trial_target(options, {key: value})
-            except ValidationError as error:
-                message = "; ".join(e["msg"].removeprefix("Value error, ") for e in error.errors())
-                problems.append(Diagnostic("error", f"sweep {key} = {value!r}: {message}", span))
-                continue
-            except ValueError as error:
-                problems.append(Diagnostic("error", str(error), target.option_spans.get(f"sweep.{key}", target.span)))
-                break
-            problems += [Diagnostic("error", f"sweep {key} = {value!r}: {problem}", span)
-                         for problem in check_batch_config(trial)]
-    return problems
-
-
-# ----------------------------------------------------------------------------- running the trials
 
 
 @dataclass
@@ -122,9 +65,9 @@ def run_sweep(target: ir.Target, out_dir: Path, emit: EmitTrial, progress: Calla
     sweep = options.sweep
     assert sweep is not None
     folder = out_dir / "sweep"
-    trials = [Trial(n, values, folder / f"trial-{n:02d}") for n, values in enumerate(combinations(sweep), 1)]
+    trials = [Trial(n, values, folder / f"trial-{n:02d}") for n, values in enumerate(sweep.combinations(), 1)]
     for trial in trials:  # emitting is quick and pure Python: all first, then run
-        emit(trial_target(options, trial.values, sweep.trial_steps), trial.directory)
+        emit(options.trial(trial.values, sweep.trial_steps), trial.directory)
     env = _thread_env(options.world_size * min(sweep.parallel, len(trials)))
 
     def run(trial: Trial) -> Trial:
@@ -148,7 +91,7 @@ def run_sweep(target: ir.Target, out_dir: Path, emit: EmitTrial, progress: Calla
         raise PlanError([Diagnostic("error", f"every sweep trial failed; the first: {trials[0].status}",
                                     target.option_spans.get("sweep", target.span))])
     best = min(finished, key=lambda t: (t.eval_loss, t.number))
-    chosen = trial_target(options, best.values)
+    chosen = options.trial(best.values)
     report = {
         "keys": list(sweep.swept),
         "trial_steps": sweep.trial_steps or options.steps,

@@ -12,9 +12,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import ClassVar
 
-from planc.backends.train.checks import TrainPlanError, check_batch_config, regularize_problems
+from planc.backends.train.checks import TrainPlanError, check_batch_config, regularize_problems, sweep_problems
 from planc.backends.train.options import TrainTarget
-from planc.backends.train.sweep import chosen_note, run_sweep, value_problems
 from planc.compiler import ir
 from planc.compiler.targets import Built, Job
 from planc.compiler.textdata import STDLIB
@@ -47,7 +46,7 @@ class TrainKind:
                                        target.option_spans.get("data.path", target.span)))
         partition = next((s.options for s in plan.pipeline if isinstance(s.options, Partition)), None)
         problems += [Diagnostic("error", problem, _span_of(target, problem)) for problem in check_batch_config(options, partition)]
-        return problems + regularize_problems(plan, target) + value_problems(target)
+        return problems + regularize_problems(plan, target) + sweep_problems(target)
 
     def capture(self, target: ir.Target, loaded: object) -> None:
         return None
@@ -63,6 +62,8 @@ class TrainKind:
         notes: list[str] = []
         keep: tuple[str, ...] = ()
         if target.options.sweep is not None:  # type: ignore[attr-defined]
+            from planc.backends.train.sweep import chosen_note
+
             target, report = self.sweep(job, target, resolved)
             notes, keep = chosen_note(report["sweep"]), ("sweep",)
         if not job.others:
@@ -73,6 +74,7 @@ class TrainKind:
 
     def sweep(self, job: Job, target: ir.Target, resolved: list) -> tuple[ir.Target, dict]:
         """Run the sweep's trials; the target (and job.plan) with the chosen values from now on."""
+        from planc.backends.train.sweep import run_sweep
 
         def emit_trial(trial: TrainTarget, directory: Path) -> Path:
             trial_target = target.model_copy(update={"options": trial})

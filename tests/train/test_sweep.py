@@ -15,7 +15,7 @@ import pytest
 from train_helpers import REPO, small_corpus
 
 from planc.backends.train.options import Sweep, TrainTarget
-from planc.backends.train.sweep import Trial, combinations, table, trial_target
+from planc.backends.train.sweep import Trial, table
 from planc.compiler.explain import explain
 from planc.compiler.validate import check_file
 
@@ -24,14 +24,14 @@ EXAMPLE = REPO / "examples" / "gpt_sweep.plan"
 
 def test_combinations_and_trial_targets_substitute_the_swept_options() -> None:
     sweep = Sweep(lr=[1e-3, 3e-4], warmup=[10, 50], trial_steps=20)
-    assert combinations(sweep) == [{"lr": 1e-3, "warmup": 10}, {"lr": 1e-3, "warmup": 50},
+    assert sweep.combinations() == [{"lr": 1e-3, "warmup": 10}, {"lr": 1e-3, "warmup": 50},
                                    {"lr": 3e-4, "warmup": 10}, {"lr": 3e-4, "warmup": 50}]
     base = TrainTarget(steps=200, sweep=sweep, regularize={"l1": 0.1}, dropout=0.1)
-    trial = trial_target(base, {"lr": 3e-4, "warmup": 50, "l1": 0.3, "dropout": 0.0}, steps=20)
+    trial = base.trial({"lr": 3e-4, "warmup": 50, "l1": 0.3, "dropout": 0.0}, steps=20)
     assert (trial.optimizer.lr, trial.schedule.warmup, trial.regularize.l1, trial.dropout) == (3e-4, 50, 0.3, 0.0)
     assert trial.steps == 20 and trial.sweep is None
     assert trial.optimizer.weight_decay == base.optimizer.weight_decay  # the rest is the plan's
-    assert trial_target(base, {"lr": 3e-4}).steps == 200
+    assert base.trial({"lr": 3e-4}).steps == 200
 
 
 def test_table_lists_every_trial_and_marks_the_chosen_one(tmp_path: Path) -> None:

@@ -115,8 +115,9 @@ class GroupLasso:
         for slices in self.slices:
             norm = sum(s.squares() for s in slices).sqrt()
             step = lr * self.l1 * math.sqrt(sum(s.entries() for s in slices))
-            factors.append((1 - step / norm.clamp(min=1e-30)).clamp(min=0))
-        self._scale(factors)
+            factor = (1 - step / norm.clamp(min=1e-30)).clamp(min=0)
+            factors.append(factor if all(s.tensor.requires_grad for s in slices) else torch.ones_like(factor))
+        self._scale(factors)  # a group with frozen weights (`freeze`) is left alone
 
     @torch.no_grad()
     def _scale(self, factors: list[torch.Tensor]) -> None:
@@ -194,7 +195,8 @@ class WeightL1:
     def prox(self, lr: float) -> None:
         """Soft thresholding: every weight moves lr * l1 toward zero, and stops there."""
         for w in self.weights.values():
-            w.copy_(w.sign() * (w.abs() - lr * self.l1).clamp(min=0))
+            if w.requires_grad:  # frozen weights (`freeze`) are left alone
+                w.copy_(w.sign() * (w.abs() - lr * self.l1).clamp(min=0))
 
     @torch.no_grad()
     def finish(self) -> dict[str, Any]:
