@@ -161,8 +161,8 @@ def regularize_problems(plan: ir.Plan, target: ir.Target) -> list[Diagnostic]:
             continue
         if step.options.measures_activations:
             option = "reconstruct" if step.options.reconstruct else "importance"
-            problems.append(Diagnostic("error", f"after regularize, prune removes the groups of smallest weight "
-                                       f"norm (the zero ones): use importance = l2 or l1, without reconstruct",
+            problems.append(Diagnostic("error", "after regularize, prune removes the groups of smallest weight "
+                                       "norm (the zero ones): use importance = l2 or l1, without reconstruct",
                                        step.option_spans.get(option, step.span)))
         if step.options.schedule == "gradual":
             problems.append(Diagnostic("error", f"regularize {{ group = {regularize.group} }} decides which weights "
