@@ -9,6 +9,7 @@ diagnostic at the plan line responsible, so the CLI prints it like a syntax erro
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,14 +75,43 @@ class Captured:
     table: list[tuple[str, str]]
 
 
-def load_model(plan: ir.Plan, model: Any = None) -> Any:
-    """The plan's eager model (or `model`, if the caller passed one), with tokenizer and inputs."""
+def load_model(plan: ir.Plan, model: Any = None, rewrite: bool = True) -> Any:
+    """The plan's eager model (or `model`, if the caller passed one), with tokenizer and inputs,
+    rewritten by the plan's architecture passes (`share`) unless `rewrite` is False."""
     from planc.compiler import model as model_source
 
     try:
-        return model_source.load_model(plan.model, module=model)
+        loaded = model_source.load_model(plan.model, module=model)
     except model_source.FrontendError as error:
         raise error_at(plan.model.span, f"model '{plan.model.name}': {error}") from error
+    return rewrite_model(plan, loaded, copy=model is not None) if rewrite else loaded
+
+
+def rewrite_model(plan: ir.Plan, loaded: Any, copy: bool = False) -> Any:
+    """Apply the pipeline's model-rewriting steps (`PassOptions.rewrites_model`: share) to the
+    eager model, before capture: the one hook through which an architecture change reaches
+    every target (the ONNX export, a decoder's cache graph, the graph passes, the training
+    target's module table and the compile after training, whose trained weights have the
+    rewritten shapes). `copy` leaves a model the caller passed in untouched."""
+    import copy as copying
+
+    from planc.passes.registry import load_pass
+
+    steps = [step for step in plan.pipeline if step.options.rewrites_model]
+    if not steps:
+        return loaded
+    if copy:
+        loaded = dataclasses.replace(loaded, model=copying.deepcopy(loaded.model), rewrites=[])
+    for step in steps:
+        try:
+            summary, details = load_pass(step.options).apply(loaded.model)  # type: ignore[attr-defined]
+        except Exception as error:  # noqa: BLE001 - every failure becomes a diagnostic at the step
+            option = getattr(error, "option", None)
+            message = str(error) if isinstance(error, ValueError) else f"{type(error).__name__}: {error}"
+            raise error_at(step.option_spans.get(option, step.span) if option else step.span, message) from error
+        log.info("%s: %s", step.name, summary)
+        loaded.rewrites.append({"name": step.name, "summary": summary, **details})
+    return loaded
 
 
 def module_table_of(loaded: Any) -> list[tuple[str, str]]:
@@ -138,6 +168,7 @@ def run_pipeline(plan: ir.Plan, captured: Captured, stop_after: str | None = Non
         if stop_after not in names:
             raise PlanError([Diagnostic("error", f"--emit fx-after:{stop_after}: the pipeline has no pass '{stop_after}' (it has: {', '.join(names) or 'none'})", plan.span)])
         steps = steps[: names.index(stop_after) + 1]
+    steps = [step for step in steps if not step.options.rewrites_model]  # applied when the model was loaded
 
     loaded = captured.loaded
     resolved = resolve_steps(plan, captured.table, steps)
@@ -190,6 +221,7 @@ def make_job(plan: ir.Plan, out_dir: Path, model: Any = None, progress: Progress
         out_dir=out_dir,
         progress=progress or (lambda message: log.info(message)),
         load=lambda: load_model(plan, model),
+        load_original=lambda: load_model(plan, model, rewrite=False),
         table=module_table_of,
         resolve=lambda loaded: resolve_steps(plan, module_table_of(loaded)),
         capture=lambda loaded: capture_loaded(plan, loaded),

@@ -61,6 +61,9 @@ class Job:
     shared: dict[str, Any] = field(default_factory=dict)
     #: Kinds of the other targets this compile builds.
     others: tuple[str, ...] = ()
+    #: The eager model as the plan names it, before architecture rewrites (`share`): what a
+    #: rewritten model is verified against. None: the same as `load`.
+    load_original: Callable[[], Any] | None = None
 
 
 class TargetKind(Protocol):

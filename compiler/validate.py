@@ -415,6 +415,7 @@ class _Validator:
 
     def cross_checks(self, plan: ir.Plan) -> None:
         base = plan.model.base_dir
+        self.rewrite_steps(plan)
         for step in plan.pipeline:
             calibration = getattr(step.options, "calibration", None)
             if calibration and calibration != STDLIB:
@@ -430,6 +431,22 @@ class _Validator:
                         step.option_spans.get(option, step.span),
                         ("add a `target train` block (e.g. with distill), or use importance = l2 without reconstruct",),
                     )
+
+    def rewrite_steps(self, plan: ir.Plan) -> None:
+        """A pass that changes the architecture (share) rewrites the whole eager model before it
+        is captured: it takes no selector and comes before every graph pass, as it runs."""
+        graph_pass = None
+        for step in plan.pipeline:
+            if not step.options.rewrites_model:
+                graph_pass = graph_pass or step
+                continue
+            if step.selector is not None:
+                self.error(f"'{step.name}' rewrites every attention layer of the model: it takes no selector",
+                           step.selector.span, ("a model has one key/value head count, e.g. `share { kv_heads = 2 }`",))
+            if graph_pass is not None:
+                self.error(f"'{step.name}' changes the model's architecture before it is captured, so it runs "
+                           f"before every graph pass: move it above '{graph_pass.name}' (line {graph_pass.span.line})",
+                           step.span)
 
     def require_file(self, base: Path, relative: str, span: Span) -> None:
         if not (base / relative).exists():

@@ -31,6 +31,10 @@ class PassOptions(BaseModel):
     impl: ClassVar[str]
     #: Module types the pass acts on when the plan gives no selector.
     default_types: ClassVar[tuple[str, ...]] = ("Linear",)
+    #: True for a pass that changes the model's architecture (share): its implementation has
+    #: `apply(model) -> (summary, details)` and rewrites the eager model before capture, on the
+    #: whole model (no selector), ahead of every graph pass.
+    rewrites_model: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)

@@ -95,7 +95,8 @@ def build_decoder_artifact(
             "providers": providers,
             "cpu": cpu_report(target.cpu, scheme == "int8"),
             "decoder": {"layers": spec.n_layer, "kv_heads": spec.n_head, "head_dim": spec.head_dim, "vocab": spec.vocab,
-                        "quantization": spec.quantization, "quantizer": spec.quantizer, "fusions": spec.fusions},
+                        "quantization": spec.quantization, "quantizer": spec.quantizer, "fusions": spec.fusions,
+                        "kv_cache_bytes_per_token": kv_cache_bytes_per_token(spec.kv_heads, spec.head_dim)},
             "size_bytes": {"original": original_bytes, "optimized": files_size(temporary / MODEL_FILE)},
             "decode_tokens_per_s": round(speed, 1),
             "accuracy": {"metric": target.verify.metric, "value": value, "goal": target.verify.goal, "passed": passed,
@@ -108,6 +109,12 @@ def build_decoder_artifact(
         (temporary / PLAN_FILE).write_text(plan_resolved, encoding="utf-8")
     logger.info("wrote decoder %s: %s, %s %.4f", out_dir, spec.quantization or "fp32", target.verify.metric, value)
     return OnnxResult(out_dir, report, DecoderSession(out_dir, providers=target.providers, threads=target.bench.threads))
+
+
+def kv_cache_bytes_per_token(kv_heads: list[int], head_dim: int, itemsize: int = 4) -> int:
+    """Bytes one more token adds to the key/value cache of every sequence: a key and a value of
+    `head_dim` fp32 numbers per key/value head of each layer (what `share` shrinks)."""
+    return sum(2 * heads * head_dim * itemsize for heads in kv_heads)
 
 
 def _tokens_per_s(directories: list[Path], target: OnnxTarget, prompt: list[list[int]], tokens: int, rounds: int = 3) -> list[float]:

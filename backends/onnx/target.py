@@ -96,12 +96,15 @@ class OnnxKind:
             raise _error(target.option_spans.get("decode", target.span), str(error)) from error
 
     def transform(self, job: Job, target: ir.Target, loaded: Any, stop_after: str) -> Any | None:
-        """A decoder's pipeline is its one quantize step over every projection; else the default."""
+        """A decoder's pipeline is its one quantize step over every projection (after the model
+        rewrites, `share`, which shape the captured graph itself); else the default."""
         if not self.is_decoder(target):
             return None
         from planc.backends.onnx.cache_adapter import UnsupportedDecoder, has_linear_projections
         from planc.backends.onnx.decoder import quantize_with_planc
 
+        if any(s.name == stop_after and s.options.rewrites_model for s in job.plan.pipeline):
+            return self.capture(target, loaded)  # the model was rewritten when it was loaded
         step = self._decoder_quantize(job, loaded)
         if step is None or step.name != stop_after:
             raise _error(job.plan.span, f"--emit fx-after:{stop_after}: the decoder pipeline has no pass '{stop_after}'")
@@ -131,20 +134,28 @@ class OnnxKind:
         except onnx_artifact.ProviderError as error:
             raise _error(target.option_spans.get("providers", target.span), str(error)) from error
 
-    def _model(self, job: Job) -> tuple[Any, Any]:
-        """(the model to export, the original to verify against): trained weights if a trainer ran."""
-        original = job.load()
+    def _model(self, job: Job, original: bool = True) -> tuple[Any, Any]:
+        """(the model to export, the original to verify against): trained weights if a trainer ran.
+
+        The model to export is the plan's model after its architecture rewrites (`share`), whose
+        shapes the trained weights have; the original is the model as the plan names it (None
+        unless `original`)."""
+        student = job.load()
         weights = job.shared.get("weights")
+        rewritten = any(step.options.rewrites_model for step in job.plan.pipeline)
+        reference = None
+        if original:
+            fresh = weights is not None or rewritten
+            reference = (job.load_original or job.load)() if fresh else student
         if weights is None:
-            return original, original
+            return student, reference
         import torch
 
-        student = job.load()
         try:
             student.model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
         except (RuntimeError, OSError) as error:
             raise _error(job.plan.span, f"cannot load the trained weights {weights}: {error}") from error
-        return student, original
+        return student, reference
 
     def _graph(self, job: Job, target: ir.Target, options: OnnxTarget) -> Built:
         import dataclasses
@@ -155,7 +166,7 @@ class OnnxKind:
         model, original = self._model(job)
         job.progress(f"capturing model '{job.plan.model.name}'")
         graph, records = job.run_passes(job.capture(model))
-        summaries = [
+        summaries = [*model.rewrites] + [
             {"name": r.name, "summary": r.summary, "params": [r.before.params, r.after.params], "bytes": [r.before.bytes, r.after.bytes]}
             for r in records
         ]
@@ -180,8 +191,10 @@ class OnnxKind:
         table = job.table(loaded)
         quantize = None
         for step, targets in job.resolve(loaded):
+            if step.options.rewrites_model:
+                continue  # applied to the eager model when it was loaded
             if not isinstance(step.options, Quantize) or quantize is not None:
-                raise _error(step.span, f"a decode target takes one quantize step and no other pass (got '{step.name}')")
+                raise _error(step.span, f"a decode target takes one quantize step and no other graph pass (got '{step.name}')")
             projections = {path for path, kind in table if kind in ("Linear", "Conv1D")}
             if not projections <= set(targets):
                 missing = sorted(projections - set(targets))[:3]
@@ -197,14 +210,16 @@ class OnnxKind:
         from planc.backends.onnx.decoder_artifact import build_decoder_artifact
         from planc.compiler.explain import explain
 
-        loaded, _ = self._model(job)
+        loaded, _ = self._model(job, original=False)
         step = self._decoder_quantize(job, loaded)
         quantize: Quantize | None = step.options if step is not None else None  # type: ignore[assignment]
         decode = options.decode
         assert decode is not None
         heldout = job.plan.model.base_dir / decode.heldout if decode.heldout else None
         job.progress("exporting the decoder to ONNX, verifying generation against the eager model")
-        summaries = [{"name": step.name, "summary": f"{quantize.method} {quantize.scheme} weights for every projection"}] if step and quantize else []
+        summaries = [*loaded.rewrites]
+        if step and quantize:
+            summaries.append({"name": step.name, "summary": f"{quantize.method} {quantize.scheme} weights for every projection"})
         from planc.backends.onnx.cache_adapter import UnsupportedDecoder
 
         try:

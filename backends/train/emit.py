@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from planc.backends.train.cache import RUNTIME, runtime_files
-from planc.backends.train.checks import TrainPlanError, mesh_of
+from planc.backends.train.checks import TrainPlanError, mesh_of, tensor_parallel_size
 from planc.backends.train.options import TrainTarget
 from planc.backends.train.render import Program, render_launch_sh, render_train_py
 from planc.compiler.model_source import ModelSourceError, declared_task, spec_of
@@ -26,6 +26,7 @@ from planc.passes.options import PassOptions
 from planc.passes.partition import Partition
 from planc.passes.prune import Prune
 from planc.passes.quantize import Quantize
+from planc.passes.share import Share
 
 if TYPE_CHECKING:  # compiler.ir imports this package's options: no import cycle at run time
     from planc.compiler.ir import ModelSource
@@ -70,7 +71,7 @@ def emit_training_program(
         model=spec,
         task=task,
         data_path=data_path,
-        compression=[(o, list(p)) for o, p in compression if isinstance(o, (Prune, Quantize, LowRank))],
+        compression=[(o, list(p)) for o, p in compression if isinstance(o, (Share, Prune, Quantize, LowRank))],
         stage_cuts=list(stage_cuts) if stage_cuts else None,
         plan_name=Path(model.span.file).name,
         exclude_paths=exclude,
@@ -170,6 +171,10 @@ def _feature_problems(
     for options, paths in compression:
         if isinstance(options, (Prune, Quantize, LowRank)) and not paths:
             problems.append(f"the {options.name} step selects no module")
+        tp = tensor_parallel_size(target) or 1
+        if isinstance(options, Share) and "tensor" in strategy and options.kv_heads % tp:
+            problems.append(f"tensor parallelism splits the key/value heads over {tp} ranks: "
+                            f"share's kv_heads = {options.kv_heads} must be a multiple of {tp}")
     if stage_cuts is not None:
         if len(stage_cuts) != stages - 1 or list(stage_cuts) != sorted(set(stage_cuts)) or min(stage_cuts, default=1) < 1:
             problems.append(

@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +58,8 @@ class LoadedModel:
     max_positions: int | None = None
     #: Where the weights came from, for reports: the factory file/module or the HF directory.
     origin: str = ""
+    #: What the plan's architecture rewrites (`share`) did to the model, for reports.
+    rewrites: list[dict[str, Any]] = field(default_factory=list)
 
 
 def load_model(source: ModelSource, module: nn.Module | None = None) -> LoadedModel:

@@ -4,6 +4,10 @@ Written to be captured by torch.export and compressed by planc's passes:
 - every projection is its own `nn.Linear` (q/k/v/out, fc_in/fc_out), so structured pruning
   of heads and MLP channels can shrink them and their consumers;
 - attention reshapes with `-1` heads, so a pruned block runs with fewer heads;
+- `n_kv_head` < `n_head` gives grouped-query attention (Ainslie et al. 2023): key/value
+  projections of `n_kv_head` heads, each serving `n_head / n_kv_head` consecutive query heads,
+  so the key/value cache holds `n_kv_head` heads (planc's `share { kv_heads = N }` makes one
+  from a trained multi-head model); the grouping is read from the shapes, like the head count;
 - `forward` optionally takes and returns a key/value cache, for the decoding target.
 """
 
@@ -11,6 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -25,15 +30,27 @@ class GPTConfig:
     d_model: int = 128
     max_seq: int = 256
     mlp_ratio: int = 4
+    #: Key/value heads (None: one per query head, plain multi-head attention).
+    n_kv_head: int | None = None
+
+
+def repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """[batch, kv_heads, seq, dim] -> [batch, kv_heads * groups, seq, dim]: kv head j serves
+    query heads j*groups .. j*groups + groups - 1 (what Hugging Face's `repeat_kv` does)."""
+    if groups == 1:
+        return x
+    batch, heads, seq, dim = x.shape
+    return x[:, :, None].expand(batch, heads, groups, seq, dim).reshape(batch, heads * groups, seq, dim)
 
 
 class Attention(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
         self.head_dim = config.d_model // config.n_head
+        kv_width = (config.n_kv_head or config.n_head) * self.head_dim
         self.q_proj = nn.Linear(config.d_model, config.d_model)
-        self.k_proj = nn.Linear(config.d_model, config.d_model)
-        self.v_proj = nn.Linear(config.d_model, config.d_model)
+        self.k_proj = nn.Linear(config.d_model, kv_width)
+        self.v_proj = nn.Linear(config.d_model, kv_width)
         self.out_proj = nn.Linear(config.d_model, config.d_model)
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
@@ -51,7 +68,8 @@ class Attention(nn.Module):
         if past is not None:
             k = torch.cat([past[0], k], dim=2)
             v = torch.cat([past[1], v], dim=2)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        groups = q.shape[1] // k.shape[1]  # the cache keeps the kv heads; attention repeats them
+        y = F.scaled_dot_product_attention(q, repeat_kv(k, groups), repeat_kv(v, groups), attn_mask=mask)
         y = y.transpose(1, 2).reshape(batch, seq, -1)
         return self.out_proj(y), (k, v)
 
@@ -158,12 +176,21 @@ def gpt(
     d_model: int = 128,
     max_seq: int = 256,
     checkpoint: str | None = None,
+    n_kv_head: int | None = None,
 ) -> GPT:
     """Factory named by example plans: `factory("examples.models.gpt:gpt", n_layer = 4)`.
 
-    `checkpoint` loads trained weights (a state dict saved by a planc training program).
+    `checkpoint` loads trained weights (a state dict saved by a planc training program); a
+    relative path is read from the folder of the example plans (`examples/`), as plans read
+    theirs, wherever the compiler or the training program runs. `n_kv_head` < `n_head` builds
+    grouped-query attention (it must divide `n_head`).
     """
-    model = GPT(GPTConfig(vocab_size, n_layer, n_head, d_model, max_seq))
+    if n_kv_head is not None and (n_kv_head < 1 or n_head % n_kv_head):
+        raise ValueError(f"n_kv_head = {n_kv_head} must divide n_head = {n_head}")
+    model = GPT(GPTConfig(vocab_size, n_layer, n_head, d_model, max_seq, n_kv_head=n_kv_head))
     if checkpoint is not None:
-        model.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True))
+        path = Path(checkpoint) if Path(checkpoint).is_absolute() else Path(__file__).resolve().parents[1] / checkpoint
+        if not path.is_file():
+            raise FileNotFoundError(f"checkpoint {checkpoint} not found (looked for {path})")
+        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     return model.eval()

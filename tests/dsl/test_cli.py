@@ -67,7 +67,7 @@ def test_exit_codes() -> None:
 def test_schema_is_json_with_every_pass() -> None:
     result = planc("schema")
     schema = json.loads(result.stdout)
-    assert set(schema["passes"]) == {"prune", "lowrank", "quantize", "cast", "partition"}
+    assert set(schema["passes"]) == {"prune", "lowrank", "quantize", "cast", "partition", "share"}
     assert "sparsity" in schema["passes"]["prune"]["properties"]
     assert set(schema["targets"]) == {"onnx", "train"}
 

@@ -1,7 +1,8 @@
-"""The training runtime's structure.py, ranks.py and model_source.py are planc's own modules,
-byte for byte: one analysis of heads and channels, one rank rule, one way to find and rebuild
-the model, for the compiler and the training program. Edit the original and copy it over
-(`cp passes/structure.py passes/ranks.py compiler/model_source.py backends/train/planc_runtime/`)."""
+"""The training runtime's structure.py, ranks.py, model_source.py and gqa.py are planc's own
+modules, byte for byte: one analysis of heads and channels, one rank rule, one way to find and
+rebuild the model, one grouped-query rewrite, for the compiler and the training program. Edit the
+original and copy it over (`cp passes/structure.py passes/ranks.py compiler/model_source.py
+passes/share/gqa.py backends/train/planc_runtime/`)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ import pytest
 from train_helpers import REPO
 
 #: runtime module -> the original it copies
-VENDORED = {"structure.py": "passes/structure.py", "ranks.py": "passes/ranks.py", "model_source.py": "compiler/model_source.py"}
+VENDORED = {"structure.py": "passes/structure.py", "ranks.py": "passes/ranks.py",
+            "model_source.py": "compiler/model_source.py", "gqa.py": "passes/share/gqa.py"}
 
 
 @pytest.mark.parametrize("name", VENDORED)

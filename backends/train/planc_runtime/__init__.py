@@ -25,6 +25,8 @@ module per concern, in the order a run meets them:
    ranks.py           choose_rank, the low-rank rule: a byte-for-byte copy of passes/ranks.py
    model_source.py    finding and rebuilding the model, its task and tokenizer: a byte-for-byte
                       copy of planc's compiler/model_source.py
+   gqa.py             share_kv_heads, grouped-query attention by mean-pooling key/value heads:
+                      a byte-for-byte copy of planc's passes/share/gqa.py
 6. distill.py         distillation: Distiller, EncoderDistiller, the teacher cache
 7. steps.py           step mechanics: make_optimizer, lr_multiplier, make_grad_scaler,
                       clip_grad_norm, autocast, checkpoint_blocks
@@ -76,6 +78,7 @@ from .data import (
 )
 from .distill import Distiller, EncoderDistiller
 from .distributed import Parallel, init_distributed, seed_everything
+from .gqa import share_kv_heads
 from .logs import MetricsLog, ProgressBar, StepTimer, global_mean, loss_weight, maybe_fail, mean_over, setup_logging
 from .model import find_blocks, freeze, load_model, logits_of, set_dropout
 from .parallel import DecoderStage, all_reduce_grads, parallelize_tensor, shard_fsdp, split_blocks, wrap_ddp
@@ -144,6 +147,7 @@ __all__ = [
     "set_rng_state",
     "setup_logging",
     "shard_fsdp",
+    "share_kv_heads",
     "shrink_attention_heads",
     "shrink_mlp_channels",
     "split_blocks",

@@ -13,6 +13,8 @@ from planc.passes.prune import Prune
 
 from planc.passes.quantize import Quantize
 
+from planc.passes.share import Share
+
 from planc.backends.train.render.program import Program, _const, _indent
 
 # ------------------------------------------------------------------------------ the constants
@@ -171,12 +173,19 @@ def step_arguments(options: PassOptions) -> dict[str, Any]:
         return args
     if isinstance(options, LowRank):
         return {"rank": options.rank} if options.rank is not None else {"energy": options.energy}
+    if isinstance(options, Share):
+        return {"kv_heads": options.kv_heads}
     raise TypeError(f"{options.name} is not a compression step")
 
 
 def _compression_constants(p: Program) -> list[str]:
     lines = []
     for i, (options, paths) in enumerate(p.compression, 1):
+        if isinstance(options, Share):
+            kind = "multi-query" if options.kv_heads == 1 else "grouped-query"
+            lines += ["", f"# Step {i}, share: {kind} attention, key/value heads mean-pooled per group, before training."]
+            lines.append(_const(f"STEP{i}", step_arguments(options)))
+            continue
         if isinstance(options, Prune):
             what = {
                 "magnitude": f"zero the {options.sparsity:.0%} smallest weights ({options.scope} threshold)",
@@ -216,6 +225,9 @@ def build_block(p: Program) -> str:
     code = []
     if p.target.distill is not None:
         code.append("teacher = copy.deepcopy(model).eval().requires_grad_(False)  # the unmodified model")
+    for i, (options, _) in enumerate(p.compression, 1):
+        if isinstance(options, Share):  # the architecture first: every later step sees the grouped model
+            code.append(f'log.info("share: %s", rt.share_kv_heads(model, **STEP{i}))')
     code.append("shrink = rt.Shrink()  # structural cuts, undone (as zeros) when the weights are saved")
     mask_names = []
     for i, options, _ in p.prunes:
