@@ -103,6 +103,7 @@ def rewrite_model(plan: ir.Plan, loaded: Any, copy: bool = False) -> Any:
     if copy:
         loaded = dataclasses.replace(loaded, model=copying.deepcopy(loaded.model), rewrites=[])
     for step in steps:
+        before = _size(loaded.model)
         try:
             summary, details = load_pass(step.options).apply(loaded.model)  # type: ignore[attr-defined]
         except Exception as error:  # noqa: BLE001 - every failure becomes a diagnostic at the step
@@ -110,8 +111,15 @@ def rewrite_model(plan: ir.Plan, loaded: Any, copy: bool = False) -> Any:
             message = str(error) if isinstance(error, ValueError) else f"{type(error).__name__}: {error}"
             raise error_at(step.option_spans.get(option, step.span) if option else step.span, message) from error
         log.info("%s: %s", step.name, summary)
-        loaded.rewrites.append({"name": step.name, "summary": summary, **details})
+        after = _size(loaded.model)
+        loaded.rewrites.append({"name": step.name, "summary": summary, "source": str(step.span),
+                                "params": [before[0], after[0]], "bytes": [before[1], after[1]], **details})
     return loaded
+
+
+def _size(model: Any) -> tuple[int, int]:
+    """(parameter elements, bytes) of an eager model."""
+    return (sum(p.numel() for p in model.parameters()), sum(p.numel() * p.element_size() for p in model.parameters()))
 
 
 def module_table_of(loaded: Any) -> list[tuple[str, str]]:
@@ -193,7 +201,19 @@ def run_pipeline(plan: ir.Plan, captured: Captured, stop_after: str | None = Non
     except PassError as error:
         step = _step_of(plan, error)
         raise error_at(step.span if step else plan.span, error.message) from error
-    return graph, records, resolved
+    return graph, _rewrite_records(loaded) + records, resolved
+
+
+def _rewrite_records(loaded: Any) -> list:
+    """The model rewrites (applied at load) as records beside the graph passes', for explain and reports."""
+    from planc.passes.manager import GraphStats, PassRecord
+
+    return [
+        PassRecord(name=r["name"], summary=r["summary"], source=r["source"],
+                   details={k: v for k, v in r.items() if k not in ("name", "summary", "source", "params", "bytes")},
+                   before=GraphStats(0, r["params"][0], r["bytes"][0]), after=GraphStats(0, r["params"][1], r["bytes"][1]))
+        for r in loaded.rewrites
+    ]
 
 
 def target_cpu(plan: ir.Plan) -> str:

@@ -166,9 +166,9 @@ class OnnxKind:
         model, original = self._model(job)
         job.progress(f"capturing model '{job.plan.model.name}'")
         graph, records = job.run_passes(job.capture(model))
-        summaries = [*model.rewrites] + [
+        summaries = [
             {"name": r.name, "summary": r.summary, "params": [r.before.params, r.after.params], "bytes": [r.before.bytes, r.after.bytes]}
-            for r in records
+            for r in records  # the model rewrites (share) first
         ]
         precision = job.shared.get("mixed_precision")
         if precision:

@@ -25,7 +25,7 @@ CHECK_MAY_IMPORT = {
         "dsl", "dsl.ast", "dsl.parser", "dsl.source", "dsl.transform",
         "compiler", "compiler.cli", "compiler.ir", "compiler.validate", "compiler.targets", "compiler.textdata",
         "passes", "passes.options", "passes.cpu",
-        "passes.cast", "passes.lowrank", "passes.partition", "passes.prune", "passes.quantize",
+        "passes.cast", "passes.lowrank", "passes.partition", "passes.prune", "passes.quantize", "passes.share",
         "backends", "backends.onnx", "backends.onnx.options", "backends.onnx.target",
         "backends.train", "backends.train.options", "backends.train.checks", "backends.train.target",
     )

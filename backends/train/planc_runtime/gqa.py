@@ -186,6 +186,5 @@ class ShareKVHeads:
         details = share_kv_heads(model, self.options.kv_heads)
         before, after = details["cache_elements_per_token"]
         kind = "multi-query" if details["kv_heads"] == 1 else "grouped-query"
-        return (f"{kind} attention: {details['kv_heads_before']} -> {details['kv_heads']} key/value heads per layer "
-                f"({details['heads']} query heads, {details['layers']} layers), key/value cache {before} -> {after} "
-                "values per token", details)
+        return (f"{kind}: {details['kv_heads_before']} -> {details['kv_heads']} key/value heads per layer, "
+                f"cache {before} -> {after} values/token", details)
