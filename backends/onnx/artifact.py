@@ -193,11 +193,12 @@ def _element_types(model: Any) -> set[str]:
     return types
 
 
-def _ort_optimize(raw: Path, out: Path, providers: list[str], target: OnnxTarget) -> None:
+def _ort_optimize(raw: Path, out: Path, providers: list[str], target: OnnxTarget, disabled: tuple[str, ...] = ()) -> None:
     """Let ORT optimize `raw` for `providers` and keep its graph as `out` (same weights)."""
     level = _SAVE_LEVEL[target.optimization]
     external = raw.with_name(raw.name + ".data").exists()
-    runtime.create_session(raw, providers, target.bench.threads, level, optimized_path=out, external_data=external)
+    runtime.create_session(raw, providers, target.bench.threads, level, optimized_path=out, external_data=external,
+                           disabled_optimizers=disabled)
 
 
 def _op_histogram(path: Path) -> dict[str, int]:
@@ -235,6 +236,7 @@ def build_onnx_artifact(
     Raises `ProviderError` (provider or dtype this machine cannot run), `VerificationFailed`
     (goal missed; nothing written), `export.ExportError` (graph not exportable).
     """
+    from planc.backends.onnx import cluster_lowering as cluster
     from planc.backends.onnx.export import export_model, files_size, save_model
     from planc.backends.onnx.optimize import optimize_graph
     from planc.backends.onnx.verify import verification_samples, verify_session
@@ -248,7 +250,8 @@ def build_onnx_artifact(
         logger.info("exporting the optimized graph to ONNX (opset %d)", target.opset)
         model = export_model(gm, loaded.example_inputs, loaded.dynamic_shapes, target.opset)
         scheme, group = quantization_of(gm)
-        embeddings = (scheme or "int8") if target.quantize_embeddings else None
+        clustered = cluster.clustered_bits(gm) is not None
+        embeddings = (scheme or cluster.embedding_scheme(gm) or "int8") if target.quantize_embeddings else None
         graph_report = optimize_graph(
             model, fusions=target.fusions, embeddings=embeddings, embedding_block=max(group, EMBEDDING_INT4_BLOCK)
         )
@@ -259,7 +262,7 @@ def build_onnx_artifact(
         else:
             raw = work / "exported.onnx"
             save_model(model, raw)
-            _ort_optimize(raw, final, providers, target)
+            _ort_optimize(raw, final, providers, target, cluster.SAVE_DISABLED_OPTIMIZERS if clustered else ())
         del model
 
         cpu = cpu_report(target.cpu, scheme == "int8")
@@ -286,6 +289,7 @@ def build_onnx_artifact(
         save_model(export_model(loaded.model, loaded.example_inputs, loaded.dynamic_shapes, target.opset), original)
         original_bytes = files_size(original)
         optimized_bytes = files_size(final)
+        at_load = cluster.load_expansion(final, providers, target.bench.threads, target.optimization, work) if clustered else None
 
         shutil.rmtree(work)
         report = {
@@ -301,6 +305,7 @@ def build_onnx_artifact(
             "latency_ms": latency,
             "accuracy": verification.as_dict(),
             **({"int4_compute": compute} if compute else {}),
+            **({"cluster": at_load} if at_load else {}),
             "passes": pass_summaries,
             "graph": {**graph_report.as_dict(), "ops": _op_histogram(final)},
             "inputs": [{"name": s.name, "dtype": s.dtype, "dims": list(s.dims)} for s in loaded.source.inputs],

@@ -154,10 +154,13 @@ def translation_table() -> dict[Callable, Callable]:
     """`torch.onnx.export(custom_translation_table=...)` for every planc op."""
     import torch
 
+    import planc.passes.cluster.ops  # noqa: F401  (registers torch.ops.planc.linear_clustered)
     import planc.passes.qops  # noqa: F401  (registers torch.ops.planc.*)
+    from planc.backends.onnx.cluster_lowering import linear_clustered
 
     planc = torch.ops.planc
     return {
+        planc.linear_clustered.default: linear_clustered,
         planc.linear_int8_dynamic.default: linear_int8_dynamic,
         planc.linear_int8_static.default: linear_int8_static,
         planc.linear_int4.default: linear_int4,

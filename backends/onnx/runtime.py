@@ -110,12 +110,15 @@ def create_session(
     level: str = "all",
     optimized_path: Path | None = None,
     external_data: bool = False,
+    disabled_optimizers: Sequence[str] = (),
 ) -> ort.InferenceSession:
-    """An InferenceSession on `providers`; with `optimized_path`, ORT also saves its optimized graph."""
+    """An InferenceSession on `providers`; with `optimized_path`, ORT also saves its optimized graph
+    (`disabled_optimizers`: ORT graph transformers to skip, by name)."""
     options = session_options(threads, level, optimized_path, external_data)
     source = model if isinstance(model, bytes) else str(model)
+    extra = {"disabled_optimizers": list(disabled_optimizers)} if disabled_optimizers else {}
     try:
-        return ort.InferenceSession(source, options, providers=list(providers))
+        return ort.InferenceSession(source, options, providers=list(providers), **extra)
     except Exception as error:  # ORT raises its own exception types (Fail, InvalidGraph, ...)
         text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ProviderError(f"ONNX Runtime cannot load the model on {', '.join(providers)}: {text}") from error
