@@ -100,11 +100,15 @@ def embedding_scheme(gm: Any) -> str | None:
 
 def _weights(path: Path) -> tuple[int, int]:
     """(codebook lookups, initializer bytes) of an ONNX file: a lookup is a `GatherElements`, or a
-    `Gather` from a 1-D table of at most 256 values (a per-tensor codebook)."""
+    `Gather` from a 1-D float table of at most 256 values (a per-tensor codebook)."""
     import onnx
 
     model = onnx.load(str(path))
-    small = {i.name for i in model.graph.initializer if len(i.dims) == 1 and i.dims[0] <= 256}
+    small = {
+        i.name
+        for i in model.graph.initializer
+        if len(i.dims) == 1 and i.dims[0] <= 256 and i.data_type == onnx.TensorProto.FLOAT
+    }
     lookups = sum(
         node.op_type == "GatherElements" or (node.op_type == "Gather" and node.input[0] in small)
         for node in model.graph.node

@@ -31,4 +31,11 @@ class Cluster(PassOptions):
     granularity: Literal["per_channel", "per_tensor"] = "per_channel"
     #: Lloyd iterations at most (each never increases the squared error; it stops earlier once
     #: no assignment changes).
-    iterations: int = Field(30, ge=1, le=1000)
+    iterations: int = Field(50, ge=1, le=1000)
+    #: Text file (one sample per line). With it, each weight's squared error is weighted by the
+    #: mean square of the input channel it multiplies (the diagonal of the layer's input Hessian
+    #: E[x_j^2], the sensitivity SqueezeLLM's weighted k-means uses, Kim et al. 2023), so the
+    #: codebook spends its levels where the layer's output feels them. Without it, every weight
+    #: counts alike.
+    calibration: str | None = None
+    calibration_samples: int = Field(32, ge=1)

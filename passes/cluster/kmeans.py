@@ -56,10 +56,12 @@ def _uniform_start(ordered: torch.Tensor, k: int) -> torch.Tensor:
     return lo + (hi - lo) * steps
 
 
-def _quantile_start(ordered: torch.Tensor, k: int) -> torch.Tensor:
-    n = ordered.shape[1]
-    positions = ((torch.arange(k, dtype=torch.float64) + 0.5) * n / k).long().clamp(max=n - 1)
-    return ordered[:, positions.to(ordered.device)]
+def _quantile_start(ordered: torch.Tensor, mass: torch.Tensor, k: int) -> torch.Tensor:
+    """The values at the (j + 1/2) / k quantiles of each row, by importance mass."""
+    cumulative = mass[:, 1:]
+    targets = cumulative[:, -1:] * (torch.arange(k, dtype=torch.float64, device=ordered.device) + 0.5) / k
+    positions = torch.searchsorted(cumulative.contiguous(), targets.contiguous()).clamp(max=ordered.shape[1] - 1)
+    return ordered.gather(1, positions)
 
 
 def _bounds(ordered: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
@@ -71,12 +73,15 @@ def _bounds(ordered: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
     return torch.cat([torch.zeros_like(edge), inner, edge], dim=1)
 
 
-def _means(prefix: torch.Tensor, bounds: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
-    """Each cluster's mean from the rows' prefix sums (float64); empty clusters keep their centroid."""
-    sums = prefix.gather(1, bounds[:, 1:]) - prefix.gather(1, bounds[:, :-1])
-    counts = (bounds[:, 1:] - bounds[:, :-1]).double()
-    moved = torch.where(counts > 0, sums / counts.clamp(min=1), centroids.double()).to(centroids.dtype)
-    return torch.sort(moved, dim=1).values
+def _means(mass: torch.Tensor, moment: torch.Tensor, bounds: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+    """Each cluster's importance-weighted mean from the rows' prefix sums of importance (`mass`)
+    and importance x value (`moment`), in float64; empty clusters keep their centroid."""
+    def between(prefix: torch.Tensor) -> torch.Tensor:
+        return prefix.gather(1, bounds[:, 1:]) - prefix.gather(1, bounds[:, :-1])
+
+    weight = between(mass)
+    moved = torch.where(weight > 0, between(moment) / torch.where(weight > 0, weight, 1.0), centroids.double())
+    return torch.sort(moved.to(centroids.dtype), dim=1).values
 
 
 def _sorted_index(bounds: torch.Tensor, n: int) -> torch.Tensor:
@@ -85,19 +90,23 @@ def _sorted_index(bounds: torch.Tensor, n: int) -> torch.Tensor:
     return torch.searchsorted(bounds[:, 1:-1].contiguous(), positions, right=True)
 
 
-def _sse(ordered: torch.Tensor, centroids: torch.Tensor, bounds: torch.Tensor) -> torch.Tensor:
+def _sse(ordered: torch.Tensor, importance: torch.Tensor, centroids: torch.Tensor, bounds: torch.Tensor) -> torch.Tensor:
     fitted = torch.gather(centroids, 1, _sorted_index(bounds, ordered.shape[1]))
-    return (ordered.double() - fitted.double()).pow(2).sum(dim=1)
+    return ((ordered.double() - fitted.double()).pow(2) * importance).sum(dim=1)
 
 
-def _lloyd(ordered: torch.Tensor, centroids: torch.Tensor, iterations: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+def _prefix(values: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.pad(values.cumsum(dim=1), (1, 0))
+
+
+def _lloyd(ordered: torch.Tensor, importance: torch.Tensor, centroids: torch.Tensor, iterations: int) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Lloyd's rounds on sorted rows: in 1-D every cluster is a run of sorted values, so a round
     costs O(k log n) per row (boundaries by binary search, means from prefix sums)."""
-    prefix = torch.nn.functional.pad(ordered.double().cumsum(dim=1), (1, 0))
+    mass, moment = _prefix(importance), _prefix(importance * ordered.double())
     bounds = _bounds(ordered, centroids)
     rounds = 0
     for rounds in range(1, iterations + 1):
-        centroids = _means(prefix, bounds, centroids)
+        centroids = _means(mass, moment, bounds, centroids)
         moved = _bounds(ordered, centroids)
         if torch.equal(moved, bounds):
             break
@@ -105,14 +114,15 @@ def _lloyd(ordered: torch.Tensor, centroids: torch.Tensor, iterations: int) -> t
     return centroids, bounds, rounds
 
 
-def _cluster_chunk(w: torch.Tensor, k: int, iterations: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]:
+def _cluster_chunk(w: torch.Tensor, importance: torch.Tensor, k: int, iterations: int) -> tuple[torch.Tensor, ...]:
     rows, n = w.shape
     ordered, order = torch.sort(w, dim=1)
-    starts = torch.cat([_uniform_start(ordered, k), _quantile_start(ordered, k)])
-    both = torch.cat([ordered, ordered])
-    uniform_sse = _sse(ordered, starts[:rows], _bounds(ordered, starts[:rows]))
-    centroids, bounds, rounds = _lloyd(both, starts, iterations)
-    sse = _sse(both, centroids, bounds)
+    weight = importance.gather(1, order)
+    starts = torch.cat([_uniform_start(ordered, k), _quantile_start(ordered, _prefix(weight), k)])
+    uniform_sse = _sse(ordered, weight, starts[:rows], _bounds(ordered, starts[:rows]))
+    both, weights = torch.cat([ordered, ordered]), torch.cat([weight, weight])
+    centroids, bounds, rounds = _lloyd(both, weights, starts, iterations)
+    sse = _sse(both, weights, centroids, bounds)
     quantile_better = (sse[rows:] < sse[:rows])[:, None]
     codebook = torch.where(quantile_better, centroids[rows:], centroids[:rows])
     bounds = torch.where(quantile_better, bounds[rows:], bounds[:rows])
@@ -120,14 +130,25 @@ def _cluster_chunk(w: torch.Tensor, k: int, iterations: int) -> tuple[torch.Tens
     return codebook, index, torch.minimum(sse[:rows], sse[rows:]), uniform_sse, rounds
 
 
-def kmeans_rows(w: torch.Tensor, k: int, iterations: int = 30) -> Clusters:
-    """k-means with `k` centroids on each row of the 2-D `w` (see the module docstring)."""
+def kmeans_rows(w: torch.Tensor, k: int, iterations: int = 30, importance: torch.Tensor | None = None) -> Clusters:
+    """k-means with `k` centroids on each row of the 2-D `w` (see the module docstring).
+
+    `importance` (broadcastable to `w`, non-negative) weights each value's squared error, e.g.
+    the mean square of the input channel it multiplies; None weights all values alike.
+    """
     if w.dim() != 2 or w.numel() == 0:
         raise ValueError(f"kmeans_rows expects a non-empty 2-D tensor, got shape {tuple(w.shape)}")
     if not 2 <= k <= 256:
         raise ValueError(f"k must be in [2, 256], got {k}")
     w = w.detach().float()
+    weight = torch.ones(1, 1, dtype=torch.float64) if importance is None else importance.detach().double()
+    if (weight < 0).any() or not torch.isfinite(weight).all():
+        raise ValueError("importance must be finite and non-negative")
+    weight = weight.expand(w.shape)
     per_chunk = max(1, CHUNK_ELEMENTS // (2 * w.shape[1]))
-    parts = [_cluster_chunk(w[start : start + per_chunk], k, iterations) for start in range(0, w.shape[0], per_chunk)]
+    parts = [
+        _cluster_chunk(w[start : start + per_chunk], weight[start : start + per_chunk], k, iterations)
+        for start in range(0, w.shape[0], per_chunk)
+    ]
     codebook, index, sse, uniform_sse = (torch.cat([p[i] for p in parts]) for i in range(4))
     return Clusters(codebook, index.to(torch.uint8), sse, uniform_sse, max(p[4] for p in parts))

@@ -3,7 +3,10 @@
 Rewrite rules
 1. For each selected `y = linear(x, W, b)` with W [out, in], k-means with `k = 2^bits`
    centroids (`kmeans.py`) runs on every row of W (`granularity = per_channel`) or on all of W
-   as one row (`per_tensor`), giving a codebook and one index per weight.
+   as one row (`per_tensor`), giving a codebook and one index per weight. With `calibration`,
+   the error of W[o, j] is weighted by E[x_j^2] over the calibration samples (plus
+   `IMPORTANCE_FLOOR` of its mean, so a channel the samples never excite keeps a usable
+   codebook), which approximates the layer's output error by the diagonal of its input Hessian.
 2. The node becomes `y = planc.linear_clustered(x, indices, codebook, in, bits, b)`, the indices
    packed into `<module>.cluster_indices` (uint8, `slot_bits(bits)` bits each) and the centroids
    stored as `<module>.codebook` (fp32 [out or 1, k]). A weight read by several selected
@@ -14,8 +17,8 @@ Rewrite rules
 Assumes: every selected weight is finite. Guarantees: no selected Linear reads a float weight
 afterwards; each output channel (per_channel) or weight (per_tensor) holds at most 2^bits
 distinct values, each the centroid nearest to the original value; the squared error of every
-row is at most that of uniform min-max quantization to 2^bits levels (reported per layer as
-`mse_vs_uniform`).
+row (weighted, with calibration) is at most that of uniform min-max quantization to 2^bits
+levels (reported as `error_vs_uniform`).
 """
 
 from __future__ import annotations
@@ -24,9 +27,10 @@ import logging
 import time
 
 import torch
-from torch import fx
+from torch import fx, nn
 
 from planc.passes.base import GraphPass, PassContext, PassError, PassResult
+from planc.passes.calibration import load_calibration, observe
 from planc.passes.cluster import Cluster
 from planc.passes.cluster.kmeans import kmeans_rows
 from planc.passes.cluster.ops import pack_indices, slot_bits
@@ -42,6 +46,26 @@ from planc.passes.graph_utils import (
 )
 
 log = logging.getLogger(__name__)
+
+#: Added to every input channel's E[x^2], as a fraction of their mean.
+IMPORTANCE_FLOOR = 0.01
+
+
+class MeanSquare(nn.Module):
+    """Pass-through observer of E[x_j^2] per last-dimension channel (only the Hessian's diagonal:
+    a full Gram matrix per input would cost in^2 per layer)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.total: torch.Tensor | None = None
+        self.rows = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.detach().reshape(-1, x.shape[-1]).double()
+        total = rows.pow(2).sum(dim=0)
+        self.total = total if self.total is None else self.total + total
+        self.rows += rows.shape[0]
+        return x
 
 #: `ops.py` (imported above) registers it.
 OP = torch.ops.planc.linear_clustered.default
@@ -64,9 +88,10 @@ class ClusterPass(GraphPass[Cluster]):
         layers: dict[str, dict] = {}
         stored: dict[str, tuple[str, str]] = {}  # weight -> (indices, codebook) buffer names
         linears = select_linears(gm, ctx.targets)
+        importance = self._importance(gm, ctx, linears) if opts.calibration is not None else {}
         for site in linears:
             if site.weight not in stored:
-                stored[site.weight], layers[site.module_path] = self._cluster(gm, site.weight)
+                stored[site.weight], layers[site.module_path] = self._cluster(gm, site.weight, importance.get(site.weight))
             self._rewrite(gm, site, *stored[site.weight], ctx.source)
         for weight in stored:
             for node in list(gm.graph.find_nodes(op="get_attr", target=weight)):
@@ -80,7 +105,8 @@ class ClusterPass(GraphPass[Cluster]):
         summary = (
             f"clustered {len(linears)} Linear to {2 ** opts.bits} shared values {opts.granularity.replace('_', ' ')}; "
             f"their weights {before / 2**20:.2f} MiB -> {after / 2**20:.2f} MiB; "
-            f"squared error {sse / uniform if uniform else 0.0:.3f}x that of uniform {opts.bits}-bit levels"
+            f"{'weighted ' if importance else ''}squared error {sse / uniform if uniform else 0.0:.3f}x "
+            f"that of uniform {opts.bits}-bit levels"
         )
         details = {
             "bits": opts.bits,
@@ -88,7 +114,8 @@ class ClusterPass(GraphPass[Cluster]):
             "layers": layers,
             "bytes_before": before,
             "bytes_after": after,
-            "mse_vs_uniform": sse / uniform if uniform else 0.0,
+            "weighted": bool(importance),
+            "error_vs_uniform": sse / uniform if uniform else 0.0,
             "seconds": round(seconds, 2),
         }
         return PassResult(summary, details)
@@ -101,13 +128,32 @@ class ClusterPass(GraphPass[Cluster]):
             if any(not node.users for node in gm.graph.find_nodes(op="get_attr", target=weight)):
                 raise PassError(f"the float weight {weight} was not removed")
 
-    def _cluster(self, gm: fx.GraphModule, weight: str) -> tuple[tuple[str, str], dict]:
+    def _importance(self, gm: fx.GraphModule, ctx: PassContext, linears: list[LinearSite]) -> dict[str, torch.Tensor]:
+        """E[x_j^2] of each selected weight's input channels on the calibration samples, floored."""
+        opts = self.options
+        samples = load_calibration(ctx, opts.calibration, opts.calibration_samples, "cluster importance")
+        observers = observe(gm, samples, [site.input for site in linears], MeanSquare)
+        importance: dict[str, torch.Tensor] = {}
+        for site in linears:
+            seen = observers[site.input]
+            if seen.total is None:
+                raise PassError(f"calibration never reached {site.module_path}")
+            mean_square = seen.total / seen.rows
+            found = mean_square + IMPORTANCE_FLOOR * mean_square.mean()
+            importance[site.weight] = found if site.weight not in importance else importance[site.weight] + found
+        return importance
+
+    def _cluster(self, gm: fx.GraphModule, weight: str, importance: torch.Tensor | None) -> tuple[tuple[str, str], dict]:
         """Cluster one weight, store its indices and codebook; (buffer names, per-layer details)."""
         opts = self.options
         original = get_tensor(gm, weight).detach()
         w = original.float()
-        rows = w if opts.granularity == "per_channel" else w.reshape(1, -1)
-        clusters = kmeans_rows(rows, 2**opts.bits, opts.iterations)
+        if importance is not None:
+            importance = importance.expand(w.shape)
+        if opts.granularity == "per_tensor":
+            w, importance = w.reshape(1, -1), None if importance is None else importance.reshape(1, -1)
+        clusters = kmeans_rows(w, 2**opts.bits, opts.iterations, importance)
+        w = original.float()
         index = clusters.indices.reshape(w.shape)
         packed = pack_indices(index, opts.bits)
         base = weight.rsplit(".", 1)[0]
@@ -115,14 +161,13 @@ class ClusterPass(GraphPass[Cluster]):
         set_tensor(gm, names[0], packed, buffer=True)
         set_tensor(gm, names[1], clusters.codebook.contiguous(), buffer=True)
         w_hat = clusters.reconstruct().reshape(w.shape)
-        index_long = clusters.indices.long()
-        used = (torch.zeros_like(clusters.codebook).scatter_add_(1, index_long, torch.ones_like(rows)) > 0).sum(dim=1)
+        used = torch.zeros_like(clusters.codebook).scatter_add_(1, clusters.indices.long(), torch.ones(clusters.indices.shape))
         info = {
             "shape": list(w.shape),
             "bytes_before": original.numel() * original.element_size(),
             "bytes_after": packed.numel() + clusters.codebook.numel() * clusters.codebook.element_size(),
             "index_bits": slot_bits(opts.bits),
-            "values_used_mean": float(used.float().mean()),
+            "values_used_mean": float((used > 0).sum(dim=1).float().mean()),
             "sse": float(clusters.sse.sum()),
             "uniform_sse": float(clusters.uniform_sse.sum()),
             "relative_error": float(torch.linalg.norm(w - w_hat) / torch.linalg.norm(w).clamp(min=1e-30)),
