@@ -1,12 +1,16 @@
 """ONNX lowering of `planc::linear_clustered` (`passes/cluster/ops.py`) and what ORT makes of it.
 
 1. `linear_clustered(x, indices, codebook, in, bits, bias)` ->
-   `MatMul(x, Transpose(Lookup(Cast(Unpack(indices)))))  [+ bias]` where `Unpack` splits each
+   `MatMul(x, Lookup(Cast(Transpose(Unpack(indices)))))  [+ bias]` where `Unpack` splits each
    byte into its `8 / slot` index slots (`BitShift` right by 0, slot, 2 slot, ... then
    `BitwiseAnd` with the slot mask, reshaped to [out, in]) and `Lookup` is
-   `GatherElements(codebook, index, axis=1)` for per-channel codebooks, or `Gather` of the
-   flattened codebook for a per-tensor one. The file thus keeps `bits`-wide indices (in their
-   1/2/4/8-bit slots) and the fp32 codebooks, never the fp32 weight.
+   `GatherElements(codebook^T, index^T, axis=0)` for per-channel codebooks, or `Gather` of the
+   flattened codebook for a per-tensor one, giving W^T [in, out]. The indices are transposed and
+   widened (to int32, GatherElements' narrowest index type) before the lookup, not the fp32
+   weight after it, which keeps the temporaries of a rebuild small. The file thus keeps
+   `bits`-wide indices (in their 1/2/4/8-bit slots) and the fp32 codebooks, never the fp32
+   weight, except for layers so small (at most 8192 index bytes) that the exporter's own
+   constant folder rebuilds them (onnxscript's input size limit).
 2. ONNX Runtime has no kernel that multiplies by a codebook lookup, and its `ConstantFolding`
    evaluates every node whose inputs are all initializers: when a session loads such a graph
    it rebuilds each weight once and keeps the fp32 result, so in memory a clustered Linear costs
@@ -42,19 +46,19 @@ def _static_dim(value: Any, axis: int) -> int:
     return int(shape[axis])
 
 
-def _unpacked(indices: Any, n_out: int, in_features: int, bits: int) -> Any:
-    """int64 indices [out, in] from the packed uint8 layout."""
+def _unpacked_t(indices: Any, n_out: int, in_features: int, bits: int) -> Any:
+    """int32 indices [in, out] (transposed) from the packed uint8 layout [out, bytes]."""
     slot = slot_bits(bits)
     per_byte = 8 // slot
-    if per_byte == 1:
-        return op.Cast(indices, to=ir.DataType.INT64)
-    shifts = op.Constant(value=ir.tensor([slot * j for j in range(per_byte)], dtype=ir.DataType.UINT8))
-    mask = op.Constant(value=ir.tensor((1 << slot) - 1, dtype=ir.DataType.UINT8))
-    parts = op.BitShift(op.Unsqueeze(indices, op.Constant(value_ints=[-1])), shifts, direction="RIGHT")
-    slots = op.Reshape(op.BitwiseAnd(parts, mask), op.Constant(value_ints=[n_out, -1]))
+    slots = indices
+    if per_byte > 1:
+        shifts = op.Constant(value=ir.tensor([slot * j for j in range(per_byte)], dtype=ir.DataType.UINT8))
+        mask = op.Constant(value=ir.tensor((1 << slot) - 1, dtype=ir.DataType.UINT8))
+        parts = op.BitShift(op.Unsqueeze(indices, op.Constant(value_ints=[-1])), shifts, direction="RIGHT")
+        slots = op.Reshape(op.BitwiseAnd(parts, mask), op.Constant(value_ints=[n_out, -1]))
     if _static_dim(indices, 1) * per_byte != in_features:
         slots = op.Slice(slots, op.Constant(value_ints=[0]), op.Constant(value_ints=[in_features]), op.Constant(value_ints=[1]))
-    return op.Cast(slots, to=ir.DataType.INT64)
+    return op.Cast(op.Transpose(slots, perm=[1, 0]), to=ir.DataType.INT32)
 
 
 def linear_clustered(
@@ -66,12 +70,12 @@ def linear_clustered(
     bias: Any | None = None,
 ) -> Any:
     n_out = _static_dim(indices, 0)
-    index = _unpacked(indices, n_out, int(in_features), int(bits))
+    index_t = _unpacked_t(indices, n_out, int(in_features), int(bits))
     if _static_dim(codebook, 0) == n_out:
-        weight = op.GatherElements(codebook, index, axis=1)
+        weight_t = op.GatherElements(op.Transpose(codebook, perm=[1, 0]), index_t, axis=0)
     else:
-        weight = op.Gather(op.Reshape(codebook, op.Constant(value_ints=[-1])), index, axis=0)
-    y = op.MatMul(x, op.Transpose(weight, perm=[1, 0]))
+        weight_t = op.Gather(op.Reshape(codebook, op.Constant(value_ints=[-1])), index_t, axis=0)
+    y = op.MatMul(x, weight_t)
     return y if bias is None else op.Add(y, bias)
 
 
@@ -99,20 +103,18 @@ def embedding_scheme(gm: Any) -> str | None:
 
 
 def _weights(path: Path) -> tuple[int, int]:
-    """(codebook lookups, initializer bytes) of an ONNX file: a lookup is a `GatherElements`, or a
-    `Gather` from a 1-D float table of at most 256 values (a per-tensor codebook)."""
+    """(codebook lookups, initializer bytes) of an ONNX file. A lookup is a `Gather` or
+    `GatherElements` computed from initializers alone (a weight rebuilt from its indices, which a
+    constant folder can evaluate), unlike an embedding's Gather of run-time ids."""
     import onnx
 
     model = onnx.load(str(path))
-    small = {
-        i.name
-        for i in model.graph.initializer
-        if len(i.dims) == 1 and i.dims[0] <= 256 and i.data_type == onnx.TensorProto.FLOAT
-    }
-    lookups = sum(
-        node.op_type == "GatherElements" or (node.op_type == "Gather" and node.input[0] in small)
-        for node in model.graph.node
-    )
+    constant = {i.name for i in model.graph.initializer} | {""}
+    lookups = 0
+    for node in model.graph.node:  # ONNX nodes are stored in topological order
+        if all(name in constant for name in node.input):
+            constant.update(node.output)
+            lookups += node.op_type in ("Gather", "GatherElements")
     size = sum(onnx.numpy_helper.to_array(i).nbytes for i in model.graph.initializer)
     return lookups, size
 
