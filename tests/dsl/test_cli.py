@@ -25,7 +25,8 @@ CHECK_MAY_IMPORT = {
         "dsl", "dsl.ast", "dsl.parser", "dsl.source", "dsl.transform",
         "compiler", "compiler.cli", "compiler.ir", "compiler.validate", "compiler.targets", "compiler.textdata",
         "passes", "passes.options", "passes.cpu",
-        "passes.cast", "passes.lowrank", "passes.partition", "passes.prune", "passes.quantize", "passes.share",
+        "passes.cast", "passes.cluster", "passes.lowrank", "passes.partition", "passes.prune", "passes.quantize",
+        "passes.share",
         "backends", "backends.onnx", "backends.onnx.options", "backends.onnx.target",
         "backends.train", "backends.train.options", "backends.train.checks", "backends.train.target",
     )
@@ -67,7 +68,7 @@ def test_exit_codes() -> None:
 def test_schema_is_json_with_every_pass() -> None:
     result = planc("schema")
     schema = json.loads(result.stdout)
-    assert set(schema["passes"]) == {"prune", "lowrank", "quantize", "cast", "partition", "share"}
+    assert set(schema["passes"]) == {"prune", "lowrank", "quantize", "cast", "partition", "share", "cluster"}
     assert "sparsity" in schema["passes"]["prune"]["properties"]
     assert set(schema["targets"]) == {"onnx", "train"}
 

@@ -108,7 +108,7 @@ def test_registry_is_lazy_and_complete():
     names, before, cls, stages, name, prune_impls = json.loads(result.stdout)
     passes_dir = Path(__file__).resolve().parents[2] / "passes"
     assert names == sorted(init.parent.name for init in passes_dir.glob("*/__init__.py"))
-    assert {"cast", "lowrank", "partition", "prune", "quantize", "share"} <= set(names)
+    assert {"cast", "cluster", "lowrank", "partition", "prune", "quantize", "share"} <= set(names)
     packages = {f"planc.passes.{n}" for n in names}
     assert set(before) == packages | {"planc.passes", "planc.passes.options", "planc.passes.registry"}
     assert (cls, stages, name, prune_impls) == ("PartitionPass", 3, "partition", [])
