@@ -10,11 +10,16 @@ Algorithm (per row, all rows together):
    asymmetric min-max quantization) and the quantiles `(j + 1/2) / k` of the row's values
    (denser where the weights are dense, the better start for bell-shaped trained weights).
 2. From each start, alternate: assign every value to its nearest centroid; move every centroid
-   to the mean of its values (a centroid left without values stays where it is). Stop after
+   to the mean of its values, weighted by their `importance` when one is given (a centroid left
+   without values stays where it is). Stop after
    `iterations` rounds or when no assignment changes. Rows are sorted once, so a cluster is a
    run of sorted values: assignment is a binary search of the centroids' midpoints and the
    means come from prefix sums, O(k log n) per row and round after the O(n log n) sort.
 3. Keep, per row, the run with the smaller squared error.
+
+"Squared error" is importance-weighted throughout when importances are given (the quantiles of
+(1) then split the importance mass, not the count). Nearest-centroid assignment does not depend
+on the weights, so the algorithm stays Lloyd's on a weighted objective.
 
 Guarantees: neither step of (2) increases a row's squared error, and the uniform start's first
 assignment *is* min-max uniform quantization to `k` levels (round to the nearest level), so the
@@ -29,7 +34,7 @@ from dataclasses import dataclass
 import torch
 
 #: Rows are clustered in chunks of about this many elements (both starts together), which bounds
-#: the temporary int64 assignments of a large layer to a few hundred MB.
+#: the temporaries (sort permutation, float64 prefix sums) of a large layer to a few hundred MB.
 CHUNK_ELEMENTS = 1 << 23
 
 
@@ -40,7 +45,8 @@ class Clusters:
 
     codebook: torch.Tensor
     indices: torch.Tensor
-    #: Sum of squared errors per row of the result, and of uniform quantization to k levels.
+    #: Sum of (importance-weighted) squared errors per row of the result, and of uniform
+    #: quantization to k levels.
     sse: torch.Tensor
     uniform_sse: torch.Tensor
     #: Lloyd rounds run (the most over chunks and starts).

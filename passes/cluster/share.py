@@ -33,7 +33,7 @@ from planc.passes.base import GraphPass, PassContext, PassError, PassResult
 from planc.passes.calibration import load_calibration, observe
 from planc.passes.cluster import Cluster
 from planc.passes.cluster.kmeans import kmeans_rows
-from planc.passes.cluster.ops import pack_indices, slot_bits
+from planc.passes.cluster.ops import pack_indices, slot_bits, unpack_indices
 from planc.passes.graph_utils import (
     LinearSite,
     copy_meta,
@@ -66,6 +66,7 @@ class MeanSquare(nn.Module):
         self.total = total if self.total is None else self.total + total
         self.rows += rows.shape[0]
         return x
+
 
 #: `ops.py` (imported above) registers it.
 OP = torch.ops.planc.linear_clustered.default
@@ -124,9 +125,15 @@ class ClusterPass(GraphPass[Cluster]):
         left = [s.module_path for s in select_linears(gm, ctx.targets)]
         if left:
             raise PassError(f"cluster left float layers in the selection: {left[:3]}")
-        for weight in getattr(self, "_rewritten", {}):
+        levels = 2**self.options.bits
+        for weight, (indices, codebook) in getattr(self, "_rewritten", {}).items():
             if any(not node.users for node in gm.graph.find_nodes(op="get_attr", target=weight)):
                 raise PassError(f"the float weight {weight} was not removed")
+            table, packed = get_tensor(gm, codebook), get_tensor(gm, indices)
+            if table.shape[1] != levels or not torch.isfinite(table).all():
+                raise PassError(f"the codebook of {weight} is not {levels} finite values per row")
+            if int(unpack_indices(packed, self.options.bits, packed.shape[1] * 8 // slot_bits(self.options.bits)).max()) >= levels:
+                raise PassError(f"the indices of {weight} point past its {levels}-entry codebook")
 
     def _importance(self, gm: fx.GraphModule, ctx: PassContext, linears: list[LinearSite]) -> dict[str, torch.Tensor]:
         """E[x_j^2] of each selected weight's input channels on the calibration samples, floored."""
