@@ -46,10 +46,12 @@ def build_decoder_artifact(
     pass_summaries: list[dict[str, Any]],
     plan_resolved: str,
     load_samples: Callable[[str, int], list[dict[str, Any]]] | None = None,
+    draft: Path | None = None,
 ) -> OnnxResult:
     """Export `model` (an eager causal LM) with a key/value cache; verify; publish `out_dir`.
 
-    `load_samples(path, count)` tokenizes the quantize step's calibration texts."""
+    `load_samples(path, count)` tokenizes the quantize step's calibration texts; a `draft`
+    decoder artifact is checked and timed as this one's speculator (`speculative.measure`)."""
     from planc.backends.onnx import runtime
     from planc.backends.onnx.decoder import export_decoder
     from planc.backends.onnx.decoder_verify import verify_decoder
@@ -88,6 +90,17 @@ def build_decoder_artifact(
         shutil.rmtree(baseline, ignore_errors=True)
 
         speed = _tokens_per_s([temporary], target, prompt, tokens)[0]
+        speculative = None
+        if draft is not None:
+            from planc.backends.onnx.speculative import measure
+
+            try:
+                speculative = measure(temporary, draft, decode.prompts, decode.max_new_tokens, decode.draft_tokens,
+                                      providers=target.providers, threads=target.bench.threads)
+            except ValueError as error:
+                raise VerificationFailed(f"decode.draft: {error}") from error
+            if not speculative["greedy_equal"]:
+                raise VerificationFailed("speculative decoding with the draft did not reproduce plain greedy decoding")
 
         report = {
             "task": "causal_lm",
@@ -102,6 +115,7 @@ def build_decoder_artifact(
             "accuracy": {"metric": target.verify.metric, "value": value, "goal": target.verify.goal, "passed": passed,
                          **{k: metrics[k] for k in ("greedy_equal", "top1", "ppl_eager", "ppl_onnx", "ppl_delta_rel") if k in metrics}},
             **({"int4_compute": compute} if compute else {}),
+            **({"speculative": speculative} if speculative else {}),
             "passes": pass_summaries,
             "compile_seconds": round(time.perf_counter() - started, 1),
         }

@@ -41,6 +41,10 @@ class OnnxKind:
             problems += self._heldout(plan, options.verify.data, span)
         if options.decode and options.decode.heldout:
             problems.append(missing_file(base, options.decode.heldout, spans.get("decode.heldout", target.span)))
+        if options.decode and options.decode.draft and not (base / options.decode.draft / "decoder.json").is_file():
+            problems.append(Diagnostic("error", f"no decoder artifact at {options.decode.draft} (decoder.json is missing)",
+                                       spans.get("decode.draft", target.span),
+                                       ("compile the draft's plan first, e.g. planc compile examples/gpt_draft.plan -o out/gpt_draft",)))
         for step in plan.pipeline:
             if isinstance(step.options, Quantize) and step.options.fallback:
                 span = step.option_spans.get("fallback", step.span)
@@ -216,6 +220,7 @@ class OnnxKind:
         decode = options.decode
         assert decode is not None
         heldout = job.plan.model.base_dir / decode.heldout if decode.heldout else None
+        draft = job.plan.model.base_dir / decode.draft if decode.draft else None
         job.progress("exporting the decoder to ONNX, verifying generation against the eager model")
         summaries = [*loaded.rewrites]
         if step and quantize:
@@ -224,7 +229,7 @@ class OnnxKind:
 
         try:
             result = build_decoder_artifact(loaded.model, options, quantize, job.out_dir, heldout, summaries, explain(job.plan),
-                                            self._texts(loaded))
+                                            self._texts(loaded), draft=draft)
         except UnsupportedDecoder as error:
             raise _error(job.plan.model.span, f"model '{job.plan.model.name}': {error}") from error
         return Built(result.path, result.report, result.session)

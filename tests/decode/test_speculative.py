@@ -9,8 +9,7 @@ eager model's own greedy loop.
 from __future__ import annotations
 
 import copy
-import io
-from contextlib import redirect_stdout
+from pathlib import Path
 
 import pytest
 import torch
@@ -155,3 +154,37 @@ def test_cli_generate_with_draft(dirs, capsys):
     assert run("--draft", str(dirs["draft"]), "--draft-tokens", "3") == run()
     assert main(["generate", str(dirs["full"]), "--prompt", "x", "--draft", str(dirs["draft"]), "--temperature", "0.7"]) == 2
     assert "--draft speculates greedily" in capsys.readouterr().err
+
+
+def _plan(tmp_path, full_model, decode: str) -> Path:
+    from shared_models import REPO
+
+    checkpoint = tmp_path / "full.pt"
+    torch.save(full_model.state_dict(), checkpoint)
+    plan = tmp_path / "spec.plan"
+    plan.write_text(
+        f'model gpt = factory("{REPO / "examples" / "models" / "gpt.py"}:gpt", vocab_size = 256, n_layer = 3, n_head = 4, '
+        f'd_model = 64, max_seq = 128, checkpoint = "{checkpoint}") {{\n  task = causal_lm\n}}\n'
+        f"target onnx {{\n  decode {{ {decode} }}\n  verify {{ metric = top1 }}\n  bench {{ threads = 1, runs = 3 }}\n}}\n"
+    )
+    return plan
+
+
+def test_plan_draft_reports_acceptance_and_speed(tmp_path, full_model, dirs):
+    from planc.compiler.driver import compile_plan
+
+    plan = _plan(tmp_path, full_model, f'prompts = ["def main(", "the cache"], max_new_tokens = 12, '
+                                       f'draft = "{dirs["draft"]}", draft_tokens = 3')
+    report = compile_plan(plan, tmp_path / "out").report["speculative"]
+    assert report["greedy_equal"] and report["draft_layers"] == 2 and report["draft_tokens"] == 3
+    assert set(report["batches"]) == {"1", "2"}
+    for figures in report["batches"].values():
+        assert 0 <= figures["acceptance_rate"] <= 1 and figures["plain_tokens_per_s"] > 0
+
+
+def test_plan_missing_draft_is_a_located_error(tmp_path, full_model, capsys):
+    from planc.compiler.cli import main
+
+    plan = _plan(tmp_path, full_model, 'draft = "nowhere"')
+    assert main(["check", str(plan)]) != 0
+    assert f"{plan}:5:20: error: no decoder artifact at nowhere" in capsys.readouterr().err
