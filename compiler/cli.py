@@ -181,6 +181,9 @@ def _print_report(report: dict) -> None:
         table.add_row("latency (eager -> optimized)", f"{latency.get('original_eager', 0):.2f} -> {latency.get('optimized', 0):.2f} ms")
     if accuracy:
         table.add_row(f"accuracy ({accuracy.get('metric')})", f"{accuracy.get('value'):.4f} (goal {accuracy.get('goal')})")
+    for batch, figures in report.get("speculative", {}).get("batches", {}).items():
+        table.add_row(f"speculative, batch {batch}", f"accepts {figures['acceptance_rate']:.0%}, "
+                      f"{figures['plain_tokens_per_s']:.0f} -> {figures['speculative_tokens_per_s']:.0f} tokens/s")
     table.add_row("provider", str(report.get("provider")))
     Console().print(table)
 

@@ -170,16 +170,20 @@ def _plan(tmp_path, full_model, decode: str) -> Path:
     return plan
 
 
-def test_plan_draft_reports_acceptance_and_speed(tmp_path, full_model, dirs):
+def test_plan_draft_reports_acceptance_and_speed(tmp_path, full_model, dirs, capsys):
+    from planc.compiler.cli import _print_report
     from planc.compiler.driver import compile_plan
 
     plan = _plan(tmp_path, full_model, f'prompts = ["def main(", "the cache"], max_new_tokens = 12, '
                                        f'draft = "{dirs["draft"]}", draft_tokens = 3')
-    report = compile_plan(plan, tmp_path / "out").report["speculative"]
+    full_report = compile_plan(plan, tmp_path / "out").report
+    report = full_report["speculative"]
     assert report["greedy_equal"] and report["draft_layers"] == 2 and report["draft_tokens"] == 3
     assert set(report["batches"]) == {"1", "2"}
     for figures in report["batches"].values():
         assert 0 <= figures["acceptance_rate"] <= 1 and figures["plain_tokens_per_s"] > 0
+    _print_report(full_report)
+    assert "speculative, batch 2" in capsys.readouterr().out
 
 
 def test_plan_missing_draft_is_a_located_error(tmp_path, full_model, capsys):
