@@ -265,11 +265,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise _UsageError("--draft speculates greedily: drop --temperature")
     if args.draft_tokens < 1:
         raise _UsageError(f"--draft-tokens must be >= 1, got {args.draft_tokens}")
-    generate_cli(
-        Path(args.dir), prompts, max_new_tokens=args.max_new_tokens, strategy="sample" if args.temperature else "greedy",
-        temperature=args.temperature or 1.0, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-        draft=args.draft, draft_tokens=args.draft_tokens,
-    )
+    try:
+        generate_cli(
+            Path(args.dir), prompts, max_new_tokens=args.max_new_tokens, strategy="sample" if args.temperature else "greedy",
+            temperature=args.temperature or 1.0, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+            draft=args.draft, draft_tokens=args.draft_tokens,
+        )
+    except ValueError as error:  # a prompt too long for the model, a draft of another tokenizer: input errors
+        raise _UsageError(str(error)) from error
     return 0
 
 

@@ -444,7 +444,7 @@ def generate_cli(
     seed: int | None = 0,
     stop: list[str] | None = None,
     out: TextIO | None = None,
-    draft: str | Path | None = None,
+    draft: DecoderSession | str | Path | None = None,
     draft_tokens: int = 4,
 ) -> list[str]:
     """`planc generate DIR --prompt ... [--batch-file F]`: one prompt streams its completion as
@@ -456,6 +456,8 @@ def generate_cli(
         raise ValueError("nothing to generate: give --prompt or --batch-file")
     single = len(prompts) == 1
     warn_if_numerics_differ(Path(artifact_dir))
+    if draft is not None:  # a bad draft fails before the prompt is echoed
+        draft = DecoderSession(draft)
 
     def stream(row: int, piece: str) -> None:
         out.write(piece)

@@ -154,6 +154,36 @@ def test_cli_generate_with_draft(dirs, capsys):
     assert run("--draft", str(dirs["draft"]), "--draft-tokens", "3") == run()
     assert main(["generate", str(dirs["full"]), "--prompt", "x", "--draft", str(dirs["draft"]), "--temperature", "0.7"]) == 2
     assert "--draft speculates greedily" in capsys.readouterr().err
+    assert main(["generate", str(dirs["full"]), "--prompt", "x", "--draft", str(dirs["full"].parent / "missing")]) == 1
+    assert "no such file" in capsys.readouterr().err
+
+
+def test_cli_draft_of_another_vocabulary_is_a_usage_error(tmp_path, dirs, capsys):
+    from planc.backends.onnx.decoder import export_decoder
+    from planc.compiler.cli import main
+
+    torch.manual_seed(2)
+    export_decoder(example_gpt_module().gpt(vocab_size=300, n_layer=1, n_head=2, d_model=32, max_seq=128), tmp_path / "v300")
+    assert main(["generate", str(dirs["full"]), "--prompt", "x", "--draft", str(tmp_path / "v300")]) == 2
+    err = capsys.readouterr().err
+    assert "vocab: target 256, draft 300" in err and "internal error" not in err
+
+
+def test_plan_int8_target_reports_a_flip_and_fp32_fails(tmp_path, full_model, dirs, monkeypatch):
+    """A speculation that differs fails an fp32 build; an int8 one (per-call activation scales) is
+    reported with its reason. The difference is forced here: it is rare and cannot be planned."""
+    from planc.backends.onnx import speculative
+    from planc.compiler.driver import compile_plan
+
+    monkeypatch.setattr(speculative, "measure", lambda *a, **k: {"greedy_equal": False, "batches": {}})
+    decode = f'prompts = ["x"], max_new_tokens = 4, draft = "{dirs["draft"]}"'
+    with pytest.raises(Exception, match="did not reproduce plain greedy decoding"):
+        compile_plan(_plan(tmp_path, full_model, decode), tmp_path / "fp32")
+    plan = _plan(tmp_path, full_model, decode)
+    text = plan.read_text().replace("target onnx", "pipeline {\n  quantize Linear { scheme = int8, mode = dynamic }\n}\ntarget onnx")
+    plan.write_text(text)
+    report = compile_plan(plan, tmp_path / "int8").report["speculative"]
+    assert "activations with one scale" in report["note"]
 
 
 def _plan(tmp_path, full_model, decode: str) -> Path:
