@@ -41,10 +41,6 @@ class OnnxKind:
             problems += self._heldout(plan, options.verify.data, span)
         if options.decode and options.decode.heldout:
             problems.append(missing_file(base, options.decode.heldout, spans.get("decode.heldout", target.span)))
-        if options.decode and options.decode.draft and not (base / options.decode.draft / "decoder.json").is_file():
-            problems.append(Diagnostic("error", f"no decoder artifact at {options.decode.draft} (decoder.json is missing)",
-                                       spans.get("decode.draft", target.span),
-                                       ("compile the draft's plan first, e.g. planc compile examples/gpt_draft.plan -o out/gpt_draft",)))
         for step in plan.pipeline:
             if isinstance(step.options, Quantize) and step.options.fallback:
                 span = step.option_spans.get("fallback", step.span)
@@ -221,6 +217,11 @@ class OnnxKind:
         assert decode is not None
         heldout = job.plan.model.base_dir / decode.heldout if decode.heldout else None
         draft = job.plan.model.base_dir / decode.draft if decode.draft else None
+        if draft is not None and not (draft / "decoder.json").is_file():
+            # checked when building, not by `planc check`: the draft is another compile's output
+            raise _error(target.option_spans.get("decode.draft", target.span),
+                         f"no decoder artifact at {decode.draft} (decoder.json is missing)",
+                         "compile the draft's plan first, e.g. planc compile examples/gpt_draft.plan -o out/gpt_draft")
         job.progress("exporting the decoder to ONNX, verifying generation against the eager model")
         summaries = [*loaded.rewrites]
         if step and quantize:
