@@ -7,6 +7,7 @@ scale than a one-token call and may flip a close choice (the `equal` column says
 Its drafts are built here from checkpoints, as int8 decoders, into out/:
 
 - `drop`: blocks 0 and 3 of the trained GPT, nothing else (out/gpt_drop_draft);
+- `drop1`: block 0 alone (out/gpt_drop1_draft), cheaper still;
 - `distilled`: the same blocks distilled from the full model for 150 steps by
   examples/gpt_draft.plan (out/gpt_draft/onnx; skipped when that plan was not compiled).
 
@@ -76,7 +77,8 @@ def main() -> None:
     trained = REPO / "out/gpt_int8/train/gpt_stdlib.pt"
     targets = {"fp32": build_decoder(trained, REPO / "out/gpt_fp32_target", keep=None, int8=False),
                "int8": REPO / "out/gpt_int8/onnx"}
-    drafts = {"drop": build_decoder(trained, REPO / "out/gpt_drop_draft")}
+    drafts = {"drop": build_decoder(trained, REPO / "out/gpt_drop_draft"),
+              "drop1": build_decoder(trained, REPO / "out/gpt_drop1_draft", keep=[0])}
     distilled = REPO / "out/gpt_draft/train/gpt_draft.pt"
     if distilled.is_file():
         drafts["distilled"] = build_decoder(distilled, REPO / "out/gpt_draft/onnx")
