@@ -181,6 +181,9 @@ def _print_report(report: dict) -> None:
         table.add_row("latency (eager -> optimized)", f"{latency.get('original_eager', 0):.2f} -> {latency.get('optimized', 0):.2f} ms")
     if accuracy:
         table.add_row(f"accuracy ({accuracy.get('metric')})", f"{accuracy.get('value'):.4f} (goal {accuracy.get('goal')})")
+    for batch, figures in report.get("speculative", {}).get("batches", {}).items():
+        table.add_row(f"speculative, batch {batch}", f"accepts {figures['acceptance_rate']:.0%}, "
+                      f"{figures['plain_tokens_per_s']:.0f} -> {figures['speculative_tokens_per_s']:.0f} tokens/s")
     table.add_row("provider", str(report.get("provider")))
     Console().print(table)
 
@@ -258,10 +261,18 @@ def cmd_generate(args: argparse.Namespace) -> int:
         prompts += [line.rstrip("\n") for line in Path(args.batch_file).read_text(encoding="utf-8").splitlines() if line.strip()]
     if not prompts:
         raise _UsageError("give at least one --prompt or a --batch-file")
-    generate_cli(
-        Path(args.dir), prompts, max_new_tokens=args.max_new_tokens, strategy="sample" if args.temperature else "greedy",
-        temperature=args.temperature or 1.0, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-    )
+    if args.draft is not None and args.temperature:
+        raise _UsageError("--draft speculates greedily: drop --temperature")
+    if args.draft_tokens < 1:
+        raise _UsageError(f"--draft-tokens must be >= 1, got {args.draft_tokens}")
+    try:
+        generate_cli(
+            Path(args.dir), prompts, max_new_tokens=args.max_new_tokens, strategy="sample" if args.temperature else "greedy",
+            temperature=args.temperature or 1.0, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+            draft=args.draft, draft_tokens=args.draft_tokens,
+        )
+    except ValueError as error:  # a prompt too long for the model, a draft of another tokenizer: input errors
+        raise _UsageError(str(error)) from error
     return 0
 
 
@@ -350,6 +361,8 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--top-k", type=int, default=0)
     generate.add_argument("--top-p", type=float, default=1.0)
     generate.add_argument("--seed", type=int, default=0)
+    generate.add_argument("--draft", help="a smaller decoder artifact that speculates for DIR (greedy, same output)")
+    generate.add_argument("--draft-tokens", type=int, default=4, help="tokens the draft proposes per round")
     generate.set_defaults(run=cmd_generate)
 
     doctor = commands.add_parser("doctor", help="print versions, the CPU target and ONNX Runtime's providers (for bug reports)")

@@ -33,6 +33,13 @@ from planc.passes.quantize import Quantize
 
 logger = logging.getLogger(__name__)
 
+#: Why an int8 decoder may speculate other tokens than it decodes one by one.
+INT8_SPECULATION_NOTE = (
+    "dynamic int8 quantizes each call's activations with one scale over all the tokens it is fed, so the "
+    "verify call (k + 1 tokens) rounds differently from a one-token call and a close choice can flip; "
+    "serve an fp32 (or int4) decoder where speculation must be exact"
+)
+
 #: Decoder metrics a plan may set a goal on, and the key of `verify_decoder`'s result they read.
 DECODER_METRICS = {"top1": "top1", "perplexity_delta": "ppl_delta_rel"}
 
@@ -46,10 +53,12 @@ def build_decoder_artifact(
     pass_summaries: list[dict[str, Any]],
     plan_resolved: str,
     load_samples: Callable[[str, int], list[dict[str, Any]]] | None = None,
+    draft: Path | None = None,
 ) -> OnnxResult:
     """Export `model` (an eager causal LM) with a key/value cache; verify; publish `out_dir`.
 
-    `load_samples(path, count)` tokenizes the quantize step's calibration texts."""
+    `load_samples(path, count)` tokenizes the quantize step's calibration texts; a `draft`
+    decoder artifact is checked and timed as this one's speculator (`speculative.measure`)."""
     from planc.backends.onnx import runtime
     from planc.backends.onnx.decoder import export_decoder
     from planc.backends.onnx.decoder_verify import verify_decoder
@@ -88,6 +97,20 @@ def build_decoder_artifact(
         shutil.rmtree(baseline, ignore_errors=True)
 
         speed = _tokens_per_s([temporary], target, prompt, tokens)[0]
+        speculative = None
+        if draft is not None:
+            from planc.backends.onnx.speculative import measure
+
+            try:
+                speculative = measure(temporary, draft, decode.prompts, decode.max_new_tokens, decode.draft_tokens,
+                                      providers=target.providers, threads=target.bench.threads)
+            except ValueError as error:
+                raise VerificationFailed(f"decode.draft: {error}") from error
+            if not speculative["greedy_equal"]:
+                if scheme != "int8":
+                    raise VerificationFailed("speculative decoding with the draft did not reproduce plain greedy decoding")
+                speculative["note"] = INT8_SPECULATION_NOTE
+                logger.warning("speculative decoding differs from plain greedy decoding: %s", INT8_SPECULATION_NOTE)
 
         report = {
             "task": "causal_lm",
@@ -102,6 +125,7 @@ def build_decoder_artifact(
             "accuracy": {"metric": target.verify.metric, "value": value, "goal": target.verify.goal, "passed": passed,
                          **{k: metrics[k] for k in ("greedy_equal", "top1", "ppl_eager", "ppl_onnx", "ppl_delta_rel") if k in metrics}},
             **({"int4_compute": compute} if compute else {}),
+            **({"speculative": speculative} if speculative else {}),
             "passes": pass_summaries,
             "compile_seconds": round(time.perf_counter() - started, 1),
         }

@@ -77,8 +77,10 @@ class DecoderSession:
     def batch(self) -> int:
         return self._mask.shape[0]
 
-    def _run(self, input_ids: np.ndarray, positions: np.ndarray, past: list, decoding: bool) -> np.ndarray:
-        """One graph call over the bound cache; returns logits of the last position [batch, vocab]."""
+    def _run(self, input_ids: np.ndarray, positions: np.ndarray, past: list, decoding: bool,
+             every_position: bool = False) -> np.ndarray:
+        """One graph call over the bound cache; returns logits of the last position [batch, vocab]
+        (of every fed position [batch, seq, vocab] with `every_position`)."""
         binding = self._binding
         binding.clear_binding_inputs()
         binding.clear_binding_outputs()
@@ -103,7 +105,7 @@ class DecoderSession:
         self._past = [(outputs[1 + 2 * i], outputs[2 + 2 * i]) for i in range(self.spec.n_layer)]
         if decoding:
             return self._logits_host[:, -1, :].copy()
-        return outputs[0].numpy()[:, -1, :]
+        return outputs[0].numpy() if every_position else outputs[0].numpy()[:, -1, :]
 
     def prefill(self, input_ids: np.ndarray, attention_mask: np.ndarray, max_new_tokens: int = 0) -> np.ndarray:
         """Start a batch from left-padded prompts; room is reserved for `max_new_tokens` more."""
@@ -143,6 +145,41 @@ class DecoderSession:
         logits = self._run(ids, self._positions[:, None], self._past, decoding=True)
         self._positions += 1
         return logits
+
+    def extend(self, ids: np.ndarray) -> np.ndarray:
+        """Append `ids` [batch, m] to every row in one call over the cache; returns the logits of
+        all m positions [batch, m, vocab] (speculative decoding verifies m drafted tokens so)."""
+        if self._past is None:
+            raise RuntimeError("extend() before prefill(): start a batch first")
+        ids = np.asarray(ids, np.int64)
+        width = ids.shape[1]
+        if self._length + width > self._mask.shape[1]:
+            grown = np.zeros((self.batch, self._length + width + 16), np.int64)
+            grown[:, : self._length] = self._mask[:, : self._length]
+            self._mask = grown
+        self._mask[:, self._length : self._length + width] = 1
+        self._length += width
+        positions = self._positions[:, None] + np.arange(width, dtype=np.int64)
+        logits = self._run(ids, positions, self._past, decoding=False, every_position=True)
+        self._positions += width
+        return logits
+
+    def rollback(self, count: int) -> None:
+        """Forget the last `count` positions of every row (drafted tokens that were rejected).
+        The kept cache is copied to host numpy arrays, bound as inputs by the next call."""
+        if self._past is None or not 0 <= count <= self._length:
+            raise ValueError(f"cannot roll back {count} of {self._length} cached positions")
+        if count == 0:
+            return
+        keep = self._length - count
+        self._past = [
+            tuple(np.ascontiguousarray(np.asarray(t if isinstance(t, np.ndarray) else t.numpy())[:, :, :keep])
+                  for t in pair)
+            for pair in self._past
+        ]
+        self._mask[:, keep : self._length] = 0
+        self._length = keep
+        self._positions -= count
 
     def logits(self, input_ids: np.ndarray, attention_mask: np.ndarray | None = None) -> np.ndarray:
         """Logits at every position [batch, seq, vocab] of one cache-less call (scoring text)."""
@@ -235,13 +272,24 @@ def generate_ids(
     eos_token_ids: Sequence[int] | None = None,
     stop: Callable[[int, list[int]], bool] | None = None,
     on_step: Callable[[int, list[int | None]], None] | None = None,
+    draft: DecoderSession | str | Path | None = None,
+    draft_tokens: int = 4,
 ) -> list[list[int]]:
     """New token ids for each prompt (a list of ids), generated as one left-padded batch.
 
     A row ends at an end-of-sequence id (`eos_token_ids`, default: decoder.json's; the id is
     kept) or when `stop(row, ids_so_far)` is true. `on_step(step, tokens)` is called after every
-    step with each row's new token, None for rows that had already ended.
+    step with each row's new token, None for rows that had already ended. A `draft` decoder
+    speculates `draft_tokens` tokens per call of this one (`speculative.py`; greedy only, the
+    same tokens).
     """
+    if draft is not None:
+        from planc.backends.onnx.speculative import speculative_generate_ids
+
+        if strategy != "greedy":
+            raise ValueError("speculative decoding (a draft) is greedy only: drop the draft or use strategy='greedy'")
+        return speculative_generate_ids(artifact, draft, prompts, max_new_tokens, draft_tokens=draft_tokens,
+                                        eos_token_ids=eos_token_ids, stop=stop, on_step=on_step)
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if not prompts or any(len(p) == 0 for p in prompts):
@@ -292,6 +340,8 @@ def generate(
     seed: int | None = 0,
     stop: list[str] | None = None,
     stream: Callable[[int, str], None] | None = None,
+    draft: DecoderSession | str | Path | None = None,
+    draft_tokens: int = 4,
 ) -> list[str]:
     """Completions (new text only) of `prompts`, generated as one batch.
 
@@ -345,6 +395,8 @@ def generate(
         seed=seed,
         stop=should_stop if stop else None,
         on_step=on_step,
+        draft=draft,
+        draft_tokens=draft_tokens,
     )
     texts = []
     for row, ids in enumerate(rows):
@@ -392,6 +444,8 @@ def generate_cli(
     seed: int | None = 0,
     stop: list[str] | None = None,
     out: TextIO | None = None,
+    draft: DecoderSession | str | Path | None = None,
+    draft_tokens: int = 4,
 ) -> list[str]:
     """`planc generate DIR --prompt ... [--batch-file F]`: one prompt streams its completion as
     it is generated; several (the prompts, then the file's) are generated as one batch and
@@ -402,6 +456,8 @@ def generate_cli(
         raise ValueError("nothing to generate: give --prompt or --batch-file")
     single = len(prompts) == 1
     warn_if_numerics_differ(Path(artifact_dir))
+    if draft is not None:  # a bad draft fails before the prompt is echoed
+        draft = DecoderSession(draft)
 
     def stream(row: int, piece: str) -> None:
         out.write(piece)
@@ -412,7 +468,7 @@ def generate_cli(
         out.flush()
     texts = generate(
         artifact_dir, prompts, max_new_tokens, strategy, temperature, top_k, top_p, seed, stop,
-        stream if single else None,
+        stream if single else None, draft, draft_tokens,
     )
     if single:
         out.write("\n")

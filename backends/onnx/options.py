@@ -60,6 +60,13 @@ class Decode(_Frozen):
     max_new_tokens: int = Field(16, ge=1)
     #: Held-out text for perplexity, one document per file; None = skip perplexity.
     heldout: str | None = None
+    #: A smaller decoder artifact directory (relative to the plan, built by its own plan first:
+    #: layer-dropped and distilled) that speculates for this one (`speculative.py`); the report
+    #: then gives its acceptance rate and tokens/s against plain decoding, and the build fails
+    #: unless speculation reproduces plain greedy decoding token for token.
+    draft: str | None = None
+    #: Tokens the draft proposes per verification call of the full model.
+    draft_tokens: int = Field(4, ge=1, le=32)
 
 
 class OnnxTarget(_Frozen):

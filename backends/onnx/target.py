@@ -216,6 +216,12 @@ class OnnxKind:
         decode = options.decode
         assert decode is not None
         heldout = job.plan.model.base_dir / decode.heldout if decode.heldout else None
+        draft = job.plan.model.base_dir / decode.draft if decode.draft else None
+        if draft is not None and not (draft / "decoder.json").is_file():
+            # checked when building, not by `planc check`: the draft is another compile's output
+            raise _error(target.option_spans.get("decode.draft", target.span),
+                         f"no decoder artifact at {decode.draft} (decoder.json is missing)",
+                         "compile the draft's plan first, e.g. planc compile examples/gpt_draft.plan -o out/gpt_draft")
         job.progress("exporting the decoder to ONNX, verifying generation against the eager model")
         summaries = [*loaded.rewrites]
         if step and quantize:
@@ -224,7 +230,7 @@ class OnnxKind:
 
         try:
             result = build_decoder_artifact(loaded.model, options, quantize, job.out_dir, heldout, summaries, explain(job.plan),
-                                            self._texts(loaded))
+                                            self._texts(loaded), draft=draft)
         except UnsupportedDecoder as error:
             raise _error(job.plan.model.span, f"model '{job.plan.model.name}': {error}") from error
         return Built(result.path, result.report, result.session)
