@@ -8,6 +8,10 @@ The graph follows Optimum's `ORTModelForCausalLM` naming, so other runtimes can 
 - outputs `logits` [batch, seq, vocab], `present.{i}.key` / `.value` [batch, kv_heads, past + seq,
   head_dim].
 
+Where the serving rewrites apply (`decoder_serving.py`, checked by `decoder_fusions.py`), the
+graph also takes an optional `logits_to_keep` and lets one max-length buffer serve as past and
+present (`DecoderSpec.kv_buffer`, the README's "Decoder graphs" section).
+
 Two model families are adapted to that signature by a wrapper that flattens the cache:
 the example GPT (`examples/models/gpt.py`: a list of (k, v) tuples) and Hugging Face causal LMs
 (GPT-2, Llama, ...: a `DynamicCache` built from the flat tensors and read back per layer).
@@ -25,7 +29,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -38,8 +41,10 @@ from planc.backends.onnx.cache_adapter import (
     is_hf_model,
     position_ids_from_mask,
 )
+from planc.backends.onnx.decoder_fusions import Fused, fuse_if_exact
+from planc.backends.onnx.decoder_serving import add_logits_to_keep
 from planc.backends.onnx.decoder_tokenizer import HF_TOKENIZER_FILES
-from planc.backends.onnx.export import initializer_bytes, save_model
+from planc.backends.onnx.export import save_model
 from planc.passes.graph_utils import conv1d_as_linear
 from planc.passes.quantize import Quantize
 
@@ -49,10 +54,6 @@ SPEC_FILE = "decoder.json"
 MODEL_FILE = "model.onnx"
 
 Quantization = Literal["int8", "int4"]
-#: Fused and unfused graphs may differ by float reassociation, not by more.
-_FUSION_TOLERANCE = 1e-3
-#: Graphs up to this size are run once fused and once unfused to check the fusions.
-_PROBE_BYTES = 1 << 30
 
 
 def input_names(n_layer: int) -> list[str]:
@@ -87,6 +88,11 @@ class DecoderSpec:
     quantizer: str | None = None  #: "planc" or "ort": who wrote the integer weights
     group_size: int | None = None
     fusions: dict[str, int] = field(default_factory=dict)
+    #: "shared": one max-length buffer per key/value may be bound as both past and present
+    #: (README, "Decoder graphs"); "growing": presents are new tensors of past + seq slots.
+    kv_buffer: str = "growing"
+    #: The graph has the optional `logits_to_keep` input (default 0: logits of every position).
+    logits_to_keep: bool = False
 
     @property
     def eos_token_id(self) -> int | None:
@@ -275,59 +281,6 @@ def _name_total_length(model) -> None:
             value.shape = ir.Shape(dims)
 
 
-def _probe_feeds(adapter: CacheAdapter) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """A left-padded prefill (past 0) for a fusion check, and the next step's ids."""
-    gen = torch.Generator().manual_seed(1)
-    ids = torch.randint(1, adapter.vocab_size(), (2, 6), generator=gen)
-    mask = torch.ones_like(ids)
-    mask[0, :3] = 0
-    feeds = {"input_ids": ids.numpy(), "attention_mask": mask.numpy(), "position_ids": position_ids_from_mask(mask).numpy()}
-    for i, (key, value) in enumerate(empty_past(adapter.cache_layout(), 2)):
-        feeds[f"past_key_values.{i}.key"], feeds[f"past_key_values.{i}.value"] = key.numpy(), value.numpy()
-    return feeds, torch.randint(1, adapter.vocab_size(), (2, 1), generator=gen).numpy()
-
-
-def _run_probe(model, adapter: CacheAdapter) -> list[np.ndarray]:
-    """Outputs of a padded prefill and one decode step of `model` (onnx_ir) on ORT's CPU."""
-    import onnx_ir as ir
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(ir.serde.serialize_model(model).SerializeToString(), providers=["CPUExecutionProvider"])
-    feeds, next_ids = _probe_feeds(adapter)
-    prefill = session.run(None, feeds)
-    n_layer = len(adapter.cache_layout())
-    mask = np.concatenate([feeds["attention_mask"], np.ones((2, 1), np.int64)], axis=1)
-    step = {"input_ids": next_ids, "attention_mask": mask, "position_ids": mask.sum(1, keepdims=True) - 1}
-    for i in range(n_layer):
-        step[f"past_key_values.{i}.key"], step[f"past_key_values.{i}.value"] = prefill[1 + 2 * i], prefill[2 + 2 * i]
-    return prefill + session.run(None, step)
-
-
-def _fuse_if_exact(model, adapter: CacheAdapter):
-    """(graph, fusions applied): the fused graph when it computes what the unfused one does.
-
-    Some fusions assume what a decoder does not guarantee: onnxscript's GroupQueryAttention
-    fusion (matched on some transformers versions' Llama graphs) feeds ORT's GQA kernel, which
-    supports right padding only, and then left-padded rows come out wrong. A left-padded
-    prefill and a decode step through both graphs decide.
-    """
-    import onnx_ir as ir
-
-    fused = ir.serde.deserialize_model(ir.serde.serialize_model(model))
-    applied = apply_ort_fusions(fused)
-    if not applied:
-        return model, {}
-    if initializer_bytes(model) > _PROBE_BYTES:
-        logger.info("graph too large for the fusion probe: keeping fusions %s unchecked", applied)
-        return fused, applied
-    reference, candidate = _run_probe(model, adapter), _run_probe(fused, adapter)
-    worst = max(float(np.abs(a - b).max()) for a, b in zip(reference, candidate))
-    if worst > _FUSION_TOLERANCE:
-        logger.warning("ORT fusions %s change the outputs by %.3g on left-padded input: exporting unfused", applied, worst)
-        return model, {}
-    return fused, applied
-
-
 def _with_weights_as_matmul(model):
     import onnx_ir as ir
 
@@ -337,25 +290,6 @@ def _with_weights_as_matmul(model):
     count = weights_as_matmul(proto)
     logger.debug("%d weight products rewritten as MatMul", count)
     return ir.serde.deserialize_model(proto)
-
-
-def apply_ort_fusions(model) -> dict[str, int]:
-    """onnxscript's ONNX Runtime fusions (attention, rotary, SkipLayerNorm, ...), in place.
-
-    Returns the count of each fusion that matched.
-    """
-    from onnxscript.rewriter.ort_fusions import optimize_for_ort
-
-    _, counts = optimize_for_ort(model)
-    # Fusions leave stale shapes on values they re-wired; ORT infers them again at load.
-    outputs = set(model.graph.outputs)
-    for node in model.graph:
-        for value in node.outputs:
-            if value not in outputs:
-                value.shape = None
-    applied = {name: int(n) for name, n in counts.items() if n}
-    logger.info("ORT fusions applied: %s", applied or "none")
-    return applied
 
 
 def _find_tokenizer(model: nn.Module, adapter: CacheAdapter, tokenizer: str | Path | None) -> Path | None:
@@ -462,14 +396,14 @@ def export_decoder(
     # Plain MatMuls first: quantizers need them, and onnxscript's MHA fusion drops the Reshape
     # that feeds a 2-D Gemm (GPT-2's Conv1D), which leaves the Gemm a 3-D input.
     onnx_model = _with_weights_as_matmul(onnx_model)
-    applied: dict[str, int] = {}
-    if fusions:
-        onnx_model, applied = _fuse_if_exact(onnx_model, adapter)
+    fused = fuse_if_exact(onnx_model, adapter) if fusions else Fused(onnx_model)
+    onnx_model = fused.model
     if graph is not None:
         from planc.backends.onnx.optimize import lower_int8
 
         lowered = lower_int8(onnx_model)  # planc int8 weights -> DynamicQuantizeMatMul
         logger.info("planc int8 weights lowered to ORT kernels: %s", lowered or "none")
+    keeps_logits = add_logits_to_keep(onnx_model)
     from planc.compiler.publish import staged_dir
 
     with staged_dir(out) as tmp:
@@ -494,7 +428,9 @@ def export_decoder(
             quantization=scheme,
             quantizer=quantizer if quantize is not None else None,
             group_size=group_size if scheme == "int4" else None,
-            fusions=applied,
+            fusions=fused.applied,
+            kv_buffer="shared" if fused.shared_buffer else "growing",
+            logits_to_keep=keeps_logits,
         )
         (Path(tmp) / SPEC_FILE).write_text(spec.to_json())
     logger.info("decoder artifact written to %s (%s)", out, scheme or "fp32")

@@ -2,10 +2,14 @@
 
 Prompts are left-padded (attention_mask 0, position_ids = cumsum(mask) - 1 clamped at 0), so
 every row's newest token sits in the last column and one graph call advances the whole batch.
-The cache never visits Python: each step binds the previous step's `present.*` OrtValues as the
-next `past_key_values.*` inputs through I/O binding, presents stay on the execution provider's
-device (GPU memory under CUDA), and only the last position's logits come back to the host,
-into a buffer preallocated once per generation. Sampling (greedy, temperature, top-k, top-p) is
+The cache never visits Python. A graph whose decoder.json says `kv_buffer: shared` gets one
+buffer per key/value, allocated once per generation with room for the prompt and every new
+token, bound through I/O binding as both `past_key_values.*` and `present.*`: the attention
+kernel writes each step's keys/values into it in place. Other graphs get the previous step's
+`present.*` OrtValues bound as the next `past_key_values.*`. Either way the cache stays on the
+execution provider's device (GPU memory under CUDA), the prefill asks for the last position's
+logits only where the graph takes `logits_to_keep`, and the logits come back to the host into a
+buffer preallocated once per generation. Sampling (greedy, temperature, top-k, top-p) is
 numpy with a seeded generator, so a seed reproduces a run exactly.
 """
 
@@ -62,6 +66,8 @@ class DecoderSession:
         self._positions = np.zeros(0, np.int64)
         self._logits = None
         self._logits_host = np.zeros((0, 1, 0), np.float32)
+        self.shared_buffer = self.spec.kv_buffer == "shared"
+        self._keep_last = np.ones(1, np.int64)
 
     def _check_signature(self) -> None:
         got_in = [i.name for i in self.session.get_inputs()]
@@ -77,35 +83,58 @@ class DecoderSession:
     def batch(self) -> int:
         return self._mask.shape[0]
 
-    def _run(self, input_ids: np.ndarray, positions: np.ndarray, past: list, decoding: bool,
-             every_position: bool = False) -> np.ndarray:
-        """One graph call over the bound cache; returns logits of the last position [batch, vocab]
-        (of every fed position [batch, seq, vocab] with `every_position`)."""
+    def _cache_run(self, input_ids: np.ndarray, positions: np.ndarray, every_position: bool = False) -> np.ndarray:
+        """One call over the cache (a decode step, or `extend`'s chunk); returns the logits of the
+        last position [batch, vocab], or of every fed position [batch, seq, vocab]."""
         binding = self._binding
         binding.clear_binding_inputs()
         binding.clear_binding_outputs()
         binding.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, dtype=np.int64))
         binding.bind_cpu_input("attention_mask", np.ascontiguousarray(self._mask[:, : self._length]))
         binding.bind_cpu_input("position_ids", np.ascontiguousarray(positions, dtype=np.int64))
-        for i, (key, value) in enumerate(past):
-            for name, tensor in ((f"past_key_values.{i}.key", key), (f"past_key_values.{i}.value", value)):
-                if isinstance(tensor, np.ndarray):
-                    binding.bind_cpu_input(name, tensor)
-                else:
-                    binding.bind_ortvalue_input(name, tensor)
-        if decoding:
-            binding.bind_ortvalue_output("logits", self._logits)  # preallocated, reused every step
-        else:
+        if every_position:
             binding.bind_output("logits", "cpu")
-        for i in range(self.spec.n_layer):
-            binding.bind_output(f"present.{i}.key", self.device)
-            binding.bind_output(f"present.{i}.value", self.device)
+        else:
+            binding.bind_ortvalue_output("logits", self._logits)  # preallocated, reused every step
+        for i, (key, value) in enumerate(self._past):
+            for kind, tensor in (("key", key), ("value", value)):
+                if isinstance(tensor, np.ndarray):  # a growing cache after `rollback`
+                    binding.bind_cpu_input(f"past_key_values.{i}.{kind}", tensor)
+                else:
+                    binding.bind_ortvalue_input(f"past_key_values.{i}.{kind}", tensor)
+                if self.shared_buffer:
+                    binding.bind_ortvalue_output(f"present.{i}.{kind}", tensor)  # written in place
+                else:
+                    binding.bind_output(f"present.{i}.{kind}", self.device)
         self.session.run_with_iobinding(binding)
         outputs = binding.get_outputs()
+        if not self.shared_buffer:
+            self._past = [(outputs[1 + 2 * i], outputs[2 + 2 * i]) for i in range(self.spec.n_layer)]
+        return outputs[0].numpy() if every_position else self._logits_host[:, -1, :].copy()
+
+    def _prefill_run(self, input_ids: np.ndarray, positions: np.ndarray, slots: int) -> np.ndarray:
+        """The prefill call; its presents become the cache. A shared-buffer graph is given
+        zeroed pasts of `slots` positions, and its presents are as long: those are the buffers
+        later steps write into. `logits_to_keep` (an overridable initializer, which I/O binding
+        cannot bind) asks for the last position's logits only."""
+        import onnxruntime as ort
+
+        batch = input_ids.shape[0]
+        feeds = {
+            "input_ids": np.ascontiguousarray(input_ids, dtype=np.int64),
+            "attention_mask": np.ascontiguousarray(self._mask[:, : self._length]),
+            "position_ids": np.ascontiguousarray(positions, dtype=np.int64),
+        }
+        if self.spec.logits_to_keep:
+            feeds["logits_to_keep"] = self._keep_last
+        for i, heads in enumerate(self.spec.kv_heads):
+            empty = np.zeros((batch, heads, slots if self.shared_buffer else 0, self.spec.head_dim), np.float32)
+            feeds[f"past_key_values.{i}.key"] = feeds[f"past_key_values.{i}.value"] = empty
+        values = {name: ort.OrtValue.ortvalue_from_numpy(array, self.device if name.startswith("past") else "cpu")
+                  for name, array in feeds.items()}
+        outputs = self.session.run_with_ort_values(output_names(self.spec.n_layer), values)
         self._past = [(outputs[1 + 2 * i], outputs[2 + 2 * i]) for i in range(self.spec.n_layer)]
-        if decoding:
-            return self._logits_host[:, -1, :].copy()
-        return outputs[0].numpy() if every_position else outputs[0].numpy()[:, -1, :]
+        return outputs[0].numpy()[:, -1, :]
 
     def prefill(self, input_ids: np.ndarray, attention_mask: np.ndarray, max_new_tokens: int = 0) -> np.ndarray:
         """Start a batch from left-padded prompts; room is reserved for `max_new_tokens` more."""
@@ -122,14 +151,32 @@ class DecoderSession:
         self._mask[:, :seq] = attention_mask
         self._length = seq
         self._positions = attention_mask.sum(axis=1).astype(np.int64)  # next position of each row
-        past = [
-            (np.zeros((batch, h, 0, self.spec.head_dim), np.float32),) * 2 for h in self.spec.kv_heads
-        ]
         positions = np.clip(np.cumsum(attention_mask, axis=1) - 1, 0, None)
-        logits = self._run(input_ids, positions, past, decoding=False)
+        logits = self._prefill_run(input_ids, positions, seq + max(max_new_tokens, 1))
         self._logits_host = np.empty((batch, 1, self.spec.vocab), np.float32)
         self._logits = ort.OrtValue.ortvalue_from_numpy(self._logits_host)
         return logits
+
+    def _grow_buffers(self, slots: int) -> None:
+        """Copy the shared buffers into longer ones: a generation ran past its reserved length."""
+        import onnxruntime as ort
+
+        grown = []
+        for pair in self._past:
+            longer = []
+            for buffer in pair:
+                host = buffer.numpy()
+                copy = np.zeros((*host.shape[:2], slots, host.shape[3]), np.float32)
+                copy[:, :, : host.shape[2]] = host
+                longer.append(ort.OrtValue.ortvalue_from_numpy(copy, self.device))
+            grown.append(tuple(longer))
+        self._past = grown
+
+    def _reserve(self, width: int) -> None:
+        """Room in the shared buffers for `width` more positions (grown when a generation runs
+        past the length reserved at prefill)."""
+        if self.shared_buffer and self._length + width > self._past[0][0].shape()[2]:
+            self._grow_buffers(max(self._mask.shape[1], self._length + width))
 
     def step(self, next_ids: np.ndarray) -> np.ndarray:
         """Append one token per row (finished rows included: they are fed padding)."""
@@ -139,10 +186,11 @@ class DecoderSession:
             grown = np.zeros((self.batch, self._mask.shape[1] + 16), np.int64)
             grown[:, : self._length] = self._mask[:, : self._length]
             self._mask = grown
+        self._reserve(1)
         self._mask[:, self._length] = 1
         self._length += 1
         ids = np.asarray(next_ids, np.int64).reshape(-1, 1)
-        logits = self._run(ids, self._positions[:, None], self._past, decoding=True)
+        logits = self._cache_run(ids, self._positions[:, None])
         self._positions += 1
         return logits
 
@@ -157,26 +205,30 @@ class DecoderSession:
             grown = np.zeros((self.batch, self._length + width + 16), np.int64)
             grown[:, : self._length] = self._mask[:, : self._length]
             self._mask = grown
+        self._reserve(width)
         self._mask[:, self._length : self._length + width] = 1
         self._length += width
         positions = self._positions[:, None] + np.arange(width, dtype=np.int64)
-        logits = self._run(ids, positions, self._past, decoding=False, every_position=True)
+        logits = self._cache_run(ids, positions, every_position=True)
         self._positions += width
         return logits
 
     def rollback(self, count: int) -> None:
         """Forget the last `count` positions of every row (drafted tokens that were rejected).
-        The kept cache is copied to host numpy arrays, bound as inputs by the next call."""
+        A shared buffer keeps its slots (the next call overwrites them and reads only up to the
+        mask's length); a growing cache's kept part is copied to host numpy arrays, bound as
+        inputs by the next call."""
         if self._past is None or not 0 <= count <= self._length:
             raise ValueError(f"cannot roll back {count} of {self._length} cached positions")
         if count == 0:
             return
         keep = self._length - count
-        self._past = [
-            tuple(np.ascontiguousarray(np.asarray(t if isinstance(t, np.ndarray) else t.numpy())[:, :, :keep])
-                  for t in pair)
-            for pair in self._past
-        ]
+        if not self.shared_buffer:
+            self._past = [
+                tuple(np.ascontiguousarray(np.asarray(t if isinstance(t, np.ndarray) else t.numpy())[:, :, :keep])
+                      for t in pair)
+                for pair in self._past
+            ]
         self._mask[:, keep : self._length] = 0
         self._length = keep
         self._positions -= count

@@ -20,8 +20,10 @@ def _dims(value_info) -> list:
 @pytest.mark.parametrize("name", ["gpt", "gpt2", "llama"])
 def test_io_names_and_dynamic_axes(artifacts, decoders, name):
     model = onnx.load(artifacts(name) / "model.onnx")
+    spec = DecoderSpec.load(artifacts(name))
     layout = adapt(decoders[name]).cache_layout()
-    inputs = {i.name: _dims(i) for i in model.graph.input}
+    initializers = {i.name for i in model.graph.initializer}
+    inputs = {i.name: _dims(i) for i in model.graph.input if i.name not in initializers}
     outputs = {o.name: _dims(o) for o in model.graph.output}
     expected_in = ["input_ids", "attention_mask", "position_ids"]
     expected_out = ["logits"]
@@ -33,9 +35,17 @@ def test_io_names_and_dynamic_axes(artifacts, decoders, name):
     assert inputs["input_ids"] == ["batch_size", "sequence_length"]
     assert inputs["attention_mask"] == ["batch_size", "total_sequence_length"]
     heads, head_dim = layout[0]
-    assert inputs["past_key_values.0.key"] == ["batch_size", heads, "past_sequence_length", head_dim]
-    assert outputs["present.1.value"] == ["batch_size", heads, "total_sequence_length", head_dim]
-    assert outputs["logits"][:2] == ["batch_size", "sequence_length"]
+    shared = spec.kv_buffer == "shared"
+    past, present = ("past_buffer_length", "present_sequence_length") if shared else ("past_sequence_length", "total_sequence_length")
+    assert inputs["past_key_values.0.key"] == ["batch_size", heads, past, head_dim]
+    assert outputs["present.1.value"] == ["batch_size", heads, present, head_dim]
+    assert outputs["logits"][0] == "batch_size"
+    # the optional input: an overridable initializer whose default keeps every position
+    keep = [i for i in model.graph.input if i.name == "logits_to_keep"]
+    assert spec.logits_to_keep == bool(keep)
+    if keep:
+        default = next(t for t in model.graph.initializer if t.name == "logits_to_keep")
+        assert onnx.numpy_helper.to_array(default).tolist() == [0]
 
 
 def test_decoder_json(artifacts, llama_model):
@@ -122,14 +132,14 @@ def test_fusions_that_change_outputs_are_dropped(tmp_path, gpt_model, monkeypatc
     """A fusion that alters the numbers (as ORT's GQA does on left padding) is not kept."""
     import onnx_ir as ir
 
-    import planc.backends.onnx.decoder as decoder
+    import planc.backends.onnx.decoder_fusions as decoder_fusions
 
     def bad_fusion(model) -> dict[str, int]:
         weight = model.graph.initializers["model.tok_emb.weight"]
         weight.const_value = ir.tensor(weight.const_value.numpy() * 1.5)
         return {"bad": 1}
 
-    monkeypatch.setattr(decoder, "apply_ort_fusions", bad_fusion)
+    monkeypatch.setattr(decoder_fusions, "apply_ort_fusions", bad_fusion)
     spec = export_decoder(gpt_model, tmp_path / "art")
     assert spec.fusions == {}
     from planc.backends.onnx.generate import DecoderSession
