@@ -13,7 +13,8 @@ are scored and timed by the same code (`bench/bench_builder.py`).
   agreement and perplexity.
 - `genai_generate`: the builder's own runtime (`og.Generator`) on the same prompts.
 
-Every session uses the given thread count and `session.intra_op.allow_spinning = 0`.
+Every ONNX Runtime session here uses the given thread count and `session.intra_op.allow_spinning
+= 0`; `og.Generator`'s session gets the thread count (its config has no way to set spinning).
 """
 
 from __future__ import annotations
@@ -132,9 +133,10 @@ def genai_generate(model_dir: Path, prompts: np.ndarray, new_tokens: int, thread
     import onnxruntime_genai as og
 
     config = og.Config(str(model_dir))
+    # genai_config.json's session options know no config entries: its sessions keep GenAI's own
+    # spinning policy (every other session here sets allow_spinning = 0)
     config.overlay(json.dumps({"model": {"decoder": {"session_options": {
-        "intra_op_num_threads": threads, "inter_op_num_threads": 1,
-        "config_entries": {"session.intra_op.allow_spinning": "0"}}}}}))
+        "intra_op_num_threads": threads, "inter_op_num_threads": 1}}}}))
     model = og.Model(config)
     batch, length = prompts.shape
 

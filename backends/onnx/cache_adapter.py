@@ -40,6 +40,11 @@ class CacheAdapter(nn.Module):
     def max_positions(self) -> int | None:
         raise NotImplementedError
 
+    def attention_window(self) -> bool:
+        """Whether some attention sees only a window of the past (sliding or chunked): then its
+        mask is more than causal + padding, which short probes cannot always tell."""
+        return True
+
 
 class GPTCacheAdapter(CacheAdapter):
     """The example GPT (`examples/models/gpt.py`), whose cache is a list of (k, v) tuples."""
@@ -66,6 +71,9 @@ class GPTCacheAdapter(CacheAdapter):
 
     def max_positions(self) -> int | None:
         return self.model.pos_emb.num_embeddings
+
+    def attention_window(self) -> bool:
+        return False
 
 
 class HFCacheAdapter(CacheAdapter):
@@ -108,6 +116,12 @@ class HFCacheAdapter(CacheAdapter):
     def max_positions(self) -> int | None:
         config = self.model.config
         return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+
+    def attention_window(self) -> bool:
+        config = self.model.config.get_text_config(decoder=True)
+        layer_types = getattr(config, "layer_types", None) or []
+        return bool(getattr(config, "sliding_window", None) or getattr(config, "attention_chunk_size", None)
+                    or any(kind != "full_attention" for kind in layer_types))
 
 
 def has_linear_projections(model: nn.Module) -> bool:

@@ -155,7 +155,7 @@ def fuse_if_exact(model, adapter: CacheAdapter, attention: bool = True) -> Fused
         applied = apply_ort_fusions(fused)
         shared = False
         if with_attention:
-            gqa = fuse_gqa(fused, adapter.max_positions())
+            gqa = fuse_gqa(fused, adapter.max_positions(), adapter.attention_window())
             if gqa:
                 applied["group_query_attention"] = gqa
                 shared = share_buffers(fused)
