@@ -87,19 +87,20 @@ class GraphLoop:
         binding = self.binding
         for step in range(1, new_tokens):
             total = length + step
-            binding.clear_binding_inputs()
-            binding.clear_binding_outputs()
+            if step == 1 or not self.shared:  # shared buffers stay bound: only the inputs change
+                binding.clear_binding_inputs()
+                binding.clear_binding_outputs()
+                binding.bind_ortvalue_output("logits", logits_value)
+                for name, present, value in zip(self._names("past_key_values"), self._names("present"), cache):
+                    binding.bind_ortvalue_input(name, value)
+                    if self.shared:
+                        binding.bind_ortvalue_output(present, value)
+                    else:
+                        binding.bind_output(present, "cpu")
             binding.bind_cpu_input("input_ids", np.ascontiguousarray(tokens[:, step - 1 : step]))
             binding.bind_cpu_input("attention_mask", np.ascontiguousarray(mask[:, :total]))
             if "position_ids" in self.inputs:
                 binding.bind_cpu_input("position_ids", np.ascontiguousarray(positions[:, total - 1 : total]))
-            binding.bind_ortvalue_output("logits", logits_value)
-            for name, present, value in zip(self._names("past_key_values"), self._names("present"), cache):
-                binding.bind_ortvalue_input(name, value)
-                if self.shared:
-                    binding.bind_ortvalue_output(present, value)
-                else:
-                    binding.bind_output(present, "cpu")
             self.session.run_with_iobinding(binding)
             if not self.shared:
                 cache = binding.get_outputs()[1:]

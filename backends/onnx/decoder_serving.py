@@ -191,7 +191,7 @@ class _Builder:
             self._lengths = (seqlens, total32)
         return self._lengths
 
-    def pastlength(self) -> ir.Value:
+    def past_length(self) -> ir.Value:
         """int64 [1]: cached tokens before this call, from the mask and ids (not the past tensors)."""
         if self._past_length is None:
             first = self.graph.node(0)
@@ -342,7 +342,7 @@ def share_buffers(model: ir.Model) -> bool:
                 length_reads.append(user)
     builder = _Builder(graph)
     for read in length_reads:
-        read.outputs[0].replace_all_uses_with(builder.pastlength())
+        read.outputs[0].replace_all_uses_with(builder.past_length())
     from onnx_ir.passes.common import RemoveUnusedNodesPass
 
     RemoveUnusedNodesPass()(model)

@@ -67,6 +67,7 @@ class DecoderSession:
         self._logits = None
         self._logits_host = np.zeros((0, 1, 0), np.float32)
         self.shared_buffer = self.spec.kv_buffer == "shared"
+        self._cache_bound = False  #: shared buffers and logits bound in `_binding` already
         self._keep_last = np.ones(1, np.int64)
 
     def _check_signature(self) -> None:
@@ -85,32 +86,40 @@ class DecoderSession:
 
     def _cache_run(self, input_ids: np.ndarray, positions: np.ndarray, every_position: bool = False) -> np.ndarray:
         """One call over the cache (a decode step, or `extend`'s chunk); returns the logits of the
-        last position [batch, vocab], or of every fed position [batch, seq, vocab]."""
+        last position [batch, vocab], or of every fed position [batch, seq, vocab].
+
+        Between decode steps, shared buffers and the logits buffer stay bound: only the three
+        small inputs are bound again (the same names replace the previous step's)."""
         binding = self._binding
-        binding.clear_binding_inputs()
-        binding.clear_binding_outputs()
+        if every_position or not self._cache_bound:
+            binding.clear_binding_inputs()
+            binding.clear_binding_outputs()
+            if every_position:
+                binding.bind_output("logits", "cpu")
+            else:
+                binding.bind_ortvalue_output("logits", self._logits)  # preallocated, reused every step
+            for i, (key, value) in enumerate(self._past):
+                for kind, tensor in (("key", key), ("value", value)):
+                    if isinstance(tensor, np.ndarray):  # a growing cache after `rollback`
+                        binding.bind_cpu_input(f"past_key_values.{i}.{kind}", tensor)
+                    else:
+                        binding.bind_ortvalue_input(f"past_key_values.{i}.{kind}", tensor)
+                    if self.shared_buffer:
+                        binding.bind_ortvalue_output(f"present.{i}.{kind}", tensor)  # written in place
+                    else:
+                        binding.bind_output(f"present.{i}.{kind}", self.device)
+            self._cache_bound = self.shared_buffer and not every_position
         binding.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, dtype=np.int64))
         binding.bind_cpu_input("attention_mask", np.ascontiguousarray(self._mask[:, : self._length]))
         binding.bind_cpu_input("position_ids", np.ascontiguousarray(positions, dtype=np.int64))
-        if every_position:
-            binding.bind_output("logits", "cpu")
-        else:
-            binding.bind_ortvalue_output("logits", self._logits)  # preallocated, reused every step
-        for i, (key, value) in enumerate(self._past):
-            for kind, tensor in (("key", key), ("value", value)):
-                if isinstance(tensor, np.ndarray):  # a growing cache after `rollback`
-                    binding.bind_cpu_input(f"past_key_values.{i}.{kind}", tensor)
-                else:
-                    binding.bind_ortvalue_input(f"past_key_values.{i}.{kind}", tensor)
-                if self.shared_buffer:
-                    binding.bind_ortvalue_output(f"present.{i}.{kind}", tensor)  # written in place
-                else:
-                    binding.bind_output(f"present.{i}.{kind}", self.device)
         self.session.run_with_iobinding(binding)
-        outputs = binding.get_outputs()
-        if not self.shared_buffer:
-            self._past = [(outputs[1 + 2 * i], outputs[2 + 2 * i]) for i in range(self.spec.n_layer)]
-        return outputs[0].numpy() if every_position else self._logits_host[:, -1, :].copy()
+        if every_position or not self.shared_buffer:
+            outputs = binding.get_outputs()
+            if not self.shared_buffer:
+                self._past = [(outputs[1 + 2 * i], outputs[2 + 2 * i]) for i in range(self.spec.n_layer)]
+            if every_position:
+                return outputs[0].numpy()
+        return self._logits_host[:, -1, :].copy()
 
     def _prefill_run(self, input_ids: np.ndarray, positions: np.ndarray, slots: int) -> np.ndarray:
         """The prefill call; its presents become the cache. A shared-buffer graph is given
@@ -134,6 +143,7 @@ class DecoderSession:
                   for name, array in feeds.items()}
         outputs = self.session.run_with_ort_values(output_names(self.spec.n_layer), values)
         self._past = [(outputs[1 + 2 * i], outputs[2 + 2 * i]) for i in range(self.spec.n_layer)]
+        self._cache_bound = False
         return outputs[0].numpy()[:, -1, :]
 
     def prefill(self, input_ids: np.ndarray, attention_mask: np.ndarray, max_new_tokens: int = 0) -> np.ndarray:
@@ -171,6 +181,7 @@ class DecoderSession:
                 longer.append(ort.OrtValue.ortvalue_from_numpy(copy, self.device))
             grown.append(tuple(longer))
         self._past = grown
+        self._cache_bound = False
 
     def _reserve(self, width: int) -> None:
         """Room in the shared buffers for `width` more positions (grown when a generation runs
