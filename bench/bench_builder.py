@@ -13,7 +13,9 @@ builder's (`python -m onnxruntime_genai.models.builder -p int4|int8|fp32 -e cpu`
   with the key/value buffer its tool's runtime uses, variants interleaved, median of
   `--repeats`;
 - own b1 / own b8: the same generation in each tool's own runtime (planc's `generate_ids`,
-  ONNX Runtime GenAI's `og.Generator`).
+  ONNX Runtime GenAI's `og.Generator`, whose session options cannot turn thread spinning off);
+- a second table: CPU time of the process per token in the same runs, less sensitive than
+  wall time to other work on a shared machine (spinning threads show up there too).
 
 The builder rows need `onnxruntime_genai` importable by this interpreter (install it in a
 separate environment: it pins its own onnxruntime); without it they are skipped with one line.
@@ -100,10 +102,11 @@ def own_runtime(directory: Path, prompts: np.ndarray, new_tokens: int, threads: 
     return lambda: np.asarray(generate_ids(session, prompts.tolist(), new_tokens, eos_token_ids=[]))
 
 
-def timed(run) -> tuple[float, np.ndarray]:
-    started = time.perf_counter()
+def timed(run) -> tuple[float, float, np.ndarray]:
+    """(wall seconds, CPU seconds of this process's threads, tokens) of one generation."""
+    cpu, started = time.process_time(), time.perf_counter()
     tokens = run()
-    return time.perf_counter() - started, tokens
+    return time.perf_counter() - started, time.process_time() - cpu, tokens
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -162,13 +165,15 @@ def main(argv: list[str] | None = None) -> dict:
             loop = drivers.GraphLoop(directory / "model.onnx", layout, args.threads, shares_buffer(directory))
             runners[(variant, "loop")] = lambda loop=loop: loop.generate(prompts, args.new_tokens)
             runners[(variant, "own")] = own_runtime(directory, prompts, args.new_tokens, args.threads)
-        seconds: dict[tuple[str, str], list[float]] = {key: [] for key in runners}
-        outputs = {key: timed(run)[1] for key, run in runners.items()}  # warm-up
+        seconds: dict[tuple[str, str], list[tuple[float, float]]] = {key: [] for key in runners}
+        outputs = {key: timed(run)[2] for key, run in runners.items()}  # warm-up
         for _ in range(args.repeats):
             for key, run in runners.items():
-                seconds[key].append(timed(run)[0])
+                seconds[key].append(timed(run)[:2])
         for (variant, kind), times in seconds.items():
-            rows[variant][f"{kind}_b{batch}"] = round(batch * args.new_tokens / statistics.median(times), 1)
+            tokens = batch * args.new_tokens
+            rows[variant][f"{kind}_b{batch}"] = round(tokens / statistics.median(t for t, _ in times), 1)
+            rows[variant][f"{kind}_cpu_ms_b{batch}"] = round(1e3 * statistics.median(c for _, c in times) / tokens, 3)
         for variant in artifacts:
             rows[variant][f"loops_agree_b{batch}"] = bool(np.array_equal(outputs[(variant, "loop")], outputs[(variant, "own")]))
 
@@ -207,6 +212,11 @@ def markdown(results: dict, batches: list[int]) -> str:
         lines.append(f"| {row['variant']} | {row['mb']} | {row['top1']:.3f} | {row['perplexity']:.2f} | " + " | ".join(cells) + " |")
     if any(not row[f"loops_agree_b{b}"] for row in results["rows"] for b in batches):
         lines.append("\n\\* the tool's own runtime generated other tokens than the shared loop")
+    cpu = [f"{kind} b{b}" for kind in ("loop", "own") for b in batches]
+    lines += ["", "CPU milliseconds per token (all of the process's threads; the same runs, median):", "",
+              "| variant | " + " | ".join(cpu) + " |", "|---|" + "---|" * len(cpu)]
+    for row in results["rows"]:
+        lines.append(f"| {row['variant']} | " + " | ".join(f"{row[f'{kind}_cpu_ms_b{b}']:.2f}" for kind in ("loop", "own") for b in batches) + " |")
     return "\n".join(lines)
 
 

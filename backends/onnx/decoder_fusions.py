@@ -5,7 +5,7 @@
 1. onnxscript's ONNX Runtime fusions (`optimize_for_ort`: RMS/skip normalization, SDPA ->
    MultiHeadAttention, GELU, ...);
 2. GroupQueryAttention in place of MultiHeadAttention over the present cache, and a past/present
-   buffer that may be shared (`decoder_serving.py`);
+   buffer that may be shared; int4 projections of one input as one MatMulNBits (`decoder_serving.py`);
 
 then runs both graphs on a probe the way planc serves them: a left-padded prefill (past 0) and
 two decode steps, the fused graph with one max-length buffer per key/value bound as past and
@@ -148,7 +148,7 @@ def fuse_if_exact(model, adapter: CacheAdapter, attention: bool = True) -> Fused
     """
     import onnx_ir as ir
 
-    from planc.backends.onnx.decoder_serving import fuse_gqa, share_buffers
+    from planc.backends.onnx.decoder_serving import fuse_gqa, merge_int4_siblings, share_buffers
 
     def candidate(with_attention: bool) -> Fused:
         fused = ir.serde.deserialize_model(ir.serde.serialize_model(model))
@@ -159,6 +159,9 @@ def fuse_if_exact(model, adapter: CacheAdapter, attention: bool = True) -> Fused
             if gqa:
                 applied["group_query_attention"] = gqa
                 shared = share_buffers(fused)
+        merged = merge_int4_siblings(fused)
+        if merged:
+            applied["merged_int4_projections"] = merged
         return Fused(fused, applied, shared)
 
     reference: tuple[list[np.ndarray], list[np.ndarray]] | None = None

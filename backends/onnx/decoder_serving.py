@@ -32,6 +32,9 @@ model's own causal + padding mask. Two rewrites take it from there:
    positions, so callers that do not know it (scoring, Optimum's loop) are unaffected, and a
    prefill that passes 1 multiplies one position per row by the vocabulary projection.
 
+4. `merge_int4_siblings`: MatMulNBits of one input with equal attributes (gate and up) become
+   one over concatenated weights, then a Split.
+
 Anything that does not match is left as it was; the rewrites return what they did.
 """
 
@@ -316,6 +319,38 @@ def _skip_reshapes(out: ir.Value) -> None:
     if op_is(second, "Reshape") and second.inputs[0] is first.outputs[0] and length(second.inputs[1]) == 3 \
             and not second.outputs[0].is_graph_output():
         second.outputs[0].replace_all_uses_with(out)
+
+
+def merge_int4_siblings(model: ir.Model) -> int:
+    """Two or more MatMulNBits of one input with the same attributes (an MLP's gate and up
+    projections) -> one MatMulNBits over their concatenated weights and a Split, in place: one
+    kernel call instead of several, each output column computed exactly as before. Returns the
+    count of merged groups."""
+    from onnx_ir.passes.common import RemoveUnusedNodesPass
+
+    groups: dict[int, list[ir.Node]] = {}
+    for node in model.graph:
+        if op_is(node, "MatMulNBits", MS_DOMAIN):
+            groups.setdefault(id(node.inputs[0]), []).append(node)
+    builder = _Builder(model.graph)
+    merged = 0
+    for nodes in groups.values():
+        packed = patterns.pack_int4([n.outputs[0] for n in nodes]) if len(nodes) > 1 else None
+        if packed is None:
+            continue
+        order = {id(n): i for i, n in enumerate(model.graph)}
+        first = min(nodes, key=lambda n: order[id(n)])
+        name = f"{first.name or 'matmul'}_merged"
+        weights = [builder.constant(f"{name}_{part}", array) for part, array in zip(("weight", "scales", "zero_points"), packed[0][1:])]
+        node = builder.add(first, "MatMulNBits", [packed[0][0], *weights], packed[1], MS_DOMAIN, name=name)
+        sizes = builder.constant(f"{name}_split", np.array([n.attributes.get_int("N") for n in nodes], np.int64))
+        split = builder.add(first, "Split", [node.outputs[0], sizes], {"axis": -1}, outputs=len(nodes), name=f"{name}_split")
+        for old, new in zip(nodes, split.outputs):
+            old.outputs[0].replace_all_uses_with(new)
+        merged += 1
+    if merged:
+        RemoveUnusedNodesPass()(model)
+    return merged
 
 
 def share_buffers(model: ir.Model) -> bool:

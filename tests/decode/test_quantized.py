@@ -39,12 +39,13 @@ def test_integer_weights_and_top1(artifacts, decoders, heldout_files, name, sche
         assert ops["DynamicQuantizeMatMul"] + ops["MatMulInteger"] == layers
         assert any(w.dtype == np.int8 for w in _int_weights(art).values())
     else:
-        # q, k and v of one layer may be packed into one MatMulNBits feeding GroupQueryAttention
-        nodes = onnx.load(art / "model.onnx").graph.node
-        int4_outputs = {n.output[0] for n in nodes if n.op_type == "MatMulNBits"}
-        packed = sum(1 for n in nodes if n.op_type == "GroupQueryAttention" and n.input[0] in int4_outputs and not n.input[1])
-        assert ops["MatMulNBits"] == layers - 2 * packed
-        assert packed in (0, spec.n_layer)
+        # projections may share a MatMulNBits (q|k|v for GroupQueryAttention, gate|up): the int4
+        # weights cover every projection's output columns exactly once, as the eager model has them
+        widths = [next(a.i for a in n.attribute if a.name == "N") for n in onnx.load(art / "model.onnx").graph.node
+                  if n.op_type == "MatMulNBits"]
+        projections = [m for m in decoders[name].modules() if type(m).__name__ in ("Linear", "Conv1D")]
+        assert sum(widths) == sum(m.weight.shape[0] if type(m).__name__ == "Linear" else m.weight.shape[1] for m in projections)
+        assert len(widths) <= layers
         assert _int_weights(art)  # packed uint8 nibbles
     assert ops["MatMul"] == 0 or all(  # what is left multiplies activations only (attention)
         n.input[1] not in {i.name for i in onnx.load(art / "model.onnx").graph.initializer}

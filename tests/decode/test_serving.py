@@ -186,3 +186,22 @@ def test_plain_causal_bias_probe(llama_model):
         verdicts[name] = plain_causal_bias(graph, biases[0])
     assert verdicts == {"llama": True, "mistral": False}
     assert adapt(mistral).attention_window() and not adapt(llama_model).attention_window()
+
+
+def test_merged_int4_projections_compute_what_separate_ones_do(tmp_path, llama_model, monkeypatch):
+    """q|k|v and gate|up in one MatMulNBits each: the logits equal the separate projections'."""
+    import planc.backends.onnx.decoder_serving as decoder_serving
+    from planc.backends.onnx.decoder import export_decoder
+
+    merged = export_decoder(llama_model, tmp_path / "merged", quantize="int4")
+    assert merged.fusions["merged_int4_projections"] == llama_model.config.num_hidden_layers
+    monkeypatch.setattr(decoder_serving, "merge_int4_siblings", lambda model: 0)
+    monkeypatch.setattr(decoder_serving.patterns, "pack_int4", lambda values: None)
+    separate = export_decoder(llama_model, tmp_path / "separate", quantize="int4")
+    assert "merged_int4_projections" not in separate.fusions
+    count = lambda path: Counter(n.op_type for n in onnx.load(path / "model.onnx").graph.node)["MatMulNBits"]  # noqa: E731
+    layers = llama_model.config.num_hidden_layers
+    assert count(tmp_path / "separate") == 7 * layers + 1 and count(tmp_path / "merged") == 4 * layers + 1
+    ids = np.array([[5, 9, 30, 7, 2, 11, 40, 8]], np.int64)
+    np.testing.assert_allclose(DecoderSession(tmp_path / "merged").logits(ids),
+                               DecoderSession(tmp_path / "separate").logits(ids), atol=1e-5, rtol=1e-5)
