@@ -11,7 +11,7 @@ builder's (`python -m onnxruntime_genai.models.builder -p int4|int8|fp32 -e cpu`
 - tok/s b1 / b8: greedy generation of `--new-tokens` after a `--prompt-len`-byte prompt
   (prefill included), every artifact driven by the same loop (`decode_drivers.GraphLoop`), each
   with the key/value buffer its tool's runtime uses, variants interleaved, median of
-  `--repeats`;
+  `--repeats`, a short pause between runs; all loop runs before all own-runtime runs;
 - own b1 / own b8: the same generation in each tool's own runtime (planc's `generate_ids`,
   ONNX Runtime GenAI's `og.Generator`, whose session options cannot turn thread spinning off);
 - a second table: CPU time of the process per token in the same runs, less sensitive than
@@ -48,6 +48,8 @@ import torch  # noqa: E402
 import decode_drivers as drivers  # noqa: E402
 import llama_stdlib  # noqa: E402
 
+#: Seconds between timed runs, for threads still spinning from the previous run to park.
+_SETTLE = 0.05
 PLANC_VARIANTS = ["planc int4 (int8 compute)", "planc int4 (fp32 compute)", "planc int8", "planc fp32"]
 BUILDER_VARIANTS = ["builder int4", "builder int8", "builder fp32"]
 
@@ -167,9 +169,14 @@ def main(argv: list[str] | None = None) -> dict:
             runners[(variant, "own")] = own_runtime(directory, prompts, args.new_tokens, args.threads)
         seconds: dict[tuple[str, str], list[tuple[float, float]]] = {key: [] for key in runners}
         outputs = {key: timed(run)[2] for key, run in runners.items()}  # warm-up
-        for _ in range(args.repeats):
-            for key, run in runners.items():
-                seconds[key].append(timed(run)[:2])
+        # The shared loop's rows first, then the own runtimes': og.Generator's thread pool spins
+        # after each run (its config cannot turn that off), which slowed whatever ran next.
+        for kind in ("loop", "own"):
+            for _ in range(args.repeats):
+                for key, run in runners.items():
+                    if key[1] == kind:
+                        seconds[key].append(timed(run)[:2])
+                        time.sleep(_SETTLE)
         for (variant, kind), times in seconds.items():
             tokens = batch * args.new_tokens
             rows[variant][f"{kind}_b{batch}"] = round(tokens / statistics.median(t for t, _ in times), 1)
