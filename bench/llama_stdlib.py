@@ -1,11 +1,10 @@
 """The decoder benchmarks' Llama-config model, trained briefly on the standard library's sources.
 
 Issue 14's comparison model: 8 layers, width 512, 8 query / 4 key-value heads (grouped-query
-attention), RoPE, RMSNorm, SwiGLU (intermediate 1536), byte vocabulary (padded to 288, see `Recipe.vocab`),
-25.4M parameters. A
-random model's next-token distribution is nearly uniform, and quantization error hardly moves
-its top-1; a few hundred AdamW steps on real code make the predictions peaked the way a real
-model's are, so top-1 and perplexity deltas mean something.
+attention), RoPE, RMSNorm, SwiGLU (intermediate 1536), byte vocabulary (padded to 288, see
+`Recipe.vocab`), 25.5M parameters. A random model's next-token distribution is nearly uniform,
+and quantization error hardly moves its top-1; 150 AdamW steps on real code make the
+predictions peaked the way a real model's are, so top-1 and perplexity deltas mean something.
 
 The text is what planc's training target reads for `data { path = stdlib }`
 (`planc_runtime.data.read_documents`, sorted file order, raw bytes) packed in rows of 129
