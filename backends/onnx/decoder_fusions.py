@@ -7,8 +7,9 @@
 2. GroupQueryAttention in place of MultiHeadAttention over the present cache, and a past/present
    buffer that may be shared; int4 projections of one input as one MatMulNBits (`decoder_serving.py`);
 
-then runs both graphs on a probe the way planc serves them: a left-padded prefill (past 0) and
-two decode steps, the fused graph with one max-length buffer per key/value bound as past and
+then runs both graphs on a probe the way planc serves them: a left-padded prefill (past 0), two
+decode steps and a chunk of three tokens over the past (speculative decoding's verification call),
+the fused graph with one max-length buffer per key/value bound as past and
 present when it allows that. What a caller reads is compared: the logits of real tokens.
 
 - Padded positions hold whatever each graph computes for a query that may attend to nothing
@@ -101,8 +102,8 @@ def _run(session, feeds: dict[str, np.ndarray], past: list, shared: bool) -> tup
 
 
 def run_probe(model, adapter: CacheAdapter, shared: bool = False, steps: int = 2) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """(logits, masks) of a padded prefill and `steps` greedy decode steps of `model` (onnx_ir)
-    on ORT's CPU; each mask marks the real positions of its logits."""
+    """(logits, masks) of a padded prefill, `steps` decode steps and a 3-token chunk of `model`
+    (onnx_ir) on ORT's CPU; each mask marks the real positions of its logits."""
     import onnx_ir as ir
     import onnxruntime as ort
 
@@ -126,6 +127,13 @@ def run_probe(model, adapter: CacheAdapter, shared: bool = False, steps: int = 2
         outputs.append(logits.copy())
         masks.append(np.ones((len(mask), 1, 1), np.int64))
         ids = (ids + 1) % adapter.vocab_size()  # any next ids: both graphs get the same ones
+    # a chunk of several tokens over the past, as speculative decoding's verification sends
+    chunk = np.concatenate([ids, (ids + 7) % adapter.vocab_size(), (ids + 3) % adapter.vocab_size()], axis=1)
+    mask = np.concatenate([mask, np.ones((len(mask), chunk.shape[1]), np.int64)], axis=1)
+    positions = mask.sum(1, keepdims=True) - chunk.shape[1] + np.arange(chunk.shape[1])
+    logits, past = _run(session, {"input_ids": chunk, "attention_mask": mask, "position_ids": positions}, past, shared)
+    outputs.append(logits.copy())
+    masks.append(np.ones((len(mask), chunk.shape[1], 1), np.int64))
     return outputs, masks
 
 

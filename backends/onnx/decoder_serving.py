@@ -177,8 +177,11 @@ class _Builder:
             raise KeyError(name)
         return found[0]
 
-    def lengths(self) -> tuple[ir.Value, ir.Value]:
-        """(seqlens_k int32 [batch] = total - 1 in every row, total_sequence_length int32 scalar)."""
+    def lengths(self) -> tuple[ir.Value, ir.Value, ir.Value]:
+        """(seqlens_k int32 [batch] = total - 1 in every row, total_sequence_length int32 scalar,
+        query_seqlens int32 [batch] = seq in every row). The last makes the kernel accept a chunk
+        of several new tokens over a past in a batch (speculative decoding's verification call);
+        every row's chunk is whole: left padding lives in the mask, not in the chunk."""
         if self._lengths is None:
             first = self.graph.node(0)
             mask = self.graph_input("attention_mask")
@@ -190,8 +193,11 @@ class _Builder:
             seqlens = self.add(first, "Cast", [rows], {"to": ir.DataType.INT32}, name="gqa_seqlens_k").outputs[0]
             scalar = self.add(first, "Squeeze", [total, self.constant("gqa_axis0", np.array([0], np.int64))], name="gqa_total").outputs[0]
             total32 = self.add(first, "Cast", [scalar], {"to": ir.DataType.INT32}, name="gqa_total_sequence_length").outputs[0]
-            seqlens.name, total32.name = "gqa_seqlens_k", "gqa_total_sequence_length"
-            self._lengths = (seqlens, total32)
+            seq = self.add(first, "Shape", [ids], {"start": 1, "end": 2}, name="gqa_seq").outputs[0]
+            chunk = self.add(first, "Expand", [seq, batch], name="gqa_query_seqlens_i64").outputs[0]
+            query = self.add(first, "Cast", [chunk], {"to": ir.DataType.INT32}, name="gqa_query_seqlens").outputs[0]
+            seqlens.name, total32.name, query.name = "gqa_seqlens_k", "gqa_total_sequence_length", "gqa_query_seqlens"
+            self._lengths = (seqlens, total32, query)
         return self._lengths
 
     def past_length(self) -> ir.Value:
@@ -259,7 +265,7 @@ def fuse_gqa(model: ir.Model, max_positions: int | None = None, windowed: bool =
     plain: dict[int, bool] = {}
     for i, found in enumerate(matches):
         node = found.node
-        seqlens, total = builder.lengths()
+        seqlens, total, query_seqlens = builder.lengths()
         attrs = {"num_heads": found.heads, "kv_num_heads": found.kv_heads, "do_rotary": 0}
         if "scale" in node.attributes:
             attrs["scale"] = node.attributes.get_float("scale")
@@ -289,7 +295,8 @@ def fuse_gqa(model: ir.Model, max_positions: int | None = None, windowed: bool =
             if id(bias) not in plain:
                 plain[id(bias)] = patterns.plain_causal_bias(model, bias)
             bias = builder.padding_bias() if plain[id(bias)] else bias
-        inputs = [query, key, value, found.past_key, found.past_value, seqlens, total, cos_cache, sin_cache, None, bias]
+        inputs = [query, key, value, found.past_key, found.past_value, seqlens, total, cos_cache, sin_cache, None, bias,
+                  None, None, None, None, None, query_seqlens]
         gqa = builder.add(node, "GroupQueryAttention", inputs, attrs, MS_DOMAIN, outputs=3, name=f"{node.name or 'attention'}_gqa")
         out, present_key, present_value = gqa.outputs
         for old, new in ((found.present_key, present_key), (found.present_value, present_value)):
