@@ -11,7 +11,8 @@ builder's (`python -m onnxruntime_genai.models.builder -p int4|int8|fp32 -e cpu`
 - tok/s b1 / b8: greedy generation of `--new-tokens` after a `--prompt-len`-byte prompt
   (prefill included), every artifact driven by the same loop (`decode_drivers.GraphLoop`), each
   with the key/value buffer its tool's runtime uses, variants interleaved, median of
-  `--repeats`, a short pause between runs; all loop runs before all own-runtime runs;
+  `--repeats` (each round starting one variant later), a short pause between runs; all loop
+  runs before all own-runtime runs;
 - own b1 / own b8: the same generation in each tool's own runtime (planc's `generate_ids`,
   ONNX Runtime GenAI's `og.Generator`, whose session options cannot turn thread spinning off);
 - a second table: CPU time of the process per token in the same runs, less sensitive than
@@ -171,12 +172,13 @@ def main(argv: list[str] | None = None) -> dict:
         outputs = {key: timed(run)[2] for key, run in runners.items()}  # warm-up
         # The shared loop's rows first, then the own runtimes': og.Generator's thread pool spins
         # after each run (its config cannot turn that off), which slowed whatever ran next.
+        # Each round starts one variant later, so that no variant always follows the same one.
         for kind in ("loop", "own"):
-            for _ in range(args.repeats):
-                for key, run in runners.items():
-                    if key[1] == kind:
-                        seconds[key].append(timed(run)[:2])
-                        time.sleep(_SETTLE)
+            order = [key for key in runners if key[1] == kind]
+            for round_ in range(args.repeats):
+                for key in order[round_ % len(order):] + order[: round_ % len(order)]:
+                    seconds[key].append(timed(runners[key])[:2])
+                    time.sleep(_SETTLE)
         for (variant, kind), times in seconds.items():
             tokens = batch * args.new_tokens
             rows[variant][f"{kind}_b{batch}"] = round(tokens / statistics.median(t for t, _ in times), 1)
