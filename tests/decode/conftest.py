@@ -11,26 +11,15 @@ near-uniform logits of a random model).
 
 from __future__ import annotations
 
-import random
 from pathlib import Path
 
 import pytest
 import torch
 
+from decode_text import generated_text
 from shared_models import example_gpt_module
 
 ROOT = Path(__file__).resolve().parents[2]
-WORDS = (
-    "the a model token cache layer graph export run fast small byte text code list def return "
-    "import class value key query head batch step print data file open read write loop"
-).split()
-
-
-def generated_text(lines: int, seed: int = 0) -> list[str]:
-    rng = random.Random(seed)
-    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 12))) + "." for _ in range(lines)]
-
-
 def train_bpe(directory: Path) -> tuple[int, int]:
     """A byte-level BPE tokenizer.json in `directory`; returns (bos id, eos id)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers

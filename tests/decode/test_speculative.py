@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import generated_text
+from decode_text import generated_text
 from shared_models import example_gpt_module
 
 from planc.backends.onnx.decoder_verify import eager_greedy
