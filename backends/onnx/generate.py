@@ -318,6 +318,28 @@ def next_tokens(logits: np.ndarray, sampling: Sampling, rng: np.random.Generator
 # ----------------------------------------------------------------------------- generation
 
 
+def commit_position(
+    tokens: Sequence[int],
+    outputs: list[list[int]],
+    done: np.ndarray,
+    eos: set[int],
+    stop: Callable[[int, list[int]], bool] | None,
+) -> list[int | None]:
+    """Append one generated position (a token per row) to the unfinished rows, marking rows
+    that end with it; returns what each row received (None: finished before). Plain and
+    speculative decoding share it, so both stop exactly alike."""
+    reported: list[int | None] = []
+    for row, token in enumerate(tokens):
+        if done[row]:
+            reported.append(None)
+            continue
+        outputs[row].append(token)
+        reported.append(token)
+        if token in eos or (stop is not None and stop(row, outputs[row])):
+            done[row] = True
+    return reported
+
+
 def open_session(artifact: DecoderSession | str | Path, **session_options) -> DecoderSession:
     return artifact if isinstance(artifact, DecoderSession) else DecoderSession(artifact, **session_options)
 
@@ -375,15 +397,7 @@ def generate_ids(
     logits = session.prefill(ids, mask, max_new_tokens)
     for step in range(max_new_tokens):
         chosen = next_tokens(logits, sampling, rng)
-        reported: list[int | None] = []
-        for row, token in enumerate(chosen.tolist()):
-            if done[row]:
-                reported.append(None)
-                continue
-            outputs[row].append(token)
-            reported.append(token)
-            if token in eos or (stop is not None and stop(row, outputs[row])):
-                done[row] = True
+        reported = commit_position(chosen.tolist(), outputs, done, eos, stop)
         if on_step is not None:
             on_step(step, reported)
         if done.all() or step == max_new_tokens - 1:

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from planc.backends.onnx.generate import DecoderSession, generate_ids, open_session
+from planc.backends.onnx.generate import DecoderSession, commit_position, generate_ids, open_session
 
 #: Tokens the draft proposes per round when the caller does not say.
 DEFAULT_DRAFT_TOKENS = 4
@@ -141,15 +141,7 @@ def speculative_generate_ids(
         for column in tokens.T.tolist():
             if produced == max_new_tokens or done.all():
                 return
-            reported: list[int | None] = []
-            for row, token in enumerate(column):
-                if done[row]:
-                    reported.append(None)
-                    continue
-                outputs[row].append(token)
-                reported.append(token)
-                if token in eos or (stop is not None and stop(row, outputs[row])):
-                    done[row] = True
+            reported = commit_position(column, outputs, done, eos, stop)
             if on_step is not None:
                 on_step(produced, reported)
             produced += 1
