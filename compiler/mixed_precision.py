@@ -2,15 +2,26 @@
 
 Before the build, the compiler turns such a step into two plain steps, an int4 step for the
 chosen layers and an int8 step for the rest, both with explicit `name(...)` selectors, so
-`plan.resolved` and `planc explain` show the assignment as reviewable, reproducible plan text:
+`plan.resolved` and `planc explain` show the assignment as reviewable, reproducible plan text.
 
-1. Sensitivity: for each selected Linear, the plan's verify metric on the calibration data with
-   only that layer at int4 and every other at int8, against the eager model.
+The calibration samples are split three ways, so that no candidate is judged on the data that
+fitted it or ranked it (a choice checked on its own fitting data looked fine on calibration
+sentences and then missed the goal on held-out ones):
+
+- fit: the first half. Every trial build calibrates on these only (its steps read
+  `calibration_samples = len(fit)`; the resolved plan keeps the plan's count, so the published
+  artifact calibrates on all samples).
+- rank: the first SEARCH_SAMPLES of the second half (at most half of it).
+- check: the rest of the second half.
+
+1. Sensitivity: for each selected Linear, the verify metric on the rank samples with only that
+   layer at int4 and every other at int8, against the eager model (cosine: the mean over the
+   samples, which ranks far more stably than their minimum).
 2. Layers are lowered to int4 from the least sensitive on; a binary search finds the most that
-   still meet the onnx target's goal on all `calibration_samples` (the ranking uses the first
-   SEARCH_SAMPLES of them: it runs once per layer). The artifact is then verified on the
-   held-out data as usual, so the search cannot fool the gate; more calibration samples make
-   the minimum it checks, and so its choice, more conservative.
+   still meet the goal, tightened by `margin`, on the check samples (`search_goal`). The margin
+   covers what the check samples cannot see: the minimum over the many more held-out samples
+   is lower, and those may be harder. The artifact is then verified on the held-out data as
+   usual, so the search cannot fool the gate.
 
 Runs on planc's own graph ops (no ONNX export per candidate); a bar shows the progress.
 """
@@ -24,12 +35,14 @@ from typing import Any
 
 from planc.compiler import ir
 from planc.dsl.source import Diagnostic, PlanError
-from planc.passes.quantize import Quantize
+from planc.passes.quantize import FALLBACK_MARGIN, Quantize
 
 log = logging.getLogger(__name__)
 
-#: Calibration samples that rank the layers (one run per layer); the goal is checked on all of them.
+#: Most calibration samples that rank the layers (one trial per layer).
 SEARCH_SAMPLES = 16
+#: Fewest calibration samples a split search can use (two to fit, one to rank, one to check).
+MIN_SAMPLES = 4
 
 
 def fallback_step(plan: ir.Plan) -> int | None:
@@ -45,12 +58,16 @@ def _selector(paths: list[str], step: ir.PassStep) -> ir.Selector:
     return union
 
 
-def split_step(step: ir.PassStep, int4: list[str], int8: list[str]) -> list[ir.PassStep]:
-    """The fallback step as one int4 step and one int8 step over explicit module paths."""
+def split_step(step: ir.PassStep, int4: list[str], int8: list[str], samples: int | None = None) -> list[ir.PassStep]:
+    """The fallback step as one int4 step and one int8 step over explicit module paths
+    (calibrated on the first `samples` calibration samples when given: the search's fit split)."""
     options: Quantize = step.options  # type: ignore[assignment]
-    low = options.model_copy(update={"fallback": None})
+    update: dict[str, Any] = {"fallback": None, "margin": FALLBACK_MARGIN}
+    if samples is not None:
+        update["calibration_samples"] = samples
+    low = options.model_copy(update=update)
     high = Quantize.model_validate({
-        **options.model_dump(exclude={"fallback", "scheme", "mode", "granularity", "group_size", "symmetric"}),
+        **low.model_dump(exclude={"fallback", "scheme", "mode", "granularity", "group_size", "symmetric"}),
         "scheme": "int8",
     })
     steps = []
@@ -60,18 +77,55 @@ def split_step(step: ir.PassStep, int4: list[str], int8: list[str]) -> list[ir.P
     return steps
 
 
-def _score(outputs: list[Any], reference: list[Any], metric: str) -> float:
+def _score(outputs: list[Any], reference: list[Any], metric: str, rank: bool = False) -> float:
+    """The verify metric of `outputs` against `reference` (per-sample cosines reduce by their
+    minimum, as verification does, or by their mean when `rank`ing layers)."""
     import torch
 
     if metric == "cosine":
-        return min(float(torch.nn.functional.cosine_similarity(a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1]), dim=-1).min())
-                   for a, b in zip(outputs, reference))
+        values = [float(torch.nn.functional.cosine_similarity(a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1]), dim=-1).min())
+                  for a, b in zip(outputs, reference)]
+        return sum(values) / len(values) if rank else min(values)
     if metric == "top1":
         agree = [float((a.argmax(-1) == b.argmax(-1)).float().mean()) for a, b in zip(outputs, reference)]
         return sum(agree) / len(agree)
     if metric == "max_abs":
         return max(float((a - b).abs().max()) for a, b in zip(outputs, reference))
     raise ValueError(f"mixed precision cannot search against metric {metric}")
+
+
+def search_goal(verify: Any, margin: float) -> Any:
+    """The goal the search checks: `margin` of the goal's error budget kept in reserve.
+
+    For `>= t` on a metric whose perfect value is 1 (cosine, top1), `>= t + margin * (1 - t)`;
+    for `<= t` (max_abs, perfect 0), `<= t * (1 - margin)`. `goal = ">= 0.99"` with the default
+    margin 0.25 is searched as `>= 0.9925`.
+    """
+    op, threshold = verify.goal_parts()
+    if op in (">=", ">"):
+        threshold = threshold + margin * (1.0 - threshold)
+    elif op in ("<=", "<"):
+        threshold = threshold * (1.0 - margin)
+    return verify.model_copy(update={"goal": f"{op} {threshold:.6g}"})
+
+
+def most_int4(order: list[str], check: Callable[[set[str]], float], meets: Callable[[float], bool | None]) -> tuple[int, float, bool]:
+    """(k, value, met): the largest k whose first k layers of `order` at int4 meet the goal on
+    `check` (binary search, assuming more int4 layers never help), its value, and whether it met
+    it. k = 0 (all int8) is returned, unmet, when even that misses; only checked sets are returned."""
+    low, high = 1, len(order)
+    value = check(set())
+    best = (0, value, meets(value) is not False)
+    if not best[2]:
+        return best
+    while low <= high:
+        middle = (low + high) // 2
+        value = check(set(order[:middle]))
+        if meets(value) is not False:
+            best, low = (middle, value, True), middle + 1
+        else:
+            high = middle - 1
+    return best
 
 
 def resolve_precision(plan: ir.Plan, job: Any, run_trial: Callable[[ir.Plan, Any], Any]) -> tuple[ir.Plan, dict[str, Any] | None]:
@@ -93,48 +147,57 @@ def resolve_precision(plan: ir.Plan, job: Any, run_trial: Callable[[ir.Plan, Any
     if target is None:
         raise PlanError([Diagnostic("error", "fallback = int8 keeps int4 where the verify goal allows: give the onnx target a verify goal", step.span)])
     verify = target.options.verify  # type: ignore[attr-defined]
+    margin = options.margin
+    goal = search_goal(verify, margin)
     started = time.perf_counter()
     loaded = job.load()
     captured = job.capture(loaded)
     table = dict(job.table(loaded))
     layers = sorted(path for s, targets in job.resolve(loaded) if s is step for path in targets if table.get(path) == "Linear")
     samples = model_source.load_samples(loaded, options.calibration, options.calibration_samples)  # type: ignore[arg-type]
-    reference = [model_source.model_output(loaded, loaded.model, sample) for sample in samples]
+    if len(samples) < MIN_SAMPLES:
+        raise PlanError([Diagnostic("error", f"fallback = int8 splits the calibration samples to fit, rank and check candidates: "
+                                             f"it needs at least {MIN_SAMPLES}, the calibration gave {len(samples)}", step.span)])
+    fit = len(samples) // 2
+    rest = samples[fit:]
+    ranked = min(SEARCH_SAMPLES, len(rest) // 2)
+    splits = {"rank": rest[:ranked], "check": rest[ranked:]}
+    reference = {name: [model_source.model_output(loaded, loaded.model, s) for s in part] for name, part in splits.items()}
     prefix = list(plan.pipeline[:index])
 
-    def score(int4: set[str], count: int | None = None) -> float:
-        trial = plan.model_copy(update={"pipeline": tuple(prefix + split_step(step, sorted(int4), sorted(set(layers) - int4)))})
+    def score(int4: set[str], split: str) -> float:
+        trial = plan.model_copy(update={"pipeline": tuple(prefix + split_step(step, sorted(int4), sorted(set(layers) - int4), fit))})
         graph = run_trial(trial, captured)
-        outputs = [model_source.model_output(loaded, graph, s) for s in samples[:count]]
-        return _score(outputs, reference[: len(outputs)], verify.metric)
+        outputs = [model_source.model_output(loaded, graph, s) for s in splits[split]]
+        return _score(outputs, reference[split], verify.metric, rank=split == "rank")
 
     higher_is_better = verify.metric != "max_abs"
     with tqdm(total=len(layers) + 1, desc="int4 sensitivity", unit="layer", leave=False, disable=None) as bar:
-        all_int8 = score(set(), SEARCH_SAMPLES)
+        all_int8 = score(set(), "rank")
         bar.update()
         sensitivity = {}
         for layer in layers:
-            value = score({layer}, SEARCH_SAMPLES)
+            value = score({layer}, "rank")
             sensitivity[layer] = (all_int8 - value) if higher_is_better else (value - all_int8)
             bar.update()
     order = sorted(layers, key=lambda layer: sensitivity[layer])
-    low, high, best = 0, len(order), (0, score(set()))
-    while low <= high:  # most layers at int4 that still meet the goal
-        middle = (low + high) // 2
-        value = score(set(order[:middle]))
-        if goal_met(value, verify) is not False:
-            best, low = (middle, value), middle + 1
-        else:
-            high = middle - 1
-    int4 = sorted(order[: best[0]])
+    count, value, met = most_int4(order, lambda int4: score(int4, "check"), lambda v: goal_met(v, goal))
+    int4 = sorted(order[:count])
     resolved = plan.model_copy(update={"pipeline": tuple(prefix + split_step(step, int4, sorted(set(layers) - set(int4))) + list(plan.pipeline[index + 1 :]))})
     report = {
         "int4": int4,
         "int8": sorted(set(layers) - set(int4)),
         "metric": verify.metric,
-        "calibration_value": round(best[1], 6),
+        "search_goal": goal.goal,
+        "margin": margin,
+        "samples": {"fit": fit, "rank": len(splits["rank"]), "check": len(splits["check"])},
+        "check_value": round(value, 6),
+        "check_met": met,
         "sensitivity": {layer: round(value, 6) for layer, value in sorted(sensitivity.items(), key=lambda kv: kv[1])},
         "seconds": round(time.perf_counter() - started, 1),
     }
-    log.info("mixed precision: %d of %d layers at int4 (%s %.4f on calibration)", len(int4), len(layers), verify.metric, best[1])
+    if not met:
+        log.warning("mixed precision: even all layers at int8 miss %s on the check samples (%s %.4f)", goal.goal, verify.metric, value)
+    log.info("mixed precision: %d of %d layers at int4 (%s %.4f on %d check samples, searched against %s)",
+             len(int4), len(layers), verify.metric, value, len(splits["check"]), goal.goal)
     return resolved, report

@@ -4,7 +4,9 @@ The selected Linears are grouped by the node they read (q/k/v of one attention b
 input, so one capture serves the three). `InputStats` accumulates what the methods need from a
 group's input X (rows = tokens, columns = input channels): the Gram matrix `X^T X` (GPTQ's and
 SparseGPT's Hessian up to a factor; its diagonal gives Wanda's `||X_j||_2`), `sum |X_j|` (AWQ)
-and, on request, a bounded sample of the rows themselves (to measure output errors).
+and, on request, a bounded sample of the rows themselves (to measure output errors). Rows of
+padding tokens (attention mask 0, when a sample carries one) are left out of all of them: they
+are not text, and a batch padded to one length would otherwise weigh its padding.
 
 `sequential` processes the groups in graph order and captures each one's input only when its
 turn comes, on the graph as the earlier groups left it: a method that replaces the weights of a
@@ -66,9 +68,16 @@ class InputStats(nn.Module):
         self.count = 0
         self.rows: list[torch.Tensor] = []
         self.kept = 0
+        #: The current sample's attention mask [batch, seq] (set by `observe`): only the rows of
+        #: real tokens count, when the observed value is laid out [batch, seq, channels].
+        self.token_mask: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.detach().reshape(-1, x.shape[-1]).double()
+        mask = self.token_mask
+        if mask is not None and tuple(x.shape[:-1]) == tuple(mask.shape):
+            rows = x.detach()[mask].double()  # padding tokens carry no text: left out
+        else:
+            rows = x.detach().reshape(-1, x.shape[-1]).double()
         if self.with_gram:
             gram = rows.t() @ rows
             self.gram = gram if self.gram is None else self.gram + gram
@@ -130,6 +139,10 @@ def observe(gm: fx.GraphModule, samples: Samples, nodes: list[fx.Node], factory:
     try:
         with torch.no_grad():
             for sample in samples:
+                mask = sample.get("attention_mask")
+                for observer in observers.values():
+                    if hasattr(observer, "token_mask"):
+                        observer.token_mask = None if mask is None else mask.bool()
                 try:
                     gm(**sample)
                 except Reached:

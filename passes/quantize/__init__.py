@@ -20,6 +20,11 @@ from planc.passes.options import PassOptions
 
 #: GPTQ's default dampening (the paper's 1% of the mean Hessian diagonal).
 GPTQ_DAMP = 0.01
+#: Share of the verify goal's error budget the `fallback` search keeps in reserve (see
+#: `compiler/mixed_precision.py`): the minimum over the held-out samples the gate scores is
+#: lower than over the few calibration samples the search can check, and the held-out text
+#: may be harder than the calibration text.
+FALLBACK_MARGIN = 0.25
 
 
 class Quantize(PassOptions):
@@ -58,6 +63,10 @@ class Quantize(PassOptions):
     #: many of the least sensitive ones as the goal allows (`compiler/mixed_precision.py`); the
     #: resolved plan spells the assignment out as one int4 and one int8 step.
     fallback: Literal["int8"] | None = None
+    #: fallback: share of the goal's error budget kept in reserve while searching:
+    #: `goal = ">= 0.99"` with margin 0.25 is searched as `>= 0.9925`, on calibration samples
+    #: the candidates were neither fitted nor ranked on.
+    margin: float = Field(FALLBACK_MARGIN, ge=0.0, lt=1.0)
 
     @model_validator(mode="before")
     @classmethod
@@ -83,8 +92,12 @@ class Quantize(PassOptions):
             raise ValueError("damp and act_order belong to method = gptq")
         if self.fallback is not None and self.scheme != "int4":
             raise ValueError("fallback = int8 mixes int4 with int8: it belongs to scheme = int4")
+        if self.margin != FALLBACK_MARGIN and self.fallback is None:
+            raise ValueError("margin belongs to fallback = int8 (it tightens the goal of the mixed-precision search)")
         if self.fallback is not None and self.calibration is None:
             raise ValueError('fallback measures each layer on calibration data: it needs calibration = "file.txt"')
+        if self.fallback is not None and self.calibration_samples < 4:
+            raise ValueError("fallback splits the calibration samples to fit, rank and check candidates: calibration_samples must be at least 4")
         if self.method == "awq" and self.smooth is not None:
             raise ValueError("method = awq searches alpha itself: drop smooth (smooth = alpha is the fixed-alpha form)")
         return self

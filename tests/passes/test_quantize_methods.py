@@ -10,7 +10,7 @@ from pydantic import ValidationError
 
 from pass_helpers import make_ctx, modules_of_type
 from planc.passes import qops
-from planc.passes.calibration import sequential
+from planc.passes.calibration import capture, sequential
 from planc.passes.graph_utils import get_tensor, select_linears, set_tensor
 from planc.passes.manager import PassManager
 from planc.passes.quantize import Quantize
@@ -90,6 +90,35 @@ def test_sequential_calibrates_on_the_compressed_outputs():
     torch.testing.assert_close(seen["0"], x.t() @ x / 5)
     torch.testing.assert_close(seen["1"], y.t() @ y / 5)
     assert not [name for name, _ in gm.named_children() if name.startswith("planc_calibration")]
+
+
+class _Masked(torch.nn.Module):
+    """A Linear over [batch, seq, channels] that also takes (and ignores) an attention mask."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = torch.nn.Linear(6, 3)
+
+    def forward(self, x, attention_mask):
+        return self.proj(x)
+
+
+def test_calibration_leaves_padding_tokens_out():
+    """Statistics of a padded batch equal those of its real tokens alone (brute force on the rows)."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 5, 6, generator=g)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [0, 1, 1, 1, 1]])
+    x[mask == 0] = 100.0  # padding rows that would dominate every statistic
+    gm = torch.export.export(_Masked(), (), kwargs={"x": x, "attention_mask": mask}).module()
+    (site,) = select_linears(gm, {"proj"})
+    stats = capture(gm, [{"x": x, "attention_mask": mask}], [site.input])[site.input]
+    real = x[mask.bool()]
+    assert stats.count == 7
+    torch.testing.assert_close(stats.hessian, real.t() @ real / 7)
+    torch.testing.assert_close(stats.norms, real.norm(dim=0))
+    torch.testing.assert_close(stats.mean_abs, real.abs().mean(0))
+    everything = capture(gm, [{"x": x, "attention_mask": torch.ones_like(mask)}], [site.input])[site.input]
+    assert everything.count == 10
 
 
 def _samples(inputs, count=4):

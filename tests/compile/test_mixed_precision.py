@@ -1,0 +1,97 @@
+"""The `fallback = int8` search: its tightened goal, the binary search over the ranked layers,
+and the trial steps that calibrate on the fit split only (the end-to-end compile is in
+test_driver.py)."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+from pydantic import ValidationError
+
+from planc.backends.onnx.options import Verify
+from planc.backends.onnx.verify import goal_met
+from planc.compiler import ir
+from planc.compiler.mixed_precision import most_int4, search_goal, split_step
+from planc.dsl.source import Span
+from planc.passes.quantize import FALLBACK_MARGIN, Quantize
+
+
+@pytest.mark.parametrize(
+    ("goal", "margin", "searched"),
+    [(">= 0.99", 0.25, 0.9925), (">= 0.99", 0.0, 0.99), ("> 0.9", 0.5, 0.95), ("<= 0.2", 0.25, 0.15), ("< 1.0", 0.5, 0.5)],
+)
+def test_the_search_goal_keeps_a_share_of_the_error_budget(goal, margin, searched):
+    tightened = search_goal(Verify(metric="cosine", goal=goal), margin)
+    op, threshold = tightened.goal_parts()
+    assert op == goal.split()[0] and threshold == pytest.approx(searched)
+
+
+def additive_metric(costs: dict[str, float]):
+    """A cosine that loses each int4 layer's cost (more int4 layers never help), counting calls."""
+    calls: list[set[str]] = []
+
+    def check(int4: set[str]) -> float:
+        calls.append(set(int4))
+        return 1.0 - 0.001 - sum(costs[layer] for layer in int4)
+
+    return check, calls
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_most_int4_is_the_brute_force_optimum_and_never_returns_a_miss(seed):
+    """Against brute force over every prefix of the order: the longest prefix meeting the goal."""
+    import random
+
+    rng = random.Random(seed)
+    layers = [f"l{i}" for i in range(rng.randint(1, 12))]
+    costs = {layer: rng.uniform(0.0, 0.004) for layer in layers}
+    order = sorted(layers, key=costs.get)
+    goal = Verify(metric="cosine", goal=f">= {rng.uniform(0.97, 0.9995):.4f}")
+    check, calls = additive_metric(costs)
+    count, value, met = most_int4(order, check, lambda v: goal_met(v, goal))
+    brute = max((k for k in range(len(order) + 1) if goal_met(check(set(order[:k])), goal)), default=None)
+    if brute is None:  # even all-int8 misses: nothing at int4, reported as a miss
+        assert (count, met) == (0, False)
+    else:
+        assert count == brute and met and goal_met(value, goal)
+    # Every returned assignment was itself checked, with exactly the value reported.
+    assert set(order[:count]) in calls and value == check(set(order[:count]))
+
+
+def test_most_int4_stops_at_all_int8_when_that_misses():
+    check, calls = additive_metric({"a": 0.0, "b": 0.0})
+    count, value, met = most_int4(["a", "b"], check, lambda v: v >= 0.9999)
+    assert (count, met) == (0, False) and calls == [set()] and value == pytest.approx(0.999)
+
+
+def test_trial_steps_calibrate_on_the_fit_split_and_keep_the_options():
+    span = Span("p.plan", 1, 1, 1, 2)
+    options = Quantize(scheme="int4", group_size=16, symmetric=False, method="gptq", act_order=True, fallback="int8",
+                       margin=0.5, calibration="c.txt", calibration_samples=40)
+    step = ir.PassStep(span=span, selector=ir.NameSel(span=span, pattern="x"), options=options)
+    low, high = split_step(step, ["a"], ["b", "c"], samples=20)
+    assert low.options.scheme == "int4" and high.options.scheme == "int8"
+    for part in (low, high):
+        assert part.options.calibration_samples == 20 and part.options.fallback is None
+        assert part.options.margin == FALLBACK_MARGIN and part.options.method == "gptq"
+    assert low.options.group_size == 16 and not low.options.symmetric and low.options.act_order
+    # The resolved plan (no `samples`) keeps the plan's own count.
+    assert all(part.options.calibration_samples == 40 for part in split_step(step, ["a"], ["b"]))
+
+
+@pytest.mark.parametrize("options", [
+    {"scheme": "int4", "margin": 0.5},
+    {"scheme": "int4", "fallback": "int8", "calibration": "c.txt", "calibration_samples": 3},
+    {"scheme": "int4", "fallback": "int8", "calibration": "c.txt", "margin": 1.0},
+])
+def test_margin_and_sample_count_are_checked_with_the_plan(options):
+    with pytest.raises(ValidationError):
+        Quantize(**options)
+
+
+def test_goal_operators_all_have_a_direction():
+    """Every goal operator verification knows is either tightened or (==) left alone."""
+    for op, margin in itertools.product([">=", ">", "<=", "<", "=="], [0.0, 0.3]):
+        tightened = search_goal(Verify(metric="max_abs", goal=f"{op} 0.5"), margin)
+        assert tightened.goal_parts()[0] == op
