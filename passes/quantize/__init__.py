@@ -43,6 +43,10 @@ class Quantize(PassOptions):
     damp: float = Field(GPTQ_DAMP, gt=0.0, le=1.0)
     #: gptq: round the columns of largest Hessian diagonal (most active inputs) first.
     act_order: bool = False
+    #: gptq: fit each layer to the float graph's outputs from the inputs the already quantized
+    #: layers give it (GPTAQ's asymmetric calibration), so it undoes part of their error instead
+    #: of passing it on; costs a second capture per input on a float copy of the graph.
+    compensate: bool = False
     scheme: Literal["int8", "int4"] = "int8"
     #: dynamic: activations quantized at run time; static: calibrated fixed activation scales;
     #: weight_only: weights stored as integers, dequantized for the matmul.
@@ -88,8 +92,8 @@ class Quantize(PassOptions):
             raise ValueError(f"group_size must be a power of two, got {self.group_size}")
         if self.method != "rtn" and self.calibration is None:
             raise ValueError(f'method = {self.method} calibrates on layer inputs: it needs calibration = "file.txt"')
-        if self.method != "gptq" and (self.act_order or self.damp != GPTQ_DAMP):
-            raise ValueError("damp and act_order belong to method = gptq")
+        if self.method != "gptq" and (self.act_order or self.compensate or self.damp != GPTQ_DAMP):
+            raise ValueError("damp, act_order and compensate belong to method = gptq")
         if self.fallback is not None and self.scheme != "int4":
             raise ValueError("fallback = int8 mixes int4 with int8: it belongs to scheme = int4")
         if self.margin != FALLBACK_MARGIN and self.fallback is None:

@@ -18,6 +18,17 @@ Sequential (`passes/calibration.py`): Linears are solved group by group (those r
 input together, sharing one H) in graph order; each group's H is measured with the earlier
 groups' weights already replaced by their quantized values. The original float weights are
 put back before the shared rewrite (`rtn.py`) stores the chosen integers.
+
+`compensate = true` (the asymmetric calibration of GPTAQ, Li et al. 2025): plain GPTQ fits
+each layer to its own float output on the inputs X the quantized earlier layers give it, so the
+error those layers made flows on. With compensation the target is the float graph's output
+instead: the same input, captured on a float copy of the graph as the step received it, gives
+X_f, and the weight GPTQ rounds is the ridge least-squares solution
+`V = argmin ||X V^T - X_f W^T||^2 + r ||V - W||^2`, with `r = COMPENSATION_RIDGE * mean(diag H)`
+pulling V towards W where the few calibration tokens say little. The first group has X = X_f,
+so V = W there. Chosen on calibration data only: with the MiniLM sentences split in halves,
+fitted on one and scored on the other, the ridge 3 lowered the worst sentence's cosine loss by
+about a fifth against plain GPTQ, 1 and 0.1 by less.
 """
 
 from __future__ import annotations
@@ -28,8 +39,8 @@ import torch
 from torch import fx
 
 from planc.passes.base import PassContext
-from planc.passes.calibration import InputStats, damped_inverse_factor, output_error, sequential
-from planc.passes.graph_utils import LinearSite, get_tensor, set_tensor
+from planc.passes.calibration import InputStats, capture, damped_inverse_factor, output_error, sequential
+from planc.passes.graph_utils import LinearSite, get_tensor, quiet_deepcopy, set_tensor
 from planc.passes.quantize.rtn import QuantizePass
 from planc.passes.quantize.weights import (
     QuantizedWeight,
@@ -43,6 +54,10 @@ from planc.passes.quantize.weights import (
 
 #: Columns rounded before the lazy update of the rest (the paper's B).
 BLOCK_SIZE = 128
+#: compensate: the ridge towards the original weight, as a multiple of mean(diag H).
+COMPENSATION_RIDGE = 3.0
+#: compensate: calibration rows (tokens) per input captured on both graphs for X^T X_f.
+COMPENSATION_ROWS = 1 << 16
 
 
 def gptq(
@@ -98,6 +113,18 @@ def gptq(
     return QuantizedWeight({"qweight": q, "w_scale": scale}, q.float() * row_scale[:, None])
 
 
+def compensated(w: torch.Tensor, x: torch.Tensor, x_float: torch.Tensor, ridge: float = COMPENSATION_RIDGE) -> torch.Tensor:
+    """argmin_V ||x V^T - x_float w^T||^2 + r ||V - w||^2 with r = ridge * mean(diag x^T x)
+    (rows of x and x_float are the same tokens): the weight that maps the inputs the quantized
+    graph gives to the float graph's outputs, kept near w."""
+    x, x_float, w = x.double(), x_float.double(), w.detach().double()
+    gram = x.t() @ x / x.shape[0]
+    cross = x.t() @ x_float / x.shape[0]
+    r = ridge * float(torch.diag(gram).mean().clamp(min=1e-12))
+    eye = torch.eye(gram.shape[0], dtype=gram.dtype)
+    return torch.linalg.solve(gram + r * eye, cross @ w.t() + r * w.t()).t().float()
+
+
 class GPTQPass(QuantizePass):
     """See the module docstring; the rewrite is rtn's."""
 
@@ -107,14 +134,23 @@ class GPTQPass(QuantizePass):
         opts, fmt = self.options, self.weight_format
         originals = {site.weight: get_tensor(gm, site.weight).detach() for site in linears}
         solved: dict[str, tuple[QuantizedWeight, dict]] = {}
+        samples = self._samples(ctx, "gptq Hessians")
+        # compensate: the float graph as this step received it, to capture X_f on.
+        reference = quiet_deepcopy(gm) if opts.compensate else None
+        reference_nodes = {node.name: node for node in reference.graph.nodes} if reference is not None else {}
 
         def solve(sites: list[LinearSite], stats: InputStats) -> None:
             hessian = stats.hessian
+            x_float = None
+            if reference is not None:
+                node = reference_nodes[sites[0].input.name]
+                x_float = capture(reference, samples, [node], keep_rows=COMPENSATION_ROWS)[node].sample
             for weight in dict.fromkeys(site.weight for site in sites):
                 if weight in solved:  # read by an earlier input too: solved on that one's H
                     continue
                 w = originals[weight].float()
-                chosen = gptq(w, hessian, fmt, opts.damp, opts.act_order)
+                target = compensated(w, stats.sample, x_float) if x_float is not None else w
+                chosen = gptq(target, hessian, fmt, opts.damp, opts.act_order)
                 errors = {
                     "output_error": output_error(w, chosen.w_hat, hessian),
                     "rtn_output_error": output_error(w, rtn(w, fmt).w_hat, hessian),
@@ -122,9 +158,12 @@ class GPTQPass(QuantizePass):
                 solved[weight] = (chosen, errors)
                 set_tensor(gm, weight, chosen.w_hat.to(originals[weight].dtype))
 
-        samples = self._samples(ctx, "gptq Hessians")
-        seconds = sequential(gm, samples, linears, solve, "gptq")
+        keep = COMPENSATION_ROWS if reference is not None else 0
+        seconds = sequential(gm, samples, linears, solve, "gptq", keep_rows=keep)
         for weight, tensor in originals.items():
             set_tensor(gm, weight, tensor)
-        self.method_details.update(seconds=round(seconds, 3), damp=opts.damp, act_order=opts.act_order, block_size=BLOCK_SIZE)
+        self.method_details.update(seconds=round(seconds, 3), damp=opts.damp, act_order=opts.act_order, block_size=BLOCK_SIZE,
+                                   compensate=opts.compensate)
+        if opts.compensate:
+            self.method_details["compensation_ridge"] = COMPENSATION_RIDGE
         return solved

@@ -15,7 +15,7 @@ from planc.passes.graph_utils import get_tensor, select_linears, set_tensor
 from planc.passes.manager import PassManager
 from planc.passes.quantize import Quantize
 from planc.passes.quantize.awq import relative_errors, search_alpha
-from planc.passes.quantize.gptq import gptq
+from planc.passes.quantize.gptq import compensated, gptq
 from planc.passes.quantize.weights import WeightFormat, rtn
 from planc.passes.registry import load_pass
 
@@ -59,6 +59,53 @@ def test_gptq_beats_rtn_on_correlated_inputs(fmt, act_order):
     else:
         unpacked = qops.unpack_int4(got.tensors["packed"], got.tensors["scales"], got.tensors.get("zero_points"), w.shape[1], fmt.group_size)
         assert torch.equal(unpacked, got.w_hat)
+
+
+def test_compensation_is_the_ridge_least_squares_solution():
+    """Against the stacked least-squares system [X; sqrt(r n) I] V^T = [X_f W^T; sqrt(r n) W^T] (lstsq)."""
+    g = torch.Generator().manual_seed(6)
+    x_float = correlated_inputs(rows=300, k=24, rank=6, seed=6).double()
+    x = x_float + 0.3 * torch.randn(x_float.shape, generator=g, dtype=torch.float64)  # what a quantized graph gives
+    w = torch.randn(10, 24, generator=g, dtype=torch.float64)
+    ridge = 0.7
+    r = ridge * float(torch.diag(x.t() @ x / x.shape[0]).mean())
+    scale = (r * x.shape[0]) ** 0.5
+    a = torch.cat([x, scale * torch.eye(24, dtype=torch.float64)])
+    b = torch.cat([x_float @ w.t(), scale * w.t()])
+    want = torch.linalg.lstsq(a, b).solution.t()
+    torch.testing.assert_close(compensated(w, x, x_float, ridge).double(), want, rtol=1e-4, atol=1e-5)
+    # The same inputs on both sides: nothing to undo, the weight is kept.
+    torch.testing.assert_close(compensated(w, x, x, ridge).double(), w, rtol=1e-4, atol=1e-5)
+
+
+def test_compensation_undoes_an_earlier_layers_error():
+    """Two Linears, the first quantized: compensated gptq of the second lands closer to the float
+    output than plain gptq does (both fed the quantized first layer's output)."""
+    x = correlated_inputs(rows=2048, k=64, rank=10, seed=7)
+    g = torch.Generator().manual_seed(7)
+    w1 = torch.randn(64, 64, generator=g) * 0.1
+    w2 = torch.randn(32, 64, generator=g) * 0.1
+    h_float = x @ w1.t()
+    h = x @ rtn(w1, INT4).w_hat.t()
+    reference = h_float @ w2.t()
+    hessian = h.t() @ h / h.shape[0]
+    plain = gptq(w2, hessian, INT4).w_hat
+    ours = gptq(compensated(w2, h, h_float), hessian, INT4).w_hat
+    error = [float((h @ w_hat.t() - reference).norm() / reference.norm()) for w_hat in (plain, ours)]
+    print(f"second layer vs the float output: plain gptq {error[0]:.4f}, compensated {error[1]:.4f}")
+    assert error[1] < 0.9 * error[0]
+
+
+def test_compensated_gptq_through_the_pass(small_gpt):
+    model, inputs, _ = small_gpt
+    plain, plain_record = _quantize(small_gpt, method="gptq", scheme="int4", calibration="cal.txt")
+    out, record = _quantize(small_gpt, method="gptq", scheme="int4", calibration="cal.txt", compensate=True)
+    assert _signature(out) == _signature(plain)  # the lowering sees the same ops and buffers
+    assert record.details["compensate"] is True and record.details["compensation_ridge"] > 0
+    assert not [name for name, _ in out.named_children() if name.startswith("planc_observer")]
+    with torch.no_grad():
+        ref, got = model(**inputs), out(**inputs)
+    assert float((got - ref).norm() / ref.norm()) < 0.1
 
 
 @pytest.mark.parametrize("fmt", [INT4, INT8], ids=["int4", "int8"])
@@ -194,8 +241,10 @@ def test_awq_through_the_pass(small_gpt):
 def test_calibrated_methods_need_calibration(method):
     with pytest.raises(ValidationError, match="calibration"):
         Quantize(method=method)
-    with pytest.raises(ValidationError, match="damp and act_order belong to method = gptq"):
+    with pytest.raises(ValidationError, match="damp, act_order and compensate belong to method = gptq"):
         Quantize(act_order=True)
+    with pytest.raises(ValidationError, match="compensate belong to method = gptq"):
+        Quantize(method="awq", calibration="c.txt", compensate=True)
     with pytest.raises(ValidationError, match="awq searches alpha"):
         Quantize(method="awq", calibration="c.txt", smooth=0.5)
     assert Quantize(method=method, calibration="c.txt").implementation().endswith(f"{method}:{method.upper()}Pass")
