@@ -163,8 +163,14 @@ def resolve_steps(plan: ir.Plan, table: list[tuple[str, str]], steps: list[ir.Pa
     return resolved
 
 
-def run_pipeline(plan: ir.Plan, captured: Captured, stop_after: str | None = None, progress: Progress | None = None):
-    """Resolve each step's selector and run the passes; returns (graph, records, step targets)."""
+def run_pipeline(
+    plan: ir.Plan, captured: Captured, stop_after: str | None = None, progress: Progress | None = None, samples: list | None = None
+):
+    """Resolve each step's selector and run the passes; returns (graph, records, step targets).
+
+    `samples` replaces every calibrated step's calibration data (the mixed-precision search
+    builds its candidates on one fold of the calibration samples and checks them on the other).
+    """
     from planc.compiler import model as model_source
     from planc.passes.base import PassContext, PassError
     from planc.passes.manager import PassManager
@@ -188,7 +194,8 @@ def run_pipeline(plan: ir.Plan, captured: Captured, stop_after: str | None = Non
                 example_inputs=loaded.example_inputs,
                 targets=frozenset(targets),
                 source=str(step.span),
-                load_samples=lambda path, count: model_source.load_samples(loaded, path, count),
+                load_samples=(lambda path, count: model_source.load_samples(loaded, path, count)) if samples is None
+                else (lambda path, count: samples),
                 cpu=target_cpu(plan),
             ),
         )
@@ -311,7 +318,7 @@ def compile_plan(
     if out_dir is None:
         raise error_at(plan.span, "compile needs an output directory (-o DIR)")
     selected.sort(key=lambda t: kinds[t.kind].order)
-    plan, precision = resolve_precision(plan, job, lambda trial, captured: run_pipeline(trial, captured)[0])
+    plan, precision = resolve_precision(plan, job, lambda trial, captured, samples: run_pipeline(trial, captured, samples=samples)[0])
     if precision is not None:  # the pipeline now spells out the int4/int8 assignment
         job = make_job(plan, job.out_dir, model, progress)
         job.shared["mixed_precision"] = precision

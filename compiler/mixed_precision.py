@@ -4,24 +4,21 @@ Before the build, the compiler turns such a step into two plain steps, an int4 s
 chosen layers and an int8 step for the rest, both with explicit `name(...)` selectors, so
 `plan.resolved` and `planc explain` show the assignment as reviewable, reproducible plan text.
 
-The calibration samples are split three ways, so that no candidate is judged on the data that
-fitted it or ranked it (a choice checked on its own fitting data looked fine on calibration
-sentences and then missed the goal on held-out ones):
+No candidate is judged on samples that fitted or ranked it (a choice checked on its own fitting
+data met the goal on calibration sentences and then missed it on held-out ones):
 
-- fit: the first half. Every trial build calibrates on these only (its steps read
-  `calibration_samples = len(fit)`; the resolved plan keeps the plan's count, so the published
-  artifact calibrates on all samples).
-- rank: the first SEARCH_SAMPLES of the second half (at most half of it).
-- check: the rest of the second half.
+- rank: the first SEARCH_SAMPLES calibration samples (at most a quarter of them);
+- the rest, split into two folds: a candidate is built (every calibrated step of the trial
+  reading one fold only) and checked on the other fold, both ways, so the check covers every
+  sample but the ranking ones, each scored by a build that never saw it (cross-fitting).
 
 1. Sensitivity: for each selected Linear, the verify metric on the rank samples with only that
-   layer at int4 and every other at int8, against the eager model (cosine: the mean over the
-   samples, which ranks far more stably than their minimum).
+   layer at int4 and every other at int8 (built on both folds), against the eager model
+   (cosine: the mean over the samples, which ranks far more stably than their minimum).
 2. Layers are lowered to int4 from the least sensitive on; a binary search finds the most that
-   still meet the goal, tightened by `margin`, on the check samples (`search_goal`). The margin
-   covers what the check samples cannot see: the minimum over the many more held-out samples
-   is lower, and those may be harder. The artifact is then verified on the held-out data as
-   usual, so the search cannot fool the gate.
+   still meet the goal, tightened by `margin`, on the cross-fitted check (`search_goal`). The
+   resolved plan calibrates on all samples; the artifact is then verified on the held-out data
+   as usual, so the search cannot fool the gate.
 
 Runs on planc's own graph ops (no ONNX export per candidate); a bar shows the progress.
 """
@@ -41,7 +38,7 @@ log = logging.getLogger(__name__)
 
 #: Most calibration samples that rank the layers (one trial per layer).
 SEARCH_SAMPLES = 16
-#: Fewest calibration samples a split search can use (two to fit, one to rank, one to check).
+#: Fewest calibration samples the search can split (one to rank, at least one per fold).
 MIN_SAMPLES = 4
 
 
@@ -58,14 +55,10 @@ def _selector(paths: list[str], step: ir.PassStep) -> ir.Selector:
     return union
 
 
-def split_step(step: ir.PassStep, int4: list[str], int8: list[str], samples: int | None = None) -> list[ir.PassStep]:
-    """The fallback step as one int4 step and one int8 step over explicit module paths
-    (calibrated on the first `samples` calibration samples when given: the search's fit split)."""
+def split_step(step: ir.PassStep, int4: list[str], int8: list[str]) -> list[ir.PassStep]:
+    """The fallback step as one int4 step and one int8 step over explicit module paths."""
     options: Quantize = step.options  # type: ignore[assignment]
-    update: dict[str, Any] = {"fallback": None, "margin": FALLBACK_MARGIN}
-    if samples is not None:
-        update["calibration_samples"] = samples
-    low = options.model_copy(update=update)
+    low = options.model_copy(update={"fallback": None, "margin": FALLBACK_MARGIN})
     high = Quantize.model_validate({
         **low.model_dump(exclude={"fallback", "scheme", "mode", "granularity", "group_size", "symmetric"}),
         "scheme": "int8",
@@ -128,10 +121,11 @@ def most_int4(order: list[str], check: Callable[[set[str]], float], meets: Calla
     return best
 
 
-def resolve_precision(plan: ir.Plan, job: Any, run_trial: Callable[[ir.Plan, Any], Any]) -> tuple[ir.Plan, dict[str, Any] | None]:
+def resolve_precision(plan: ir.Plan, job: Any, run_trial: Callable[[ir.Plan, Any, list], Any]) -> tuple[ir.Plan, dict[str, Any] | None]:
     """The plan with its fallback step replaced by the int4/int8 assignment, and what was measured.
 
-    `run_trial(plan, captured)` runs a plan's pipeline on a captured model (the driver's).
+    `run_trial(plan, captured, samples)` runs a plan's pipeline on a captured model (the
+    driver's), every calibrated step reading `samples` instead of its calibration file.
     """
     index = fallback_step(plan)
     if index is None:
@@ -156,32 +150,37 @@ def resolve_precision(plan: ir.Plan, job: Any, run_trial: Callable[[ir.Plan, Any
     layers = sorted(path for s, targets in job.resolve(loaded) if s is step for path in targets if table.get(path) == "Linear")
     samples = model_source.load_samples(loaded, options.calibration, options.calibration_samples)  # type: ignore[arg-type]
     if len(samples) < MIN_SAMPLES:
-        raise PlanError([Diagnostic("error", f"fallback = int8 splits the calibration samples to fit, rank and check candidates: "
+        raise PlanError([Diagnostic("error", f"fallback = int8 splits the calibration samples to rank and check candidates: "
                                              f"it needs at least {MIN_SAMPLES}, the calibration gave {len(samples)}", step.span)])
-    fit = len(samples) // 2
-    rest = samples[fit:]
-    ranked = min(SEARCH_SAMPLES, len(rest) // 2)
-    splits = {"rank": rest[:ranked], "check": rest[ranked:]}
-    reference = {name: [model_source.model_output(loaded, loaded.model, s) for s in part] for name, part in splits.items()}
+    ranked = min(SEARCH_SAMPLES, len(samples) // 4)
+    rank, rest = samples[:ranked], samples[ranked:]
+    folds = (rest[0::2], rest[1::2])
+    reference = {id(s): model_source.model_output(loaded, loaded.model, s) for s in samples}
     prefix = list(plan.pipeline[:index])
 
-    def score(int4: set[str], split: str) -> float:
-        trial = plan.model_copy(update={"pipeline": tuple(prefix + split_step(step, sorted(int4), sorted(set(layers) - int4), fit))})
-        graph = run_trial(trial, captured)
-        outputs = [model_source.model_output(loaded, graph, s) for s in splits[split]]
-        return _score(outputs, reference[split], verify.metric, rank=split == "rank")
+    def outputs(int4: set[str], fit: list, scored: list) -> list[Any]:
+        trial = plan.model_copy(update={"pipeline": tuple(prefix + split_step(step, sorted(int4), sorted(set(layers) - int4)))})
+        graph = run_trial(trial, captured, fit)
+        return [model_source.model_output(loaded, graph, s) for s in scored]
+
+    def sensitivity_score(int4: set[str]) -> float:
+        return _score(outputs(int4, rest, rank), [reference[id(s)] for s in rank], verify.metric, rank=True)
+
+    def check(int4: set[str]) -> float:
+        got = outputs(int4, folds[0], folds[1]) + outputs(int4, folds[1], folds[0])
+        return _score(got, [reference[id(s)] for s in folds[1] + folds[0]], verify.metric)
 
     higher_is_better = verify.metric != "max_abs"
     with tqdm(total=len(layers) + 1, desc="int4 sensitivity", unit="layer", leave=False, disable=None) as bar:
-        all_int8 = score(set(), "rank")
+        all_int8 = sensitivity_score(set())
         bar.update()
         sensitivity = {}
         for layer in layers:
-            value = score({layer}, "rank")
+            value = sensitivity_score({layer})
             sensitivity[layer] = (all_int8 - value) if higher_is_better else (value - all_int8)
             bar.update()
     order = sorted(layers, key=lambda layer: sensitivity[layer])
-    count, value, met = most_int4(order, lambda int4: score(int4, "check"), lambda v: goal_met(v, goal))
+    count, value, met = most_int4(order, check, lambda v: goal_met(v, goal))
     int4 = sorted(order[:count])
     resolved = plan.model_copy(update={"pipeline": tuple(prefix + split_step(step, int4, sorted(set(layers) - set(int4))) + list(plan.pipeline[index + 1 :]))})
     report = {
@@ -190,7 +189,7 @@ def resolve_precision(plan: ir.Plan, job: Any, run_trial: Callable[[ir.Plan, Any
         "metric": verify.metric,
         "search_goal": goal.goal,
         "margin": margin,
-        "samples": {"fit": fit, "rank": len(splits["rank"]), "check": len(splits["check"])},
+        "samples": {"rank": len(rank), "check": len(rest), "folds": [len(fold) for fold in folds]},
         "check_value": round(value, 6),
         "check_met": met,
         "sensitivity": {layer: round(value, 6) for layer, value in sorted(sensitivity.items(), key=lambda kv: kv[1])},
@@ -199,5 +198,5 @@ def resolve_precision(plan: ir.Plan, job: Any, run_trial: Callable[[ir.Plan, Any
     if not met:
         log.warning("mixed precision: even all layers at int8 miss %s on the check samples (%s %.4f)", goal.goal, verify.metric, value)
     log.info("mixed precision: %d of %d layers at int4 (%s %.4f on %d check samples, searched against %s)",
-             len(int4), len(layers), verify.metric, value, len(splits["check"]), goal.goal)
+             len(int4), len(layers), verify.metric, value, len(rest), goal.goal)
     return resolved, report

@@ -21,9 +21,8 @@ from planc.passes.options import PassOptions
 #: GPTQ's default dampening (the paper's 1% of the mean Hessian diagonal).
 GPTQ_DAMP = 0.01
 #: Share of the verify goal's error budget the `fallback` search keeps in reserve (see
-#: `compiler/mixed_precision.py`): the minimum over the held-out samples the gate scores is
-#: lower than over the few calibration samples the search can check, and the held-out text
-#: may be harder than the calibration text.
+#: `compiler/mixed_precision.py`): the search checks its candidates on calibration samples they
+#: were neither built nor ranked on, but the held-out text the gate scores may be harder.
 FALLBACK_MARGIN = 0.25
 
 
@@ -101,7 +100,7 @@ class Quantize(PassOptions):
         if self.fallback is not None and self.calibration is None:
             raise ValueError('fallback measures each layer on calibration data: it needs calibration = "file.txt"')
         if self.fallback is not None and self.calibration_samples < 4:
-            raise ValueError("fallback splits the calibration samples to fit, rank and check candidates: calibration_samples must be at least 4")
+            raise ValueError("fallback splits the calibration samples to rank and check candidates: calibration_samples must be at least 4")
         if self.method == "awq" and self.smooth is not None:
             raise ValueError("method = awq searches alpha itself: drop smooth (smooth = alpha is the fixed-alpha form)")
         return self

@@ -176,9 +176,10 @@ def test_mixed_precision_keeps_int4_where_the_goal_allows(plans: Path) -> None:
     precision = next(p for p in report["passes"] if p["name"] == "mixed precision")
     layers = set(precision["int4"]) | set(precision["int8"])
     assert len(layers) == 2 * 6 + 1 and set(precision["sensitivity"]) == layers
-    # Trials calibrate on 4 samples, rank on 2 others and check on the last 2, against the goal
-    # tightened by the default margin; the choice met it there, and the gate on held-out data.
-    assert precision["samples"] == {"fit": 4, "rank": 2, "check": 2}
+    # 2 samples rank the layers; the other 6, in two folds, check each candidate built on the
+    # other fold, against the goal tightened by the default margin; the choice met it there,
+    # and the gate on held-out data.
+    assert precision["samples"] == {"rank": 2, "check": 6, "folds": [3, 3]}
     assert precision["search_goal"] == ">= 0.99925" and precision["check_met"] is True
     assert precision["check_value"] >= 0.99925
     assert report["accuracy"]["passed"] is True and report["accuracy"]["value"] >= 0.999

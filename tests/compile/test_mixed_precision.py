@@ -65,19 +65,17 @@ def test_most_int4_stops_at_all_int8_when_that_misses():
     assert (count, met) == (0, False) and calls == [set()] and value == pytest.approx(0.999)
 
 
-def test_trial_steps_calibrate_on_the_fit_split_and_keep_the_options():
+def test_the_split_steps_keep_the_options_but_the_precision():
     span = Span("p.plan", 1, 1, 1, 2)
     options = Quantize(scheme="int4", group_size=16, symmetric=False, method="gptq", act_order=True, fallback="int8",
-                       margin=0.5, calibration="c.txt", calibration_samples=40)
+                       margin=0.3, smooth=0.7, calibration="c.txt", calibration_samples=40)
     step = ir.PassStep(span=span, selector=ir.NameSel(span=span, pattern="x"), options=options)
-    low, high = split_step(step, ["a"], ["b", "c"], samples=20)
-    assert low.options.scheme == "int4" and high.options.scheme == "int8"
+    low, high = split_step(step, ["a"], ["b", "c"])
+    assert (low.options.scheme, high.options.scheme) == ("int4", "int8") and high.options.mode == "dynamic"
     for part in (low, high):
-        assert part.options.calibration_samples == 20 and part.options.fallback is None
+        assert part.options.calibration_samples == 40 and part.options.fallback is None and part.options.smooth == 0.7
         assert part.options.margin == FALLBACK_MARGIN and part.options.method == "gptq"
     assert low.options.group_size == 16 and not low.options.symmetric and low.options.act_order
-    # The resolved plan (no `samples`) keeps the plan's own count.
-    assert all(part.options.calibration_samples == 40 for part in split_step(step, ["a"], ["b"]))
 
 
 @pytest.mark.parametrize("options", [
