@@ -4,8 +4,11 @@ MiniLM (all-MiniLM-L6-v2, real weights): each variant is a plan compiled by plan
 on the 80 held-out sentences (min / mean cosine of sentence embeddings, similarity Spearman
 against eager); size from the file; latency from one interleaved run over all artifacts.
 
-- int4: rtn + smooth 0.5 (the example plan), gptq, awq; int8: rtn + smooth 0.7, gptq;
-- mixed precision: int4 with `fallback = int8` against `>= 0.99`;
+- int4: rtn + smooth 0.5, gptq, awq (32 calibration sentences), gptq with `compensate` on all 120,
+  and `examples/minilm_int4.plan` (that gptq for 28 Linears, int8 for 8 and the pooler);
+  int8: rtn + smooth 0.7, gptq;
+- mixed precision: int4 with `fallback = int8` against `>= 0.99` (smooth 0.7, which int8 needs; the
+  search's default margin);
 - pruning (no quantization): magnitude, wanda, sparsegpt at 50% and 2:4.
 
 The trained example GPT (`--gpt WEIGHTS`, e.g. the `gpt_stdlib.pt` that
@@ -13,10 +16,11 @@ The trained example GPT (`--gpt WEIGHTS`, e.g. the `gpt_stdlib.pt` that
 for rtn / gptq / awq at int4 and int8 (calibrated on standard-library windows), scored against
 the fp32 eager model on held-out text (perplexity, next-token top-1) and timed (tokens/s, batch 1).
 
-    python bench/bench_recovery.py [--only int4,int8,mixed,prune,gpt,gpt_prune] [--gpt out/gpt_int8/train/gpt_stdlib.pt]
+    python bench/bench_recovery.py [--only int4,int8,mixed,prune,gpt,gpt_prune,gpt_layers] [--gpt out/gpt_int8/train/gpt_stdlib.pt]
 
 With `--gpt`, the same GPT is also pruned (every block Linear) by magnitude, wanda and sparsegpt at
-50% and 2:4, and its held-out perplexity compared with the dense model's.
+50% and 2:4, and its held-out perplexity compared with the dense model's; `gpt_layers` gives each
+block Linear's output error under the three 50% masks (why wanda gains little on this model).
 """
 
 from __future__ import annotations
@@ -53,15 +57,23 @@ TARGET = """target onnx {{
 }}
 """
 CALIBRATION = f'calibration = "{DATA / "sentences.txt"}"'
+GPTQ_INT4 = "scheme = int4, group_size = 32, symmetric = false, method = gptq, act_order = true, damp = 0.1, compensate = true"
+#: examples/minilm_int4.plan's pipeline: int4 gptq for 28 encoder Linears, int8 for 8 and the pooler.
+SENSITIVE = ('name("encoder.layer.[1-5].attention.self.value") | name("encoder.layer.5.attention.output.dense")'
+             ' | name("encoder.layer.[45].intermediate.dense")')
+RECIPE = (f"quantize encoder_linears - ({SENSITIVE}) {{ {GPTQ_INT4}, {CALIBRATION}, calibration_samples = 120 }}\n"
+          f'  quantize {SENSITIVE} | name("pooler.dense") {{ scheme = int8, smooth = 0.7, {CALIBRATION}, calibration_samples = 120 }}')
 
 VARIANTS: dict[str, tuple[str, str]] = {
     # name: (group, the quantize/prune step)
     "int4 rtn + smooth 0.5": ("int4", f"quantize encoder_linears {{ scheme = int4, group_size = 32, symmetric = false, smooth = 0.5, {CALIBRATION} }}"),
     "int4 gptq": ("int4", f"quantize encoder_linears {{ scheme = int4, group_size = 32, symmetric = false, method = gptq, act_order = true, {CALIBRATION} }}"),
     "int4 awq": ("int4", f"quantize encoder_linears {{ scheme = int4, group_size = 32, symmetric = false, method = awq, {CALIBRATION} }}"),
+    "int4 gptq + compensate (120 samples)": ("int4", f"quantize encoder_linears {{ {GPTQ_INT4}, {CALIBRATION}, calibration_samples = 120 }}"),
+    "int4 + 8 Linears & pooler int8 (minilm_int4.plan)": ("int4", RECIPE),
     "int8 rtn + smooth 0.7": ("int8", f"quantize encoder_linears {{ scheme = int8, smooth = 0.7, {CALIBRATION} }}"),
     "int8 gptq": ("int8", f"quantize encoder_linears {{ scheme = int8, method = gptq, {CALIBRATION} }}"),
-    "int4 / int8 mixed (>= 0.99)": ("mixed", f"quantize encoder_linears {{ scheme = int4, group_size = 32, symmetric = false, smooth = 0.5, fallback = int8, {CALIBRATION}, calibration_samples = 120 }}"),
+    "int4 / int8 mixed (>= 0.99)": ("mixed", f"quantize encoder_linears {{ scheme = int4, group_size = 32, symmetric = false, smooth = 0.7, fallback = int8, {CALIBRATION}, calibration_samples = 120 }}"),
     "50% magnitude": ("prune", "prune encoder_linears { sparsity = 50% }"),
     "50% wanda": ("prune", f"prune encoder_linears {{ method = wanda, sparsity = 50%, {CALIBRATION} }}"),
     "50% sparsegpt": ("prune", f"prune encoder_linears {{ method = sparsegpt, sparsity = 50%, {CALIBRATION} }}"),
@@ -186,6 +198,61 @@ def gpt_prune_rows(weights: Path) -> list[dict]:
     return rows
 
 
+def gpt_layer_errors(weights: Path) -> list[dict]:
+    """Why wanda gains little on the trained example GPT: per block Linear, the relative output
+    error ||X (W - W')^T||^2 / ||X W^T||^2 of 50% pruning on the dense model's stdlib calibration
+    inputs, for magnitude chosen per output row (wanda's comparison group, without ||X_j||),
+    wanda's mask and sparsegpt's mask with its weight update, and how much ||X_j||_2 varies
+    across input channels (the coefficient of variation wanda's score can exploit)."""
+    import torch
+
+    from planc.compiler import model as model_source
+    from planc.compiler.validate import load_plan
+    from planc.passes.prune.sparsegpt import sparsegpt
+    from planc.passes.prune.wanda import wanda_mask
+
+    plan, _ = load_plan(REPO / "examples" / "gpt_decode_int8.plan")
+    loaded = model_source.load_model(plan.model)
+    loaded.model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    model = loaded.model.eval()
+    linears = {name: m for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and name.startswith("blocks.")}
+    grams: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = dict.fromkeys(linears, 0)
+
+    def hook(name):
+        def record(module, inputs, output):
+            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).double()
+            grams[name] = grams.get(name, 0) + x.t() @ x
+            counts[name] += x.shape[0]
+        return record
+
+    handles = [m.register_forward_hook(hook(name)) for name, m in linears.items()]
+    with torch.no_grad():
+        for sample in model_source.load_samples(loaded, "stdlib", 32):
+            model(**sample)
+    for handle in handles:
+        handle.remove()
+    rows = []
+    for name, module in linears.items():
+        h = (grams[name] / counts[name]).float()
+        w = module.weight.detach().float()
+        norms = torch.diag(h).sqrt()
+
+        def error(w_new: torch.Tensor) -> float:
+            d = w - w_new
+            return float(((d @ h) * d).sum() / ((w @ h) * w).sum())
+
+        rows.append({
+            "layer": name,
+            "norm_cv": round(float(norms.std() / norms.mean()), 3),
+            "magnitude_row": round(error(w.masked_fill(wanda_mask(w, torch.ones_like(norms), 0.5), 0.0)), 4),
+            "wanda": round(error(w.masked_fill(wanda_mask(w, norms, 0.5), 0.0)), 4),
+            "sparsegpt": round(error(sparsegpt(w, h, 0.5)), 4),
+        })
+    mean = {key: round(sum(r[key] for r in rows) / len(rows), 4) for key in ("norm_cv", "magnitude_row", "wanda", "sparsegpt")}
+    return rows + [{"layer": "mean", **mean}]
+
+
 def print_table(rows: list[dict], columns: list[str]) -> None:
     print("| " + " | ".join(columns) + " |")
     print("|" + "---|" * len(columns))
@@ -195,7 +262,7 @@ def print_table(rows: list[dict], columns: list[str]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--only", default="int4,int8,mixed,prune,gpt,gpt_prune", help="comma-separated groups")
+    parser.add_argument("--only", default="int4,int8,mixed,prune,gpt,gpt_prune,gpt_layers", help="comma-separated groups")
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--gpt", help="trained example-GPT weights: also bench its decoders")
     parser.add_argument("--json")
@@ -236,6 +303,7 @@ def main(argv: list[str] | None = None) -> int:
 
         gpt = gpt_rows(Path(args.gpt), Path(scratch)) if args.gpt and "gpt" in groups else []
         pruned = gpt_prune_rows(Path(args.gpt)) if args.gpt and "gpt_prune" in groups else []
+        layer_errors = gpt_layer_errors(Path(args.gpt)) if args.gpt and "gpt_layers" in groups else []
     if rows:
         print_table(rows, ["variant", "size_mb", "size_vs_fp32", "ms", "cos_min", "cos_mean", "spearman", "int4_layers", "compile_s"])
     if gpt:
@@ -244,7 +312,10 @@ def main(argv: list[str] | None = None) -> int:
     if pruned:
         print()
         print_table(pruned, ["variant", "ppl_dense", "ppl", "ppl_increase"])
-    rows += gpt + pruned
+    if layer_errors:
+        print()
+        print_table(layer_errors, ["layer", "norm_cv", "magnitude_row", "wanda", "sparsegpt"])
+    rows += gpt + pruned + layer_errors
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
     return 0
