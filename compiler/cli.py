@@ -15,7 +15,7 @@ import logging
 import sys
 from pathlib import Path
 
-from planc.dsl.source import Diagnostic, PlanError, Source, Span
+from planc.dsl.source import Diagnostic, PlanError, Source
 
 EXIT_PLAN, EXIT_USAGE, EXIT_INTERNAL = 1, 2, 3
 
@@ -110,14 +110,17 @@ def cmd_explain(args: argparse.Namespace) -> int:
     from planc.compiler.validate import load_plan
 
     plan, _ = load_plan(args.file)
+    records = None
+    if args.passes:  # a `fallback = int8` step is searched first, so the plan printed is the one run
+        from planc.compiler.driver import capture_model, make_job, resolve_fallback, run_pipeline
+
+        plan, _ = resolve_fallback(plan, make_job(plan, Path(".")))
+        with _console().status("capturing the model and running the passes"):
+            _, records, _ = run_pipeline(plan, capture_model(plan))
     print(explain(plan), end="")
     for line in target_notes(plan):
         print(line)
-    if args.passes:
-        from planc.compiler.driver import capture_model, run_pipeline
-
-        with _console().status("capturing the model and running the passes"):
-            _, records, _ = run_pipeline(plan, capture_model(plan))
+    if records is not None:
         _print_records(records)
     return 0
 

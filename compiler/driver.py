@@ -256,6 +256,12 @@ def make_job(plan: ir.Plan, out_dir: Path, model: Any = None, progress: Progress
     )
 
 
+def resolve_fallback(plan: ir.Plan, job: Job) -> tuple[ir.Plan, dict[str, Any] | None]:
+    """The plan with a `fallback = int8` step resolved into its int4 and int8 steps (the
+    mixed-precision search, run on the driver's pipeline), and what the search measured."""
+    return resolve_precision(plan, job, lambda trial, captured, samples: run_pipeline(trial, captured, samples=samples)[0])
+
+
 def emit_stages() -> tuple[str, ...]:
     """Every `--emit` stage: the driver's own, then each target kind's."""
     return FRONT_STAGES + GRAPH_STAGES + tuple(stage for kind in target_kinds().values() for stage in kind.stages)
@@ -318,9 +324,9 @@ def compile_plan(
     if out_dir is None:
         raise error_at(plan.span, "compile needs an output directory (-o DIR)")
     selected.sort(key=lambda t: kinds[t.kind].order)
-    plan, precision = resolve_precision(plan, job, lambda trial, captured, samples: run_pipeline(trial, captured, samples=samples)[0])
+    plan, precision = resolve_fallback(plan, job)
     if precision is not None:  # the pipeline now spells out the int4/int8 assignment
-        job = make_job(plan, job.out_dir, model, progress)
+        job = dataclasses.replace(make_job(plan, job.out_dir, model, progress), started=job.started)
         job.shared["mixed_precision"] = precision
     result = Result(plan)
     for target in selected:

@@ -32,17 +32,22 @@ def explain(plan: ir.Plan) -> str:
 
 
 def target_notes(plan: ir.Plan) -> list[str]:
-    """Comment lines on what the plan's defaults resolve to on this machine (the int8 format)."""
+    """Comment lines on what the plan's defaults resolve to on this machine (the int8 format) and
+    on what only a compile resolves (a `fallback` step's int4/int8 split)."""
     from planc.passes.cpu import host_cpu, int8_format
     from planc.passes.quantize import Quantize
 
-    if not any(isinstance(s.options, Quantize) and s.options.scheme == "int8" for s in plan.pipeline):
-        return []
+    notes = []
+    if any(isinstance(s.options, Quantize) and s.options.fallback for s in plan.pipeline):
+        notes.append("# fallback = int8: which layers stay int4 is searched against the verify goal when the plan")
+        notes.append("#   compiles; `planc explain --passes` runs the search and prints the plan it resolves to")
+    if not any(isinstance(s.options, Quantize) and (s.options.scheme == "int8" or s.options.fallback) for s in plan.pipeline):
+        return notes
     onnx = plan.target("onnx")
     requested = onnx.options.cpu if onnx is not None else "auto"
     fmt = int8_format(requested)
     where = f"auto = {fmt.cpu} (this machine)" if requested == "auto" else f"{fmt.cpu} (this machine is {host_cpu()})"
-    return [f"# cpu {where}: int8 steps store {fmt.label}", f"#   because {fmt.why}"]
+    return notes + [f"# cpu {where}: int8 steps store {fmt.label}", f"#   because {fmt.why}"]
 
 
 def value_node(value: Any) -> ast.Value:

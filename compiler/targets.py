@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import pkgutil
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cache
@@ -64,6 +65,9 @@ class Job:
     #: The eager model as the plan names it, before architecture rewrites (`share`): what a
     #: rewritten model is verified against. None: the same as `load`.
     load_original: Callable[[], Any] | None = None
+    #: When this compile began (`time.perf_counter`): a report's `compile_seconds` counts from it,
+    #: so the pass pipeline and any precision search are part of the figure.
+    started: float = field(default_factory=time.perf_counter)
 
 
 class TargetKind(Protocol):

@@ -230,8 +230,11 @@ def build_onnx_artifact(
     out_dir: str | Path,
     pass_summaries: list[dict[str, Any]],
     plan_resolved: str,
+    started: float | None = None,
 ) -> OnnxResult:
     """Export `gm` (the pass pipeline's output), optimize, verify and benchmark it, publish `out_dir`.
+
+    `started` (`time.perf_counter`, default now) is when the compile began, for `compile_seconds`.
 
     Raises `ProviderError` (provider or dtype this machine cannot run), `VerificationFailed`
     (goal missed; nothing written), `export.ExportError` (graph not exportable).
@@ -243,7 +246,7 @@ def build_onnx_artifact(
 
     out_dir = Path(out_dir).resolve()
     providers = runtime.resolve_providers(target.providers)
-    started = time.perf_counter()
+    started = time.perf_counter() if started is None else started
     with staged_dir(out_dir) as temporary:
         work = temporary / ".work"
         work.mkdir()

@@ -54,11 +54,13 @@ def build_decoder_artifact(
     plan_resolved: str,
     load_samples: Callable[[str, int], list[dict[str, Any]]] | None = None,
     draft: Path | None = None,
+    started: float | None = None,
 ) -> OnnxResult:
     """Export `model` (an eager causal LM) with a key/value cache; verify; publish `out_dir`.
 
     `load_samples(path, count)` tokenizes the quantize step's calibration texts; a `draft`
-    decoder artifact is checked and timed as this one's speculator (`speculative.measure`)."""
+    decoder artifact is checked and timed as this one's speculator (`speculative.measure`).
+    `started` (`time.perf_counter`, default now) is when the compile began, for `compile_seconds`."""
     from planc.backends.onnx import runtime
     from planc.backends.onnx.decoder import export_decoder
     from planc.backends.onnx.decoder_verify import verify_decoder
@@ -71,7 +73,7 @@ def build_decoder_artifact(
         raise VerificationFailed(f"decoder artifacts are verified by {' or '.join(DECODER_METRICS)}, not {target.verify.metric}")
     providers = runtime.resolve_providers(target.providers)
     out_dir = Path(out_dir).resolve()
-    started = time.perf_counter()
+    started = time.perf_counter() if started is None else started
     with staged_dir(out_dir) as temporary:
         scheme = quantize.scheme if quantize else None
         spec = export_decoder(model, temporary, quantize=quantize, fusions=target.fusions, opset=target.opset,

@@ -176,7 +176,8 @@ class OnnxKind:
                                  f"{len(precision['int4']) + len(precision['int8'])} Linears at int4, the rest at int8", **precision})
         job.progress("exporting to ONNX, verifying against the original model, benchmarking")
         reference = dataclasses.replace(model, model=original.model)
-        result = onnx_artifact.build_onnx_artifact(graph, reference, options, job.out_dir, summaries, explain(job.plan))
+        result = onnx_artifact.build_onnx_artifact(graph, reference, options, job.out_dir, summaries, explain(job.plan),
+                                                         started=job.started)
         return Built(result.path, result.report, result.session, records)
 
     @staticmethod
@@ -230,7 +231,7 @@ class OnnxKind:
 
         try:
             result = build_decoder_artifact(loaded.model, options, quantize, job.out_dir, heldout, summaries, explain(job.plan),
-                                            self._texts(loaded), draft=draft)
+                                            self._texts(loaded), draft=draft, started=job.started)
         except UnsupportedDecoder as error:
             raise _error(job.plan.model.span, f"model '{job.plan.model.name}': {error}") from error
         return Built(result.path, result.report, result.session)

@@ -7,7 +7,6 @@ input, builds the tokenizer and a realistic, padded example batch, and maps symb
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import logging
 from dataclasses import dataclass, field

@@ -183,11 +183,29 @@ def test_mixed_precision_keeps_int4_where_the_goal_allows(plans: Path) -> None:
     assert precision["search_goal"] == ">= 0.99925" and precision["check_met"] is True
     assert precision["check_value"] >= 0.99925
     assert report["accuracy"]["passed"] is True and report["accuracy"]["value"] >= 0.999
+    assert report["compile_seconds"] >= precision["seconds"] > 0  # the whole compile, search included
     resolved = (plans / "out" / "plan.resolved").read_text()
     assert resolved.count("quantize ") == (2 if precision["int4"] and precision["int8"] else 1)
     assert "fallback" not in resolved and all(f'name("{layer}")' in resolved for layer in layers)
     nbits = [n for n in onnx.load(str(plans / "out" / "model.onnx")).graph.node if n.op_type == "MatMulNBits"]
     assert len(nbits) == len(precision["int4"])
+
+
+def test_explain_prints_the_searched_split(plans: Path) -> None:
+    """`planc explain` says a fallback step is searched at compile time; `--passes` searches and
+    prints the plan it resolves to: an int4 step and an int8 step over explicit layers."""
+    data = ROOT / "examples" / "data"
+    plan = plans / "mixed.plan"
+    plan.write_text(GPT + "pipeline {\n  quantize Linear {\n    scheme = int4, group_size = 16, fallback = int8\n"
+                    f'    calibration = "{data / "sentences.txt"}", calibration_samples = 8\n  }}\n}}\n'
+                    f'target onnx {{ verify {{ metric = cosine, goal = ">= 0.95", data = "{data / "heldout_sentences.txt"}" }} }}\n')
+    code, out, err = planc("explain", str(plan))
+    assert code == 0, err
+    assert "fallback = int8" in out and "# fallback = int8: which layers stay int4 is searched" in out
+    code, out, err = planc("explain", "--passes", str(plan))
+    assert code == 0, err
+    assert "fallback" not in out.split("target onnx")[0]
+    assert "scheme = int4" in out and 'name("blocks.' in out and "passes" in out
 
 
 def test_mixed_precision_needs_a_goal(plans: Path) -> None:
