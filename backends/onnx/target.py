@@ -167,7 +167,8 @@ class OnnxKind:
         job.progress(f"capturing model '{job.plan.model.name}'")
         graph, records = job.run_passes(job.capture(model))
         summaries = [
-            {"name": r.name, "summary": r.summary, "params": [r.before.params, r.after.params], "bytes": [r.before.bytes, r.after.bytes]}
+            {"name": r.name, "summary": r.summary, "params": [r.before.params, r.after.params], "bytes": [r.before.bytes, r.after.bytes],
+             "seconds": round(r.seconds, 3)}
             for r in records  # the model rewrites (share) first
         ]
         precision = job.shared.get("mixed_precision")

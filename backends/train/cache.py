@@ -64,8 +64,10 @@ def _model_files(model: ModelSource) -> list[Path]:
     """The files whose content defines the model's starting weights."""
     if model.kind == "factory":
         module = model.ref.rsplit(":", 1)[0]
-        path = model.base_dir / module
-        return [path] if path.is_file() else []
+        # a string argument naming a file (`checkpoint = "../out/teacher.pt"`) is part of the
+        # model too: a teacher retrained at the same path must not reuse the old student
+        named = [model.base_dir / value for value in model.args.values() if isinstance(value, str)]
+        return [path for path in (model.base_dir / module, *named) if _is_file(path)]
     if model.package:
         import importlib.util
 
@@ -108,3 +110,11 @@ def store_weights(key: str, weights: Path) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     copy_file(weights, target)
     return target
+
+
+def _is_file(path: Path) -> bool:
+    """`path.is_file()`, False for a string argument that cannot be a path (too long, NUL)."""
+    try:
+        return path.is_file()
+    except (OSError, ValueError):
+        return False
