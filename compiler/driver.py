@@ -164,19 +164,25 @@ def resolve_steps(plan: ir.Plan, table: list[tuple[str, str]], steps: list[ir.Pa
 
 
 def run_pipeline(
-    plan: ir.Plan, captured: Captured, stop_after: str | None = None, progress: Progress | None = None, samples: list | None = None
+    plan: ir.Plan,
+    captured: Captured,
+    stop_after: str | None = None,
+    progress: Progress | None = None,
+    samples: list | None = None,
+    steps: list[ir.PassStep] | None = None,
 ):
     """Resolve each step's selector and run the passes; returns (graph, records, step targets).
 
     `samples` replaces every calibrated step's calibration data (the mixed-precision search
-    builds its candidates on one fold of the calibration samples and checks them on the other).
+    builds its candidates on one fold of the calibration samples and checks them on the other);
+    `steps` runs only those steps of the pipeline (a decoder's pruning, before its export).
     """
     from planc.compiler import model as model_source
     from planc.passes.base import PassContext, PassError
     from planc.passes.manager import PassManager
     from planc.passes.registry import load_pass
 
-    steps = list(plan.pipeline)
+    steps = list(plan.pipeline if steps is None else steps)
     if stop_after is not None:
         names = [step.name for step in steps]
         if stop_after not in names:
@@ -239,8 +245,8 @@ def _step_of(plan: ir.Plan, error: Exception) -> ir.PassStep | None:
 def make_job(plan: ir.Plan, out_dir: Path, model: Any = None, progress: Progress | None = None) -> Job:
     """A target's view of this compile: the driver's stages as callables (see `Job`)."""
 
-    def run_passes(captured: Captured) -> tuple[Any, list]:
-        graph, records, _ = run_pipeline(plan, captured, progress=progress)
+    def run_passes(captured: Captured, steps: list[ir.PassStep] | None = None) -> tuple[Any, list]:
+        graph, records, _ = run_pipeline(plan, captured, progress=progress, steps=steps)
         return graph, records
 
     return Job(

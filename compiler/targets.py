@@ -51,13 +51,13 @@ class Job:
     progress: Progress
     #: The driver's stages: `load()` the eager model (a fresh copy each call), `table(loaded)`
     #: its (module path, class) rows, `resolve(loaded)` each step with its module paths,
-    #: `capture(loaded)` an fx graph, `run_passes(captured)` the pipeline -> (graph, records);
-    #: each raises located diagnostics.
+    #: `capture(loaded)` an fx graph, `run_passes(captured, steps=None)` the pipeline (or only
+    #: those of its steps) -> (graph, records); each raises located diagnostics.
     load: Callable[[], Any]
     table: Callable[[Any], list[tuple[str, str]]]
     resolve: Callable[[Any], list]
     capture: Callable[[Any], Any]
-    run_passes: Callable[[Any], tuple[Any, list]]
+    run_passes: Callable[..., tuple[Any, list]]
     #: Left by targets built earlier in the same compile for later ones (e.g. "weights").
     shared: dict[str, Any] = field(default_factory=dict)
     #: Kinds of the other targets this compile builds.

@@ -55,12 +55,15 @@ def build_decoder_artifact(
     load_samples: Callable[[str, int], list[dict[str, Any]]] | None = None,
     draft: Path | None = None,
     started: float | None = None,
+    reference: Any = None,
 ) -> OnnxResult:
     """Export `model` (an eager causal LM) with a key/value cache; verify; publish `out_dir`.
 
     `load_samples(path, count)` tokenizes the quantize step's calibration texts; a `draft`
     decoder artifact is checked and timed as this one's speculator (`speculative.measure`).
-    `started` (`time.perf_counter`, default now) is when the compile began, for `compile_seconds`."""
+    `started` (`time.perf_counter`, default now) is when the compile began, for `compile_seconds`.
+    `reference` (default: `model`) is the eager model the goal is measured against: the unpruned
+    model when the plan pruned `model`'s weights; the export itself is checked against `model`."""
     from planc.backends.onnx import runtime
     from planc.backends.onnx.decoder import export_decoder
     from planc.backends.onnx.decoder_verify import verify_decoder
@@ -78,9 +81,12 @@ def build_decoder_artifact(
         scheme = quantize.scheme if quantize else None
         spec = export_decoder(model, temporary, quantize=quantize, fusions=target.fusions, opset=target.opset,
                               cpu=target.cpu, load_samples=load_samples)
-        metrics = verify_decoder(temporary, model, decode.prompts, decode.max_new_tokens, heldout=heldout)
-        if scheme is None and not metrics["greedy_equal"]:
+        metrics = verify_decoder(temporary, model if reference is None else reference, decode.prompts,
+                                 decode.max_new_tokens, heldout=heldout)
+        exported = metrics if reference is None else verify_decoder(temporary, model, decode.prompts, decode.max_new_tokens)
+        if scheme is None and not exported["greedy_equal"]:
             raise VerificationFailed("the fp32 decoder's greedy tokens differ from the eager model's")
+        reference = model if reference is None else reference
         value = float(metrics[DECODER_METRICS[target.verify.metric]])
         passed = goal_met(value, target.verify)
         if passed is False:
@@ -90,7 +96,7 @@ def build_decoder_artifact(
         prompt = [list(decode.prompts[0].encode("utf-8"))[:16] or [0]] * target.bench.batch
         compute = None
         if scheme == "int4" and target.int4_compute != "fp32":
-            metrics, value, passed, compute = _pick_int4_compute(temporary, model, target, heldout, prompt, tokens, metrics, passed)
+            metrics, value, passed, compute = _pick_int4_compute(temporary, reference, target, heldout, prompt, tokens, metrics, passed)
 
         baseline = temporary / ".fp32"
         if scheme is not None:

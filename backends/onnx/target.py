@@ -9,6 +9,7 @@ artifact is then verified against the ORIGINAL model, not against the student).
 
 from __future__ import annotations
 
+import copy
 from typing import Any, ClassVar
 
 from planc.backends.onnx.options import OnnxTarget
@@ -16,7 +17,16 @@ from planc.compiler import ir
 from planc.compiler.targets import Built, Job, missing_file
 from planc.dsl.source import Diagnostic, PlanError, Span
 from planc.passes.cast import Cast
+from planc.passes.prune import Prune
 from planc.passes.quantize import Quantize
+
+
+#: What a decode target's pipeline may hold (besides model rewrites such as `share`).
+DECODER_PIPELINE = "a decode target takes weight pruning (method = magnitude, nm, wanda or sparsegpt), then one quantize step, and no other graph pass"
+
+
+def _got(step: ir.PassStep) -> str:
+    return f"{step.name} {{ method = {step.options.method} }}" if isinstance(step.options, Prune) else step.name
 
 
 def _error(span: Span, message: str, *notes: str) -> PlanError:
@@ -41,6 +51,9 @@ class OnnxKind:
             problems += self._heldout(plan, options.verify.data, span)
         if options.decode and options.decode.heldout:
             problems.append(missing_file(base, options.decode.heldout, spans.get("decode.heldout", target.span)))
+        if options.decode is not None:
+            problems += [Diagnostic("error", f"{DECODER_PIPELINE} (got '{_got(step)}')", step.span) for step in plan.pipeline
+                         if isinstance(step.options, Prune) and not step.options.keeps_shapes and not step.options.rewrites_model]
         for step in plan.pipeline:
             if isinstance(step.options, Quantize) and step.options.fallback:
                 span = step.option_spans.get("fallback", step.span)
@@ -96,8 +109,8 @@ class OnnxKind:
             raise _error(target.option_spans.get("decode", target.span), str(error)) from error
 
     def transform(self, job: Job, target: ir.Target, loaded: Any, stop_after: str) -> Any | None:
-        """A decoder's pipeline is its one quantize step over every projection (after the model
-        rewrites, `share`, which shape the captured graph itself); else the default."""
+        """A decoder's pipeline is its weight pruning, then one quantize step over every projection
+        (after the model rewrites, `share`, which shape the captured graph itself); else the default."""
         if not self.is_decoder(target):
             return None
         from planc.backends.onnx.cache_adapter import UnsupportedDecoder, has_linear_projections
@@ -105,7 +118,11 @@ class OnnxKind:
 
         if any(s.name == stop_after and s.options.rewrites_model for s in job.plan.pipeline):
             return self.capture(target, loaded)  # the model was rewritten when it was loaded
-        step = self._decoder_quantize(job, loaded)
+        prunes, step = self._decoder_steps(job, loaded)
+        if prunes:
+            self._prune_decoder(job, loaded, prunes)
+            if any(s.name == stop_after for s, _ in prunes):
+                return self.capture(target, loaded)
         if step is None or step.name != stop_after:
             raise _error(job.plan.span, f"--emit fx-after:{stop_after}: the decoder pipeline has no pass '{stop_after}'")
         if not has_linear_projections(loaded.model):
@@ -188,15 +205,26 @@ class OnnxKind:
 
         return lambda path, count: model_source.load_samples(loaded, path, count)
 
-    def _decoder_quantize(self, job: Job, loaded: Any) -> ir.PassStep | None:
-        """The decoder's single quantize step (checked to cover every projection), if any."""
+    @staticmethod
+    def _decoder_steps(job: Job, loaded: Any) -> tuple[list[tuple[ir.PassStep, list[str]]], ir.PassStep | None]:
+        """A decoder's pipeline: weight-pruning steps that keep shapes (with the modules they
+        select), then at most one quantize step, checked to cover every projection."""
         table = job.table(loaded)
+        prunes: list[tuple[ir.PassStep, list[str]]] = []
         quantize = None
         for step, targets in job.resolve(loaded):
             if step.options.rewrites_model:
                 continue  # applied to the eager model when it was loaded
+            if isinstance(step.options, Prune) and step.options.keeps_shapes and quantize is None:
+                prunes.append((step, targets))
+                continue
             if not isinstance(step.options, Quantize) or quantize is not None:
-                raise _error(step.span, f"a decode target takes one quantize step and no other graph pass (got '{step.name}')")
+                raise _error(step.span, f"{DECODER_PIPELINE} (got '{_got(step)}')")
+            if prunes and step.options.method == "gptq":
+                raise _error(step.option_spans.get("method", step.span),
+                             "gptq after pruning fills the pruned weights back in (it spreads each column's rounding "
+                             "error over the columns after it)",
+                             "prune with method = sparsegpt (its own weight update), then quantize with method = rtn or awq")
             projections = {path for path, kind in table if kind in ("Linear", "Conv1D")}
             if not projections <= set(targets):
                 missing = sorted(projections - set(targets))[:3]
@@ -204,16 +232,38 @@ class OnnxKind:
                              f"decoder quantization covers every projection; the selector leaves out {', '.join(missing)}, ...",
                              "select them all, e.g. `Linear` (or `Conv1D | name(\"lm_head\")` for GPT-2)")
             quantize = step
-        return quantize
+        return prunes, quantize
+
+    @staticmethod
+    def _prune_decoder(job: Job, loaded: Any, prunes: list[tuple[ir.PassStep, list[str]]]) -> list[dict[str, Any]]:
+        """Run the pruning steps on the model's graph and write the pruned weights back into the
+        eager model (no shape changes), which the decoder is exported (and quantized) from."""
+        import torch
+
+        graph, records = job.run_passes(job.capture(loaded), [step for step, _ in prunes])
+        weights = dict(graph.named_parameters())
+        for step, targets in prunes:
+            for path in targets:
+                module = loaded.model.get_submodule(path)
+                pruned = weights.get(f"{path}.weight")
+                if pruned is None or not isinstance(getattr(module, "weight", None), torch.Tensor):
+                    raise _error(step.span, f"cannot write the pruned weights of '{path}' back into the decoder")
+                if type(module).__name__ == "Conv1D":
+                    pruned = pruned.t()  # captured as a Linear, stored [out, in]
+                with torch.no_grad():
+                    module.weight.copy_(pruned)
+        records = records[len(records) - len(prunes):]  # after the model rewrites' records
+        return [{"name": r.name, "summary": r.summary, "params": [r.before.params, r.after.params],
+                 "bytes": [r.before.bytes, r.after.bytes], "seconds": round(r.seconds, 3)} for r in records]
 
     def _decoder(self, job: Job, target: ir.Target, options: OnnxTarget) -> Built:
-        """A key/value-cache graph plus generation, quantized as planned; a trained decoder is
-        served as trained (verified against itself)."""
+        """A key/value-cache graph plus generation, pruned and quantized as planned; a trained
+        decoder is served as trained (verified against itself; a pruned one against its unpruned self)."""
         from planc.backends.onnx.decoder_artifact import build_decoder_artifact
         from planc.compiler.explain import explain
 
         loaded, _ = self._model(job, original=False)
-        step = self._decoder_quantize(job, loaded)
+        prunes, step = self._decoder_steps(job, loaded)
         quantize: Quantize | None = step.options if step is not None else None  # type: ignore[assignment]
         decode = options.decode
         assert decode is not None
@@ -224,15 +274,21 @@ class OnnxKind:
             raise _error(target.option_spans.get("decode.draft", target.span),
                          f"no decoder artifact at {decode.draft} (decoder.json is missing)",
                          "compile the draft's plan first, e.g. planc compile examples/gpt_draft.plan -o out/gpt_draft")
-        job.progress("exporting the decoder to ONNX, verifying generation against the eager model")
         summaries = [*loaded.rewrites]
+        reference = None  # the model as trained (or loaded): what a pruned decoder is verified against
+        if prunes:
+            job.progress("pruning the decoder's weights")
+            reference = copy.deepcopy(loaded.model)
+            summaries += self._prune_decoder(job, loaded, prunes)
+        job.progress("exporting the decoder to ONNX, verifying generation against the eager model")
         if step and quantize:
             summaries.append({"name": step.name, "summary": f"{quantize.method} {quantize.scheme} weights for every projection"})
         from planc.backends.onnx.cache_adapter import UnsupportedDecoder
 
         try:
             result = build_decoder_artifact(loaded.model, options, quantize, job.out_dir, heldout, summaries, explain(job.plan),
-                                            self._texts(loaded), draft=draft, started=job.started)
+                                            self._texts(loaded), draft=draft, started=job.started,
+                                            reference=reference)
         except UnsupportedDecoder as error:
             raise _error(job.plan.model.span, f"model '{job.plan.model.name}': {error}") from error
         return Built(result.path, result.report, result.session)

@@ -93,6 +93,12 @@ class Prune(PassOptions):
         }[self.method]
 
     @property
+    def keeps_shapes(self) -> bool:
+        """Whether the step only zeroes weights in place (no layer changes shape), so its result
+        can be written back into the eager model (what a decoder is exported from)."""
+        return self.method in ("magnitude", "nm", "wanda", "sparsegpt")
+
+    @property
     def measures_activations(self) -> bool:
         """Whether the step needs activations on real text (only the training program has them)."""
         return self.importance == "activation" or self.reconstruct
