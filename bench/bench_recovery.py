@@ -19,8 +19,10 @@ the fp32 eager model on held-out text (perplexity, next-token top-1) and timed (
     python bench/bench_recovery.py [--only int4,int8,mixed,prune,gpt,gpt_prune,gpt_layers] [--gpt out/gpt_int8/train/gpt_stdlib.pt]
 
 With `--gpt`, the same GPT is also pruned (every block Linear) by magnitude, wanda and sparsegpt at
-50% and 2:4, and its held-out perplexity compared with the dense model's; `gpt_layers` gives each
-block Linear's output error under the three 50% masks (why wanda gains little on this model).
+50% and 2:4, each a plan planc compiles into a decoder artifact (`prune` in a decode target):
+held-out perplexity and top-1 against the dense model, size, tokens/s (interleaved with the
+dense fp32 decoder's); `gpt_layers` gives each block Linear's output error under the three 50%
+masks (why wanda gains little on this model).
 """
 
 from __future__ import annotations
@@ -146,55 +148,70 @@ def gpt_rows(weights: Path, scratch: Path) -> list[dict]:
     return rows
 
 
+#: The prune step of each pruning variant (every block Linear; the LM head stays dense).
 GPT_PRUNING = {
-    "50% magnitude": {"method": "magnitude", "sparsity": 0.5},
-    "50% wanda": {"method": "wanda", "sparsity": 0.5, "calibration": "stdlib"},
-    "50% sparsegpt": {"method": "sparsegpt", "sparsity": 0.5, "calibration": "stdlib"},
-    "2:4 magnitude": {"method": "nm", "n": 2, "m": 4},
-    "2:4 wanda": {"method": "wanda", "structure": "nm", "calibration": "stdlib"},
-    "2:4 sparsegpt": {"method": "sparsegpt", "structure": "nm", "calibration": "stdlib"},
+    "fp32 dense": "",
+    "50% magnitude": "sparsity = 50%",
+    "50% wanda": "method = wanda, sparsity = 50%, calibration = stdlib",
+    "50% sparsegpt": "method = sparsegpt, sparsity = 50%, calibration = stdlib",
+    "2:4 magnitude": "method = nm, n = 2, m = 4",
+    "2:4 wanda": "method = wanda, structure = nm, calibration = stdlib",
+    "2:4 sparsegpt": "method = sparsegpt, structure = nm, calibration = stdlib",
 }
+GPT_PRUNE_PLAN = """model gpt = factory("{models}/gpt.py:gpt", n_layer = 4, n_head = 4, d_model = 128, checkpoint = "{weights}") {{
+  task = causal_lm
+}}
+pipeline {{
+{step}}}
+target onnx {{
+  decode {{ prompts = ["def main(argv=None):\\n    args = parse(argv)\\n"], max_new_tokens = 32, heldout = "{models}/gpt.py" }}
+  verify {{ metric = perplexity_delta }}
+}}
+"""
 
 
-def gpt_prune_rows(weights: Path) -> list[dict]:
-    """Held-out perplexity of the trained example GPT with every block Linear pruned per method
-    (planc's graph after the pass, not an export: pruning keeps shapes), against the dense model."""
-    import copy
-    import math
+def gpt_prune_rows(weights: Path, scratch: Path, rounds: int) -> list[dict]:
+    """The trained example GPT with every block Linear pruned per method, compiled by planc as a
+    decoder artifact (`prune` in a decode target): held-out perplexity and next-token top-1 against
+    the dense fp32 model (the compile's own verification), file size, and decode tokens/s at
+    batch 1 timed interleaved over all variants (median of `rounds` shuffled rounds)."""
+    import random
+    import statistics
+    import time
 
-    import torch
+    from planc.backends.onnx.generate import DecoderSession, generate_ids
 
-    from planc.compiler import model as model_source
-    from planc.compiler.validate import load_plan
-    from planc.passes.base import PassContext
-    from planc.passes.manager import PassManager
-    from planc.passes.prune import Prune
-    from planc.passes.registry import load_pass
-
-    plan, _ = load_plan(REPO / "examples" / "gpt_decode_int8.plan")
-    loaded = model_source.load_model(plan.model)
-    loaded.model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
-    graph = model_source.capture(loaded)
-    text = (REPO / "examples" / "models" / "gpt.py").read_bytes()
-    windows = torch.tensor(list(text[: len(text) // 128 * 128]), dtype=torch.int64).reshape(-1, 128)[:32]
-
-    def perplexity(module) -> float:
-        with torch.no_grad():
-            logits = model_source.primary_output(module(input_ids=windows)).float()
-        loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), windows[:, 1:].reshape(-1))
-        return math.exp(float(loss))
-
-    dense = perplexity(graph)
-    blocks = frozenset(path for path, kind in model_source.module_table(loaded.model) if kind == "Linear" and path.startswith("blocks."))
-    rows = []
+    rows, sessions = [], {}
     for name, options in GPT_PRUNING.items():
-        print(f"pruning gpt {name} ...", file=sys.stderr)
-        ctx = PassContext(model=loaded.model, example_inputs=loaded.example_inputs, targets=blocks, source="bench",
-                          load_samples=lambda path, count: model_source.load_samples(loaded, path, count))
-        pruned, _ = PassManager().run(copy.deepcopy(graph), [(load_pass(Prune(**options)), ctx)])
-        value = perplexity(pruned)
-        rows.append({"variant": f"gpt {name}", "ppl_dense": round(dense, 3), "ppl": round(value, 3),
-                     "ppl_increase": round(value - dense, 3)})
+        print(f"compiling gpt {name} ...", file=sys.stderr)
+        step = f'  prune Linear & name("blocks.*") {{ {options} }}\n' if options else ""
+        plan = scratch / f"gpt-prune-{len(rows)}.plan"
+        plan.write_text(GPT_PRUNE_PLAN.format(models=REPO / "examples" / "models", weights=Path(weights).resolve(), step=step))
+        result = compile_plan(plan, scratch / f"gpt-prune-{len(rows)}")
+        accuracy = result.report["accuracy"]
+        rows.append({
+            "variant": f"gpt {name}",
+            "size_mb": round(result.report["size_bytes"]["optimized"] / 1e6, 2),
+            "ppl_dense": round(accuracy["ppl_eager"], 3),
+            "ppl": round(accuracy["ppl_onnx"], 3),
+            "ppl_increase": round(accuracy["ppl_onnx"] - accuracy["ppl_eager"], 3),
+            "top1": round(accuracy["top1"], 4),
+            "compile_s": result.report["compile_seconds"],
+        })
+        sessions[name] = DecoderSession(result.artifact, threads=2)
+    prompt = [list(b"def main(argv=None):\n    args = parse(argv)\n")]
+    times: dict[str, list[float]] = {name: [] for name in sessions}
+    order = list(sessions)
+    for session in sessions.values():
+        generate_ids(session, prompt, 32)  # warm up
+    for _ in range(rounds):
+        random.shuffle(order)
+        for name in order:
+            begun = time.perf_counter()
+            generate_ids(sessions[name], prompt, 32)
+            times[name].append(time.perf_counter() - begun)
+    for row, name in zip(rows, sessions, strict=True):
+        row["tok_s_b1"] = round(32 / statistics.median(times[name]), 1)
     return rows
 
 
@@ -302,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
             next(row for row in rows if row["variant"] == name)["ms"] = timed[path.resolve()]["latency_ms"]
 
         gpt = gpt_rows(Path(args.gpt), Path(scratch)) if args.gpt and "gpt" in groups else []
-        pruned = gpt_prune_rows(Path(args.gpt)) if args.gpt and "gpt_prune" in groups else []
+        pruned = gpt_prune_rows(Path(args.gpt), Path(scratch), args.rounds) if args.gpt and "gpt_prune" in groups else []
         layer_errors = gpt_layer_errors(Path(args.gpt)) if args.gpt and "gpt_layers" in groups else []
     if rows:
         print_table(rows, ["variant", "size_mb", "size_vs_fp32", "ms", "cos_min", "cos_mean", "spearman", "int4_layers", "compile_s"])
@@ -311,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
         print_table(gpt, ["variant", "size_mb", "ppl_eager", "ppl", "ppl_delta_pct", "top1", "tok_s_b1", "export_s"])
     if pruned:
         print()
-        print_table(pruned, ["variant", "ppl_dense", "ppl", "ppl_increase"])
+        print_table(pruned, ["variant", "size_mb", "ppl_dense", "ppl", "ppl_increase", "top1", "tok_s_b1", "compile_s"])
     if layer_errors:
         print()
         print_table(layer_errors, ["layer", "norm_cv", "magnitude_row", "wanda", "sparsegpt"])
