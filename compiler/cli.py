@@ -183,7 +183,10 @@ def _print_report(report: dict) -> None:
     if latency:
         table.add_row("latency (eager -> optimized)", f"{latency.get('original_eager', 0):.2f} -> {latency.get('optimized', 0):.2f} ms")
     if accuracy:
-        table.add_row(f"accuracy ({accuracy.get('metric')})", f"{accuracy.get('value'):.4f} (goal {accuracy.get('goal')})")
+        goal = f"goal {accuracy['goal']}" if accuracy.get("goal") else "no goal set"
+        table.add_row(f"accuracy ({accuracy.get('metric')})", f"{accuracy.get('value'):.4f} ({goal})")
+    if "decode_tokens_per_s" in report:
+        table.add_row("decode (batch 1)", f"{report['decode_tokens_per_s']:,.0f} tokens/s")
     for batch, figures in report.get("speculative", {}).get("batches", {}).items():
         table.add_row(f"speculative, batch {batch}", f"accepts {figures['acceptance_rate']:.0%}, "
                       f"{figures['plain_tokens_per_s']:.0f} -> {figures['speculative_tokens_per_s']:.0f} tokens/s")

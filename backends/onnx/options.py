@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 _GOAL = re.compile(r"^\s*(>=|<=|>|<|==)\s*(-?\d+(\.\d*)?([eE][-+]?\d+)?)\s*$")
 
@@ -17,6 +17,7 @@ class _Frozen(BaseModel):
 class Verify(_Frozen):
     """How the artifact is checked against the eager model before it is published."""
 
+    #: Default `cosine`; `top1` in a target with `decode { }` (see `OnnxTarget`).
     metric: Literal["cosine", "max_abs", "top1", "perplexity_delta"] = "cosine"
     #: A comparison such as ">= 0.99"; a failing goal fails the compile.
     goal: str | None = None
@@ -91,3 +92,12 @@ class OnnxTarget(_Frozen):
     verify: Verify = Field(default_factory=Verify)
     bench: Bench = Field(default_factory=Bench)
     decode: Decode | None = None
+
+    @model_validator(mode="after")
+    def _decoders_default_to_top1(self) -> OnnxTarget:
+        """A decoder is verified by next-token agreement, not sentence-embedding cosine: a decode
+        target that names no metric gets `top1`, so `decode { }` alone compiles."""
+        if self.decode is not None and "metric" not in self.verify.model_fields_set:
+            verify = Verify(**{**self.verify.model_dump(exclude_unset=True), "metric": "top1"})
+            object.__setattr__(self, "verify", verify)
+        return self

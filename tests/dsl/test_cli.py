@@ -89,6 +89,18 @@ def test_explain_fills_defaults(capsys) -> None:
     assert 'model m = factory("mypkg.models:tiny")' in out and "inputs { input_ids: int64[batch, seq] }" in out
 
 
+def test_a_decoder_is_verified_by_top1_unless_the_plan_says_otherwise(tmp_path, capsys) -> None:
+    model = 'model m = factory("mypkg.models:tiny") { task = causal_lm }\n'
+    for verify, metric in [("", "top1"), ("verify { metric = perplexity_delta }, ", "perplexity_delta")]:
+        plan = tmp_path / "d.plan"
+        plan.write_text(model + f"target onnx {{ {verify}decode {{ max_new_tokens = 4 }} }}\n")
+        assert main(["explain", str(plan)]) == 0
+        assert f"verify {{ metric = {metric}," in capsys.readouterr().out
+    plan.write_text(model + "target onnx { }\n")
+    assert main(["explain", str(plan)]) == 0
+    assert "verify { metric = cosine," in capsys.readouterr().out
+
+
 def test_version_names_planc_and_its_engines() -> None:
     from importlib import metadata
 
