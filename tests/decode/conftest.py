@@ -18,6 +18,7 @@ import torch
 
 from decode_text import generated_text
 from shared_models import example_gpt_module
+from torch_threads import one_torch_thread  # noqa: F401  (autouse: one thread in this folder)
 
 ROOT = Path(__file__).resolve().parents[2]
 def train_bpe(directory: Path) -> tuple[int, int]:
@@ -50,15 +51,6 @@ def train_briefly(model, ids: torch.Tensor, steps: int = 150, seq: int = 64, bat
         loss.backward()
         optimizer.step()
     return model.eval()
-
-
-@pytest.fixture(scope="session", autouse=True)
-def one_torch_thread():
-    """Eager references on one thread: on a shared 2-core machine two threads run ~5x slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="session")

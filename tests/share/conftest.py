@@ -14,15 +14,7 @@ import torch
 
 from share_helpers import GPT_SHAPE, generated_bytes, next_token_loss, windows
 from shared_models import example_gpt_module
-
-
-@pytest.fixture(scope="session", autouse=True)
-def one_torch_thread():
-    """One thread: on a shared 2-core machine two threads run several times slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+from torch_threads import one_torch_thread  # noqa: F401  (autouse: one thread in this folder)
 
 
 @pytest.fixture(scope="session")
