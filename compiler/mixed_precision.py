@@ -32,14 +32,12 @@ from typing import Any
 
 from planc.compiler import ir
 from planc.dsl.source import Diagnostic, PlanError
-from planc.passes.quantize import FALLBACK_MARGIN, Quantize
+from planc.passes.quantize import FALLBACK_MARGIN, FALLBACK_MIN_SAMPLES, Quantize
 
 log = logging.getLogger(__name__)
 
 #: Most calibration samples that rank the layers (one trial per layer).
 SEARCH_SAMPLES = 16
-#: Fewest calibration samples the search can split (one to rank, at least one per fold).
-MIN_SAMPLES = 4
 
 
 def fallback_step(plan: ir.Plan) -> int | None:
@@ -149,9 +147,9 @@ def resolve_precision(plan: ir.Plan, job: Any, run_trial: Callable[[ir.Plan, Any
     table = dict(job.table(loaded))
     layers = sorted(path for s, targets in job.resolve(loaded) if s is step for path in targets if table.get(path) == "Linear")
     samples = model_source.load_samples(loaded, options.calibration, options.calibration_samples)  # type: ignore[arg-type]
-    if len(samples) < MIN_SAMPLES:
+    if len(samples) < FALLBACK_MIN_SAMPLES:
         raise PlanError([Diagnostic("error", f"fallback = int8 splits the calibration samples to rank and check candidates: "
-                                             f"it needs at least {MIN_SAMPLES}, the calibration gave {len(samples)}", step.span)])
+                                             f"it needs at least {FALLBACK_MIN_SAMPLES}, the calibration gave {len(samples)}", step.span)])
     ranked = min(SEARCH_SAMPLES, len(samples) // 4)
     rank, rest = samples[:ranked], samples[ranked:]
     folds = (rest[0::2], rest[1::2])

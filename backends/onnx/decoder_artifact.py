@@ -81,12 +81,11 @@ def build_decoder_artifact(
         scheme = quantize.scheme if quantize else None
         spec = export_decoder(model, temporary, quantize=quantize, fusions=target.fusions, opset=target.opset,
                               cpu=target.cpu, load_samples=load_samples)
-        metrics = verify_decoder(temporary, model if reference is None else reference, decode.prompts,
-                                 decode.max_new_tokens, heldout=heldout)
-        exported = metrics if reference is None else verify_decoder(temporary, model, decode.prompts, decode.max_new_tokens)
+        reference = model if reference is None else reference
+        metrics = verify_decoder(temporary, reference, decode.prompts, decode.max_new_tokens, heldout=heldout)
+        exported = metrics if reference is model else verify_decoder(temporary, model, decode.prompts, decode.max_new_tokens)
         if scheme is None and not exported["greedy_equal"]:
             raise VerificationFailed("the fp32 decoder's greedy tokens differ from the eager model's")
-        reference = model if reference is None else reference
         value = float(metrics[DECODER_METRICS[target.verify.metric]])
         passed = goal_met(value, target.verify)
         if passed is False:

@@ -29,6 +29,12 @@ def _got(step: ir.PassStep) -> str:
     return f"{step.name} {{ method = {step.options.method} }}" if isinstance(step.options, Prune) else step.name
 
 
+def _summary(record: Any) -> dict[str, Any]:
+    """A pass record as the report lists it."""
+    return {"name": record.name, "summary": record.summary, "params": [record.before.params, record.after.params],
+            "bytes": [record.before.bytes, record.after.bytes], "seconds": round(record.seconds, 3)}
+
+
 def _error(span: Span, message: str, *notes: str) -> PlanError:
     return PlanError([Diagnostic("error", message, span, tuple(notes))])
 
@@ -183,11 +189,7 @@ class OnnxKind:
         model, original = self._model(job)
         job.progress(f"capturing model '{job.plan.model.name}'")
         graph, records = job.run_passes(job.capture(model))
-        summaries = [
-            {"name": r.name, "summary": r.summary, "params": [r.before.params, r.after.params], "bytes": [r.before.bytes, r.after.bytes],
-             "seconds": round(r.seconds, 3)}
-            for r in records  # the model rewrites (share) first
-        ]
+        summaries = [_summary(r) for r in records]  # the model rewrites (share) first
         precision = job.shared.get("mixed_precision")
         if precision:
             summaries.insert(0, {"name": "mixed precision", "summary": f"{len(precision['int4'])} of "
@@ -252,9 +254,7 @@ class OnnxKind:
                     pruned = pruned.t()  # captured as a Linear, stored [out, in]
                 with torch.no_grad():
                     module.weight.copy_(pruned)
-        records = records[len(records) - len(prunes):]  # after the model rewrites' records
-        return [{"name": r.name, "summary": r.summary, "params": [r.before.params, r.after.params],
-                 "bytes": [r.before.bytes, r.after.bytes], "seconds": round(r.seconds, 3)} for r in records]
+        return [_summary(r) for r in records[len(records) - len(prunes):]]  # after the model rewrites' records
 
     def _decoder(self, job: Job, target: ir.Target, options: OnnxTarget) -> Built:
         """A key/value-cache graph plus generation, pruned and quantized as planned; a trained

@@ -24,6 +24,8 @@ GPTQ_DAMP = 0.01
 #: `compiler/mixed_precision.py`): the search checks its candidates on calibration samples they
 #: were neither built nor ranked on, but the held-out text the gate scores may be harder.
 FALLBACK_MARGIN = 0.25
+#: Fewest calibration samples the `fallback` search can split (one to rank, at least one per fold).
+FALLBACK_MIN_SAMPLES = 4
 
 
 class Quantize(PassOptions):
@@ -99,8 +101,9 @@ class Quantize(PassOptions):
             raise ValueError("margin belongs to fallback = int8 (it tightens the goal of the mixed-precision search)")
         if self.fallback is not None and self.calibration is None:
             raise ValueError('fallback measures each layer on calibration data: it needs calibration = "file.txt"')
-        if self.fallback is not None and self.calibration_samples < 4:
-            raise ValueError("fallback splits the calibration samples to rank and check candidates: calibration_samples must be at least 4")
+        if self.fallback is not None and self.calibration_samples < FALLBACK_MIN_SAMPLES:
+            raise ValueError("fallback splits the calibration samples to rank and check candidates: "
+                             f"calibration_samples must be at least {FALLBACK_MIN_SAMPLES}")
         if self.method == "awq" and self.smooth is not None:
             raise ValueError("method = awq searches alpha itself: drop smooth (smooth = alpha is the fixed-alpha form)")
         return self
