@@ -107,6 +107,7 @@ def cmd_schema(args: argparse.Namespace) -> int:
 
 def cmd_explain(args: argparse.Namespace) -> int:
     from planc.compiler.explain import explain, target_notes
+    from planc.compiler.footprint import plan_footprint
     from planc.compiler.validate import load_plan
 
     plan, _ = load_plan(args.file)
@@ -120,6 +121,10 @@ def cmd_explain(args: argparse.Namespace) -> int:
     print(explain(plan), end="")
     for line in target_notes(plan):
         print(line)
+    footprint = plan_footprint(plan)
+    if footprint is not None:
+        fits = "fits" if footprint.fits else "does NOT fit: `planc compile` will refuse it"
+        print(f"# compile: {footprint.describe()}; {fits}")
     if records is not None:
         _print_records(records)
     return 0
@@ -190,6 +195,10 @@ def _print_report(report: dict) -> None:
     for batch, figures in report.get("speculative", {}).get("batches", {}).items():
         table.add_row(f"speculative, batch {batch}", f"accepts {figures['acceptance_rate']:.0%}, "
                       f"{figures['plain_tokens_per_s']:.0f} -> {figures['speculative_tokens_per_s']:.0f} tokens/s")
+    if "memory" in report:
+        memory = report["memory"]
+        table.add_row("peak memory (measured / predicted)",
+                      f"{memory['measured_peak_bytes'] / 1e9:.1f} / {memory['predicted_peak_bytes'] / 1e9:.1f} GB")
     table.add_row("provider", str(report.get("provider")))
     Console().print(table)
 

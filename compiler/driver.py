@@ -330,6 +330,7 @@ def compile_plan(
     if out_dir is None:
         raise error_at(plan.span, "compile needs an output directory (-o DIR)")
     selected.sort(key=lambda t: kinds[t.kind].order)
+    footprint = check_footprint(plan, job.progress)
     plan, precision = resolve_fallback(plan, job)
     if precision is not None:  # the pipeline now spells out the int4/int8 assignment
         job = dataclasses.replace(make_job(plan, job.out_dir, model, progress), started=job.started)
@@ -341,7 +342,46 @@ def compile_plan(
         built = kinds[target.kind].build(job, target)
         result.artifact, result.report, result.session = built.artifact, built.report, built.session
         result.records = built.records or result.records
+    if footprint is not None and result.artifact is not None:
+        result.report["memory"] = record_peak(result.artifact, footprint)
     return result
+
+
+def check_footprint(plan: ir.Plan, progress: Progress) -> Any:
+    """Predict the compile's peak memory from the checkpoint's headers, before loading anything;
+    a compile that would not fit the memory available now is an error at the `model` line."""
+    from planc.compiler.footprint import GB, fit_notes, plan_footprint
+
+    footprint = plan_footprint(plan)
+    if footprint is None:
+        return None
+    progress(f"model '{plan.model.name}': {footprint.describe()}")
+    log.info("model '%s': %s", plan.model.name, footprint.describe())
+    if not footprint.fits:
+        raise error_at(plan.model.span, f"model '{plan.model.name}' does not fit this machine's memory: the compile needs "
+                       f"about {footprint.peak_bytes / GB:.1f} GB, {footprint.available_bytes / GB:.1f} GB is available",
+                       *fit_notes(footprint))
+    return footprint
+
+
+def record_peak(artifact: Path, footprint: Any) -> dict[str, Any]:
+    """The predicted and the measured peak memory, added to the artifact's report.json (replaced
+    atomically: the artifact is already published)."""
+    import json
+    import os
+
+    from planc.compiler.footprint import peak_rss
+
+    entry = {**footprint.as_dict(), "measured_peak_bytes": peak_rss()}
+    entry["measured_over_predicted"] = round(entry["measured_peak_bytes"] / footprint.peak_bytes, 3)
+    report_file = artifact / "report.json"
+    if report_file.is_file():
+        report = json.loads(report_file.read_text())
+        report["memory"] = entry
+        tmp = report_file.with_name(".report.json.tmp")
+        tmp.write_text(json.dumps(report, indent=2) + "\n")
+        os.replace(tmp, report_file)
+    return entry
 
 
 __all__ = ["Checked", "Result", "compile_plan"]

@@ -93,6 +93,8 @@ class DecoderSpec:
     kv_buffer: str = "growing"
     #: The graph has the optional `logits_to_keep` input (default 0: logits of every position).
     logits_to_keep: bool = False
+    #: The embedding table that reads the int4 LM head's weights (`tied_embedding.py`), if any.
+    tied_embedding: str | None = None
 
     @property
     def eos_token_id(self) -> int | None:
@@ -403,6 +405,11 @@ def export_decoder(
 
         lowered = lower_int8(onnx_model)  # planc int8 weights -> DynamicQuantizeMatMul
         logger.info("planc int8 weights lowered to ORT kernels: %s", lowered or "none")
+    tied = None
+    if graph is not None and scheme == "int4":
+        from planc.backends.onnx.tied_embedding import share_tied_embedding
+
+        tied = share_tied_embedding(onnx_model)  # one int4 table for a tied embedding and LM head
     keeps_logits = add_logits_to_keep(onnx_model)
     from planc.compiler.publish import staged_dir
 
@@ -431,6 +438,7 @@ def export_decoder(
             fusions=fused.applied,
             kv_buffer="shared" if fused.shared_buffer else "growing",
             logits_to_keep=keeps_logits,
+            tied_embedding=tied,
         )
         (Path(tmp) / SPEC_FILE).write_text(spec.to_json())
     logger.info("decoder artifact written to %s (%s)", out, scheme or "fp32")

@@ -175,7 +175,7 @@ def _pick_int4_compute(directory: Path, model: Any, target: OnnxTarget, heldout:
     decode = target.decode
     assert decode is not None
     variant = directory / ".int8_compute"
-    shutil.copytree(directory, variant, ignore=shutil.ignore_patterns(".*"))
+    shutil.copytree(directory, variant, ignore=shutil.ignore_patterns(".*", MODEL_FILE, MODEL_FILE + ".data"))
     int4.with_compute(directory / MODEL_FILE, variant / MODEL_FILE, "int8")
     checked = verify_decoder(variant, model, decode.prompts, decode.max_new_tokens, heldout=heldout)
     metric = DECODER_METRICS[target.verify.metric]

@@ -44,8 +44,11 @@ def with_compute(source: Path, destination: Path, compute: Compute) -> int:
         kept = [a for a in node.attribute if a.name != "accuracy_level"]
         del node.attribute[:]
         node.attribute.extend(kept + [onnx.helper.make_attribute("accuracy_level", LEVELS[compute])])
+    data = destination.with_name(destination.name + ".data")
+    if data.exists():  # onnx appends external tensors to an existing file: it would hold both copies
+        data.unlink()
     onnx.save_model(model, str(destination), save_as_external_data=external,
-                    location=destination.name + ".data" if external else None)
+                    location=data.name if external else None)
     return len(nodes)
 
 

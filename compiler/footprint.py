@@ -1,0 +1,201 @@
+"""What a compile needs before it loads anything: parameters, checkpoint bytes, peak memory, time.
+
+A real checkpoint (a 1B-8B decoder in bf16 safetensors) can need more memory than the machine
+has; the kernel then kills the compile with no message. So the compiler reads the checkpoint's
+safetensors headers (names, dtypes and shapes; never tensor data), predicts the compile's peak
+resident memory and its time from them, and refuses at the plan's `model` line a compile that
+would not fit the memory available now. The report records the measured peak beside the
+prediction, so the model of the compile's memory is checked on every run.
+
+The prediction is a linear model per kind of build, fitted to peak RSS measured with
+`/usr/bin/time -v` (figures in `bench/results/footprint.md`): a fixed cost (torch, ONNX Runtime,
+transformers and their arenas) plus a multiple of the model's fp32 bytes (the eager model, the
+verification reference, the exporter's copies, the artifact ONNX Runtime loads). Models whose
+weights planc cannot see before loading them (a Python factory, a config-only directory) get no
+prediction.
+
+Standard library only: `planc check` and `planc explain` use it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+GB = 10**9
+
+#: Bytes per element of the safetensors dtypes.
+DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+               "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A safetensors checkpoint as its headers describe it."""
+
+    directory: Path
+    params: int
+    #: Bytes of tensor data in the files (their dtypes as stored).
+    stored_bytes: int
+    #: Parameters per stored dtype, e.g. {"BF16": 1235814400}.
+    dtypes: dict[str, int]
+    #: Elements of the largest tensor (an embedding table, usually).
+    largest: int
+
+    @property
+    def fp32_bytes(self) -> int:
+        """The eager model's bytes once loaded: planc builds every model in fp32."""
+        return 4 * self.params
+
+
+@dataclass(frozen=True)
+class Cost:
+    """The linear model of one kind of build: peak = fixed + per_fp32_byte x fp32 bytes."""
+
+    fixed_bytes: float
+    per_fp32_byte: float
+    seconds_per_gparam: float
+    fixed_seconds: float
+
+    def peak(self, checkpoint: Checkpoint) -> int:
+        return int(self.fixed_bytes + self.per_fp32_byte * checkpoint.fp32_bytes)
+
+    def seconds(self, checkpoint: Checkpoint) -> float:
+        return self.fixed_seconds + self.seconds_per_gparam * checkpoint.params / 1e9
+
+
+#: Fitted to the measurements in `bench/results/footprint.md` (2-core x86 machines, 24 GB).
+COSTS: dict[str, Cost] = {
+    "decoder": Cost(fixed_bytes=1.6 * GB, per_fp32_byte=5.2, seconds_per_gparam=520.0, fixed_seconds=20.0),
+    "encoder": Cost(fixed_bytes=1.0 * GB, per_fp32_byte=6.0, seconds_per_gparam=400.0, fixed_seconds=10.0),
+}
+
+
+@dataclass(frozen=True)
+class Footprint:
+    """The prediction for one compile, and the memory the machine has for it."""
+
+    checkpoint: Checkpoint
+    build: str
+    peak_bytes: int
+    seconds: float
+    available_bytes: int | None
+
+    @property
+    def fits(self) -> bool:
+        return self.available_bytes is None or self.peak_bytes <= self.available_bytes
+
+    def describe(self) -> str:
+        dtypes = "/".join(sorted(self.checkpoint.dtypes)).lower()
+        where = f" of {self.available_bytes / GB:.1f} GB available" if self.available_bytes is not None else ""
+        return (f"{self.checkpoint.params / 1e9:.2f}B parameters ({dtypes}, {self.checkpoint.stored_bytes / GB:.2f} GB on disk): "
+                f"predicted peak memory {self.peak_bytes / GB:.1f} GB{where}, about {_duration(self.seconds)}")
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"build": self.build, "params": self.checkpoint.params, "checkpoint_bytes": self.checkpoint.stored_bytes,
+                "predicted_peak_bytes": self.peak_bytes, "predicted_seconds": round(self.seconds, 1),
+                "available_bytes": self.available_bytes}
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"
+
+
+def safetensors_files(directory: Path) -> list[Path]:
+    """The checkpoint's weight files: those its index names, else every `*.safetensors`."""
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [directory / name for name in names]
+    return sorted(directory.glob("*.safetensors"))
+
+
+def read_header(path: Path) -> dict[str, Any]:
+    """A safetensors file's header: {tensor name: {dtype, shape, data_offsets}} (no data read)."""
+    with path.open("rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        if length > 100 * 1024 * 1024:
+            raise ValueError(f"{path} is not a safetensors file (header of {length} bytes)")
+        header = json.loads(f.read(length))
+    header.pop("__metadata__", None)
+    return header
+
+
+def read_checkpoint(directory: Path) -> Checkpoint | None:
+    """The checkpoint in `directory`, or None when it has no safetensors weights."""
+    files = safetensors_files(directory)
+    if not files or not all(f.is_file() for f in files):
+        return None
+    params = stored = largest = 0
+    dtypes: dict[str, int] = {}
+    for file in files:
+        for entry in read_header(file).values():
+            count = 1
+            for dim in entry["shape"]:
+                count *= dim
+            params += count
+            stored += count * DTYPE_BYTES.get(entry["dtype"], 4)
+            dtypes[entry["dtype"]] = dtypes.get(entry["dtype"], 0) + count
+            largest = max(largest, count)
+    return Checkpoint(directory, params, stored, dtypes, largest)
+
+
+def available_memory() -> int | None:
+    """Bytes this process can still take without swapping (Linux `MemAvailable`), or None."""
+    override = os.environ.get("PLANC_AVAILABLE_MEMORY")
+    if override:
+        return int(float(override))
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def predict(checkpoint: Checkpoint, build: str) -> Footprint:
+    cost = COSTS[build]
+    return Footprint(checkpoint, build, cost.peak(checkpoint), cost.seconds(checkpoint), available_memory())
+
+
+def peak_rss() -> int:
+    """This process's peak resident memory so far, in bytes (children not counted)."""
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+def plan_footprint(plan: Any) -> Footprint | None:
+    """The prediction for compiling `plan` (an `ir.Plan`) into an ONNX artifact, or None when
+    its weights cannot be read before loading (a factory, a config-only directory) or it builds
+    no ONNX artifact (a training program runs in its own processes)."""
+    from planc.compiler.model_source import ModelSourceError, hf_source_directory
+
+    onnx = plan.target("onnx")
+    if plan.model.kind != "hf" or onnx is None:
+        return None
+    try:
+        checkpoint = read_checkpoint(hf_source_directory(plan.model))
+    except (ModelSourceError, OSError, ValueError):
+        return None  # a missing or broken directory is reported when the model loads
+    if checkpoint is None:
+        return None
+    return predict(checkpoint, "decoder" if onnx.options.decode is not None else "encoder")
+
+
+def fit_notes(footprint: Footprint) -> tuple[str, ...]:
+    """What a user can change when a compile does not fit."""
+    return (
+        f"the prediction is {COSTS[footprint.build].per_fp32_byte:g} x the model's fp32 bytes "
+        f"({footprint.checkpoint.fp32_bytes / GB:.1f} GB) + {COSTS[footprint.build].fixed_bytes / GB:.1f} GB, "
+        "from the checkpoint's headers",
+        "compile on a machine with more free memory, or a smaller model; close other programs first "
+        "(PLANC_AVAILABLE_MEMORY=BYTES overrides the memory planc assumes is free)",
+    )
