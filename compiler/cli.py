@@ -130,22 +130,49 @@ def cmd_explain(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_records(records: list) -> None:
-    from rich.console import Console
+def _compact(count: int) -> str:
+    """A count in three significant digits and a unit (12.3M), so the size columns stay narrow."""
+    for unit in ("", "k", "M", "G"):
+        if abs(count) < 1000:
+            return f"{count:.3g}{unit}" if unit else str(count)
+        count /= 1000
+    return f"{count:.3g}T"
+
+
+def records_table(records: list, width: int):
+    """The pass table in `width` columns, one line per pass: the summary is cut with an
+    ellipsis where the terminal is narrow (the full summary is in the report's `passes`)."""
     from rich.table import Table
 
-    table = Table(title="passes")
-    for column in ("pass", "summary", "nodes", "params", "bytes"):
-        table.add_column(column)
-    for record in records:
-        table.add_row(
+    header = ("pass", "summary", "nodes", "params", "bytes")
+    rows = [
+        [
             record.name,
             record.summary,
             f"{record.before.nodes} -> {record.after.nodes}",
-            f"{record.before.params:,} -> {record.after.params:,}",
-            f"{record.before.bytes:,} -> {record.after.bytes:,}",
-        )
-    Console().print(table)
+            f"{_compact(record.before.params)} -> {_compact(record.after.params)}",
+            f"{_compact(record.before.bytes)}B -> {_compact(record.after.bytes)}B",
+        ]
+        for record in records
+    ]
+    widths = [max([len(name)] + [len(row[i]) for row in rows]) for i, name in enumerate(header)]
+    room = max(len("summary"), width - (sum(widths) - widths[1]) - 3 * len(header) - 1)  # "│ x " per column, "│"
+    table = Table(title="passes")
+    for i, name in enumerate(header):
+        table.add_column(name, no_wrap=True, justify="right" if i > 1 else "left",
+                         min_width=min(widths[i], room) if i == 1 else widths[i], max_width=room if i == 1 else None)
+    for row in rows:
+        if len(row[1]) > room:
+            row[1] = row[1][: room - 1] + "…"
+        table.add_row(*row)
+    return table
+
+
+def _print_records(records: list) -> None:
+    from rich.console import Console
+
+    console = Console()
+    console.print(records_table(records, console.width))
 
 
 def cmd_compile(args: argparse.Namespace) -> int:

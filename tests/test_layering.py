@@ -16,9 +16,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PLANC = ("dsl", "compiler", "passes", "backends")
 #: Modules of `compiler` that lower layers may import: the IR and the one model source (and
-#: what they are made of), the target protocol, the publishing helper, the CPU-neutral explainer.
+#: what they are made of), the target protocol, the publishing helper, the CPU-neutral explainer, the byte vocabulary.
 COMPILER_BASE = ("compiler.ir", "compiler.model", "compiler.model_source", "compiler.targets", "compiler.publish", "compiler.explain",
-                 "compiler.textdata", "compiler.selectors")
+                 "compiler.textdata", "compiler.selectors", "compiler.byte_vocab")
 MAX_LINES = 600
 
 

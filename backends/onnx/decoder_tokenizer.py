@@ -12,6 +12,8 @@ import logging
 from pathlib import Path
 from typing import Protocol
 
+from planc.compiler.byte_vocab import byte_text
+
 logger = logging.getLogger(__name__)
 
 #: Files of a Hugging Face tokenizer that are copied into an artifact when present.
@@ -33,13 +35,13 @@ class Tokenizer(Protocol):
 
 
 class ByteTokenizer:
-    """UTF-8 bytes as token ids; invalid sequences decode to U+FFFD."""
+    """UTF-8 bytes as token ids, id 0 padding and end of text (`compiler/byte_vocab.py`)."""
 
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
 
     def decode(self, ids: list[int]) -> str:
-        return bytes(i for i in ids if 0 <= i < 256).decode("utf-8", errors="replace")
+        return byte_text(ids)
 
 
 class HFTokenizer:

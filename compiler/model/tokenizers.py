@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from planc.compiler.byte_vocab import BYTE_PAD_ID, BYTE_VOCAB_SIZE, byte_text
 from planc.compiler.ir import InputSpec
 from planc.compiler.model.common import DTYPES, FrontendError
 
@@ -59,11 +60,12 @@ class Tokenizer(ABC):
 
 
 class ByteTokenizer(Tokenizer):
-    """UTF-8 bytes as ids 0..255, the tokenizer of the example GPT. Id 0 (NUL) pads and ends text."""
+    """UTF-8 bytes as ids 0..255, the tokenizer of the example GPT. Id 0 (NUL) pads and ends
+    text (`compiler/byte_vocab.py`)."""
 
-    pad_id = 0
-    eos_id = 0
-    vocab_size = 256
+    pad_id = BYTE_PAD_ID
+    eos_id = BYTE_PAD_ID
+    vocab_size = BYTE_VOCAB_SIZE
 
     def _encode(self, texts: list[str], seq: int | None, pad_left: bool) -> tuple[torch.Tensor, torch.Tensor]:
         limit = self._limit(seq)
@@ -80,8 +82,7 @@ class ByteTokenizer(Tokenizer):
         return ids, mask
 
     def decode(self, ids: torch.Tensor | list[int]) -> str:
-        values = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
-        return bytes(v for v in values if 0 < v < 256).decode("utf-8", errors="replace")
+        return byte_text(ids.tolist() if isinstance(ids, torch.Tensor) else ids)
 
 
 class HFTokenizer(Tokenizer):

@@ -28,7 +28,7 @@ class Prune(PassOptions):
     #: with an OBS update of the kept weights (Frantar & Alistarh 2023). Both calibrate block by
     #: block on `calibration`, each block reading the outputs of the already pruned ones.
     method: Literal["magnitude", "nm", "heads", "channels", "layers", "wanda", "sparsegpt"] = "magnitude"
-    #: Fraction removed: of weights (magnitude; wanda/sparsegpt: of each output row), of heads
+    #: Fraction removed: of weights (magnitude; wanda: of each output row; sparsegpt: see scope), of heads
     #: (heads) or of MLP channels (channels).
     sparsity: float = Field(0.5, ge=0.0, lt=1.0)
     #: N:M pattern: keep `n` of every `m` consecutive weights along the input dimension.
@@ -40,8 +40,11 @@ class Prune(PassOptions):
     #: wanda / sparsegpt: text file (one sample per line) the layer inputs are measured on.
     calibration: str | None = None
     calibration_samples: int = Field(32, ge=1)
-    #: Magnitude threshold per layer (local) or one threshold over all selected layers (global).
-    scope: Literal["local", "global"] = "local"
+    #: Where a threshold is compared. magnitude: per layer (local) or over all selected layers
+    #: (global). sparsegpt: per 128-column block across all rows (block, the paper's rule and
+    #: the default: rows whose weights matter little give more) or the same share of every row
+    #: (row); `bench/results/sparsegpt_mask.md` compares the two.
+    scope: Literal["local", "global", "row", "block"] = "local"
     #: Importance of a head or channel for structured pruning: the l1/l2 norm of its weights, or
     #: `activation`, the energy of its contribution to the block's output on the training text
     #: (measured by the training program: needs `target train`).
@@ -55,6 +58,14 @@ class Prune(PassOptions):
     #: method = layers: indices of the repeated blocks to keep (0-based, as in `layers(...)`);
     #: every other selected block is removed and its input flows to the next block.
     keep: list[int] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _sparsegpt_scope(cls, data: object) -> object:
+        """sparsegpt compares its saliencies over a block unless the plan says row."""
+        if isinstance(data, dict) and data.get("method") == "sparsegpt":
+            data = {"scope": "block", **data}
+        return data
 
     @model_validator(mode="after")
     def _pattern_is_valid(self) -> Prune:
@@ -76,6 +87,10 @@ class Prune(PassOptions):
                 raise ValueError("method = layers removes whole blocks at once: use schedule = oneshot")
         elif self.keep is not None:
             raise ValueError("keep = [...] belongs to method = layers")
+        if self.method == "sparsegpt" and self.scope not in ("row", "block"):
+            raise ValueError(f"method = sparsegpt takes scope = block or row, got scope = {self.scope}")
+        if self.method != "sparsegpt" and self.scope in ("row", "block"):
+            raise ValueError(f"scope = {self.scope} belongs to method = sparsegpt (magnitude takes local or global)")
         if self.method not in ("heads", "channels") and (self.reconstruct or self.importance == "activation"):
             raise ValueError("reconstruct and importance = activation belong to method = heads or channels")
         return self

@@ -4,7 +4,8 @@ The selected Linears are visited group by group in graph order (`passes/calibrat
 group's input measured on the calibration samples with the earlier groups already pruned, so a
 layer is pruned for the inputs the pruned model really gives it. The method (`prune_weight`)
 returns the new weight: zeros where pruned (`structure = unstructured`: `round(sparsity * in)`
-per output row; `structure = nm`: `m - n` of every `m` consecutive inputs), shapes unchanged.
+per output row, or with sparsegpt's `scope = block` `round(sparsity * out * in)` per layer;
+`structure = nm`: `m - n` of every `m` consecutive inputs), shapes unchanged.
 A weight read by several inputs is pruned on the first one's statistics.
 """
 
@@ -61,10 +62,10 @@ class CalibratedPrunePass(PruneMethodPass):
         mark_users(gm, weights, ctx.source)
         total = sum(get_tensor(gm, name).numel() for name in weights)
         zeros = sum(int((get_tensor(gm, name) == 0).sum()) for name in weights)
-        pattern = f"{opts.n}:{opts.m}" if self.nm else f"{opts.sparsity:.1%} per row"
+        pattern = f"{opts.n}:{opts.m}" if self.nm else f"{opts.sparsity:.1%} per {'block' if opts.scope == 'block' else 'row'}"
         summary = f"pruned {len(weights)} Linear to {zeros / total:.1%} sparsity ({self.label}, {pattern}) in {seconds:.1f}s"
         details = {
-            "method": opts.method, "structure": opts.structure, "sparsity": sparsity, "output_error": errors,
+            "method": opts.method, "structure": opts.structure, "scope": opts.scope, "sparsity": sparsity, "output_error": errors,
             "zeros": zeros, "total": total, "seconds": round(seconds, 3),
         }
         return PassResult(summary, details)
@@ -76,6 +77,9 @@ class CalibratedPrunePass(PruneMethodPass):
             if self.nm:
                 if int((w.reshape(w.shape[0], -1, opts.m) != 0).sum(-1).max()) > opts.n:
                     raise PassError(f"{name} breaks the {opts.n}:{opts.m} pattern after pruning")
+            elif opts.scope == "block":
+                if int((w == 0).sum()) < round(opts.sparsity * w.numel()):
+                    raise PassError(f"{name} has fewer than {round(opts.sparsity * w.numel())} zeros after pruning")
             elif int((w == 0).sum(1).min()) < round(opts.sparsity * w.shape[1]):
                 raise PassError(f"{name} has a row with fewer than {round(opts.sparsity * w.shape[1])} zeros after pruning")
 

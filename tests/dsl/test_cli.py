@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import io
 import json
 import subprocess
 import sys
@@ -110,3 +111,24 @@ def test_version_names_planc_and_its_engines() -> None:
     assert line.startswith(f"planc {metadata.version('planc')} (")
     for name in ("torch", "onnxruntime", "transformers"):
         assert f"{name} {metadata.version(name)}" in line
+
+
+def test_pass_table_fits_80_columns_one_line_per_pass() -> None:
+    """A long summary is cut with an ellipsis instead of wrapping every row over a dozen lines."""
+    from rich.console import Console
+
+    from planc.compiler.cli import records_table
+    from planc.passes.manager import GraphStats, PassRecord
+
+    summary = "pruned 12 Linear to 50.0% sparsity (sparsegpt, 50.0% per block) in 3.2s; " * 3
+    records = [
+        PassRecord("prune", summary, {}, GraphStats(1234, 123_456_789, 493_827_156), GraphStats(1234, 123_456_789, 493_827_156)),
+        PassRecord("quantize", "quantized 12 Linear to int4", {}, GraphStats(1234, 123_456_789, 493_827_156), GraphStats(1300, 1_000, 70_000_000)),
+    ]
+    console = Console(width=80, record=True, file=io.StringIO())
+    console.print(records_table(records, 80))
+    lines = console.export_text().splitlines()
+    assert all(len(line) <= 80 for line in lines)
+    assert len(lines) == 1 + 3 + len(records) + 1  # title, top border + header + rule, one per pass, bottom
+    assert "prune" in lines[4] and "…" in lines[4] and "123M -> 123M" in lines[4] and "494MB -> 494MB" in lines[4]
+    assert "quantize" in lines[5] and "1.3k" not in lines[5] and "1234 -> 1300" in lines[5]

@@ -20,6 +20,19 @@ def test_byte_tokenizer_round_trips_text():
     assert batch["input_ids"][1, : len(encoded)].tolist() == encoded
 
 
+def test_both_byte_tokenizers_read_id_0_as_padding_and_end_of_text():
+    """The compiler's tokenizer pads with 0; the decoder runtime reads the same ids (padded
+    prompts, finished rows fed padding) and must give the same text: 0 is left out by both."""
+    from planc.backends.onnx.decoder_tokenizer import ByteTokenizer as RuntimeByteTokenizer
+
+    compiler, runtime = ByteTokenizer(inputs("input_ids", "attention_mask"), None), RuntimeByteTokenizer()
+    ids = [0, 0, *"héllo".encode("utf-8"), 0, ord("!"), 0]
+    assert compiler.decode(torch.tensor(ids)) == runtime.decode(ids) == "héllo!"
+    assert compiler.pad_id == compiler.eos_id == 0
+    padded = compiler.encode_batch(["hi", "a longer text"], pad_left=True)["input_ids"][0].tolist()
+    assert padded[0] == 0 and runtime.decode(padded) == "hi"
+
+
 def test_byte_tokenizer_pads_left_or_right_and_masks():
     tokenizer = ByteTokenizer(inputs("input_ids", "attention_mask", "position_ids"), max_length=None)
     right = tokenizer.encode_batch(["abcd", "ab"])

@@ -7,6 +7,7 @@ import torch
 from pydantic import ValidationError
 
 from pass_helpers import make_ctx, modules_of_type
+from reference_obs import layer_problem, sparsegpt_reference, squared_output_error
 from planc.passes.graph_utils import get_tensor
 from planc.passes.manager import PassManager
 from planc.passes.prune import Prune
@@ -74,13 +75,31 @@ def test_sparsegpt_nm_keeps_exactly_n_of_m(nm):
 def test_sparsegpt_beats_magnitude_at_the_same_sparsity(sparsity):
     x = correlated_inputs()
     w = torch.randn(48, x.shape[1], generator=torch.Generator().manual_seed(7))
-    pruned = sparsegpt(w, x.t() @ x / x.shape[0], sparsity)
-    zeros = (pruned == 0).sum(1)
-    assert torch.all(zeros == round(sparsity * w.shape[1]))  # exactly the requested share of every row
+    hessian = x.t() @ x / x.shape[0]
+    pruned = sparsegpt(w, hessian, sparsity)
+    assert int((pruned == 0).sum()) == round(sparsity * w.numel())  # exactly the requested share of the layer
+    by_row = sparsegpt(w, hessian, sparsity, scope="row")
+    assert torch.all((by_row == 0).sum(1) == round(sparsity * w.shape[1]))  # scope = row: of every row
     ours, magnitude = relative_error(x, w, pruned), relative_error(x, w, magnitude_per_row(w, sparsity))
     wanda = relative_error(x, w, w.masked_fill(wanda_mask(w, x.norm(dim=0), sparsity), 0.0))
     print(f"sparsity {sparsity}: output error sparsegpt {ours:.4f}, wanda {wanda:.4f}, magnitude {magnitude:.4f}")
     assert ours < 0.5 * magnitude
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("pattern", [0.5, 0.7, (2, 4)], ids=["50%", "70%", "2:4"])
+def test_sparsegpt_matches_the_papers_algorithm(seed, pattern):
+    """planc's default against SparseGPT written from the paper (`reference_obs.py`) on layers
+    with correlated inputs, outlier channels and rows of varied norm: the same output error up
+    to 2% (the rows of x are those H is measured on; `bench/bench_sparsegpt_mask.py` measures
+    on held-out rows and compares `scope = row`, which is about 13% worse there)."""
+    w, x = layer_problem(seed)
+    hessian = x.t() @ x / x.shape[0]
+    sparsity, nm = (0.0, pattern) if isinstance(pattern, tuple) else (pattern, None)
+    reference = squared_output_error(x, w, sparsegpt_reference(w, x, sparsity, nm))
+    ours = squared_output_error(x, w, sparsegpt(w, hessian, sparsity, nm))
+    print(f"seed {seed} {pattern}: output error / reference {ours / reference:.4f}")
+    assert ours <= 1.02 * reference
 
 
 def test_sparsegpt_nm_beats_magnitude_nm():
@@ -118,7 +137,7 @@ def test_wanda_and_sparsegpt_through_the_pass(small_gpt, structure):
     for method in ("wanda", "sparsegpt"):
         out, record, errors[method] = _prune(small_gpt, method=method, calibration="cal.txt", **pattern)
         details = record.details
-        assert details["method"] == method and details["seconds"] >= 0
+        assert details["method"] == method and details["scope"] == ("block" if method == "sparsegpt" else "local")
         assert len(details["output_error"]) == 12 and details["zeros"] == details["total"] // 2
         weight = get_tensor(out, "blocks.1.mlp.fc_out.weight")
         assert weight.shape == (128, 512) and float((weight == 0).float().mean()) == 0.5
@@ -137,3 +156,13 @@ def test_calibrated_pruning_needs_calibration():
     with pytest.raises(ValidationError, match="n < m"):
         Prune(method="wanda", calibration="c.txt", structure="nm", n=4, m=4)
     assert Prune(method="sparsegpt", calibration="c.txt").implementation() == "planc.passes.prune.sparsegpt:SparseGPTPass"
+
+
+def test_sparsegpt_scope_defaults_to_the_papers_block_rule():
+    assert Prune(method="sparsegpt", calibration="c.txt").scope == "block"
+    assert Prune(method="sparsegpt", calibration="c.txt", scope="row").scope == "row"
+    assert Prune(method="magnitude").scope == "local"
+    with pytest.raises(ValidationError, match="method = sparsegpt takes scope = block or row, got scope = global"):
+        Prune(method="sparsegpt", calibration="c.txt", scope="global")
+    with pytest.raises(ValidationError, match="scope = row belongs to method = sparsegpt"):
+        Prune(method="wanda", calibration="c.txt", scope="row")
