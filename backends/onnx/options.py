@@ -9,9 +9,6 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 _GOAL = re.compile(r"^\s*(>=|<=|>|<|==)\s*(-?\d+(\.\d*)?([eE][-+]?\d+)?)\s*$")
 
-#: `goal = none`: publish the artifact unverified (the report, the CLI and `planc bench` say so).
-NO_GOAL = "none"
-
 #: The goal of a plan that names none, per metric: loose enough for int8 and int4 weights of a
 #: trained model, tight enough that a broken export (or a ruinous technique) fails the compile.
 #: `perplexity_delta` is relative: (ppl of the artifact - ppl of the original) / ppl of the original.
@@ -32,8 +29,9 @@ class Verify(_Frozen):
 
     #: Default `cosine`; `top1` in a target with `decode { }` (see `OnnxTarget`).
     metric: Literal["cosine", "max_abs", "top1", "perplexity_delta"] = "cosine"
-    #: A comparison such as ">= 0.99"; a failing goal fails the compile. None (unset): the
-    #: metric's `DEFAULT_GOALS` entry; `none`: publish unverified, and say so.
+    #: A comparison such as ">= 0.99"; a failing goal fails the compile. Unset: the metric's
+    #: `DEFAULT_GOALS` entry; `goal = none`: publish unverified (the report, the CLI and
+    #: `planc bench` say so).
     goal: str | None = None
     #: Text file, one sample per line (tokenized with the model's tokenizer); None = random ids
     #: from the declared input shapes.
@@ -47,21 +45,21 @@ class Verify(_Frozen):
     @field_validator("goal")
     @classmethod
     def _goal_is_comparison(cls, goal: str | None) -> str | None:
-        if goal is not None and goal != NO_GOAL and not _GOAL.match(goal):
+        if goal is not None and not _GOAL.match(goal):
             raise ValueError(f"goal must look like '>= 0.99' (or be none), got {goal!r}")
         return goal
 
     @property
     def judged_goal(self) -> str | None:
         """The goal the artifact is held to: the plan's, else the metric's default; None for `goal = none`."""
-        if self.goal == NO_GOAL:
+        if self.unverified:
             return None
         return self.goal if self.goal is not None else DEFAULT_GOALS[self.metric]
 
     @property
     def unverified(self) -> bool:
-        """The plan asked to publish without a goal (`goal = none`)."""
-        return self.goal == NO_GOAL
+        """The plan asked to publish without a goal (`goal = none`: set, to None)."""
+        return self.goal is None and "goal" in self.model_fields_set
 
     def goal_parts(self) -> tuple[str, float] | None:
         """The judged goal split into (operator, threshold); None for `goal = none`."""

@@ -77,7 +77,7 @@ class OnnxKind:
                 span = step.option_spans.get("fallback", step.span)
                 if options.decode is not None:
                     problems.append(Diagnostic("error", "fallback = int8 mixes precisions in exported graphs; a decode target quantizes every projection alike", span))
-                elif options.verify.goal is None or options.verify.unverified:
+                elif options.verify.goal is None:
                     problems.append(Diagnostic("error", "fallback = int8 keeps int4 where the verify goal allows: give `verify` a goal", span,
                                                ('e.g. verify { metric = cosine, goal = ">= 0.99", data = "heldout.txt" }',)))
         if options.providers == ["cpu"]:
