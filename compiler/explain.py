@@ -66,11 +66,12 @@ def value_node(value: Any) -> ast.Value:
 
 def _block(options: BaseModel | dict) -> ast.Block:
     data = options.model_dump() if isinstance(options, BaseModel) else options
-    explicit = options.model_fields_set if isinstance(options, BaseModel) else set()
+    # options whose `none` differs from leaving them out (`goal = none`: publish unverified)
+    explicit = options.model_fields_set & getattr(options, "none_is_a_value", frozenset()) if isinstance(options, BaseModel) else set()
     entries: list[ast.Entry] = []
     for key, value in data.items():
         if value is None:
-            if key in explicit:  # `goal = none` is not the same as no goal
+            if key in explicit:
                 entries.append(ast.Option(key, ast.Ident("none", _NOWHERE), _NOWHERE, _NOWHERE))
             continue  # unset optional options are simply absent
         if isinstance(value, dict):

@@ -27,6 +27,9 @@ class _Frozen(BaseModel):
 class Verify(_Frozen):
     """How the artifact is checked against the eager model before it is published."""
 
+    #: Options whose `none` is a value, not their absence (`planc explain` prints it).
+    none_is_a_value: ClassVar[frozenset[str]] = frozenset({"goal"})
+
     #: Default `cosine`; `top1` in a target with `decode { }` (see `OnnxTarget`).
     metric: Literal["cosine", "max_abs", "top1", "perplexity_delta"] = "cosine"
     #: A comparison such as ">= 0.99"; a failing goal fails the compile. Unset: the metric's
