@@ -185,9 +185,10 @@ def _print_report(report: dict) -> None:
     if accuracy:
         from planc.compiler.present import accuracy_words
 
-        table.add_row(f"accuracy ({accuracy.get('metric')})", accuracy_words(accuracy))
+        against = ", vs original model" if "fidelity" in accuracy else ""
+        table.add_row(f"accuracy ({accuracy.get('metric')}{against})", accuracy_words(accuracy))
         if "fidelity" in accuracy:
-            table.add_row("export fidelity (vs rewritten model)", f"{accuracy['fidelity']['value']:.4f} (not judged)")
+            table.add_row("export fidelity (vs rewritten model)", f"{accuracy['fidelity']['value']:.4g} (not judged)")
     if "decode_tokens_per_s" in report:
         table.add_row("decode (batch 1)", f"{report['decode_tokens_per_s']:,.0f} tokens/s")
     for batch, figures in report.get("speculative", {}).get("batches", {}).items():
