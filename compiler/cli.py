@@ -215,8 +215,12 @@ def _print_report(report: dict) -> None:
     if latency:
         table.add_row("latency (eager -> optimized)", f"{latency.get('original_eager', 0):.2f} -> {latency.get('optimized', 0):.2f} ms")
     if accuracy:
-        goal = f"goal {accuracy['goal']}" if accuracy.get("goal") else "no goal set"
-        table.add_row(f"accuracy ({accuracy.get('metric')})", f"{accuracy.get('value'):.4f} ({goal})")
+        from planc.compiler.present import accuracy_words
+
+        against = ", vs original model" if "fidelity" in accuracy else ""
+        table.add_row(f"accuracy ({accuracy.get('metric')}{against})", accuracy_words(accuracy))
+        if "fidelity" in accuracy:
+            table.add_row("export fidelity (vs rewritten model)", f"{accuracy['fidelity']['value']:.4g} (not judged)")
     if "decode_tokens_per_s" in report:
         table.add_row("decode (batch 1)", f"{report['decode_tokens_per_s']:,.0f} tokens/s")
     for batch, figures in report.get("speculative", {}).get("batches", {}).items():

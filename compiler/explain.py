@@ -66,12 +66,17 @@ def value_node(value: Any) -> ast.Value:
 
 def _block(options: BaseModel | dict) -> ast.Block:
     data = options.model_dump() if isinstance(options, BaseModel) else options
+    # options whose `none` differs from leaving them out (`goal = none`: publish unverified)
+    explicit = options.model_fields_set & getattr(options, "none_is_a_value", frozenset()) if isinstance(options, BaseModel) else set()
     entries: list[ast.Entry] = []
     for key, value in data.items():
         if value is None:
+            if key in explicit:
+                entries.append(ast.Option(key, ast.Ident("none", _NOWHERE), _NOWHERE, _NOWHERE))
             continue  # unset optional options are simply absent
         if isinstance(value, dict):
-            entries.append(ast.SubBlock(key, _block(value), _NOWHERE, _NOWHERE))
+            nested = getattr(options, key, value) if isinstance(options, BaseModel) else value
+            entries.append(ast.SubBlock(key, _block(nested if isinstance(nested, (BaseModel, dict)) else value), _NOWHERE, _NOWHERE))
         else:
             entries.append(ast.Option(key, value_node(value), _NOWHERE, _NOWHERE))
     return ast.Block(tuple(entries), _NOWHERE)

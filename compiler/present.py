@@ -3,7 +3,8 @@
 `run` shows an encoder's sentence embeddings (the mean-pooled vectors verification compares)
 and, for two or more inputs, their cosine-similarity matrix; a causal LM's most likely next
 tokens. Full tensors go to a file only on request (`--output FILE`, `.json` or `.npy`).
-`bench` prints one short row per artifact, narrow enough for an 80-column terminal.
+`bench` prints one short row per artifact, narrow enough for an 80-column terminal, and says
+in words which artifacts were published unverified (`goal = none`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,20 @@ import numpy as np
 BENCH_COLUMNS = (("artifact", "artifact"), ("size_mb", "MB"), ("latency_ms", "ms"), ("vs_first", "x first"), ("accuracy_min", "acc min"))
 #: The widest a `planc bench` line may be.
 TERMINAL_WIDTH = 80
+
+
+#: What the CLI says of an artifact whose report judged no goal (`goal = none`, or a report
+#: written before every metric had a default goal).
+UNVERIFIED = "UNVERIFIED: published without a goal (goal = none)"
+
+
+def accuracy_words(accuracy: dict[str, Any]) -> str:
+    """A report's accuracy in a phrase: the value, what it was judged against, on how many samples."""
+    value = f"{accuracy['value']:.4f}"
+    if accuracy.get("goal") is None:
+        return f"{value}, {UNVERIFIED}"
+    samples = f", {accuracy['samples']}/{accuracy['available']} samples" if accuracy.get("available") is not None else ""
+    return f"{value} (goal {accuracy['goal']} met{samples})"
 
 
 def _clip(text: str, width: int) -> str:
@@ -84,4 +99,6 @@ def bench_lines(rows: list[dict[str, Any]]) -> list[str]:
         name = row[0]
         row[0] = name if len(name) <= widths[0] else "…" + name[-(widths[0] - 1) :]
     fmt = "  ".join(f"{{:{'<' if c == 0 else '>'}{w}}}" for c, w in enumerate(widths))
-    return [fmt.format(*headers)] + [fmt.format(*row) for row in cells]
+    unverified = [_clip(row["artifact"], TERMINAL_WIDTH - 4) for row in rows if not row.get("verified")]
+    notes = ["", f"{UNVERIFIED}:", *(f"  {name}" for name in unverified)] if unverified else []
+    return [fmt.format(*headers)] + [fmt.format(*row) for row in cells] + notes

@@ -436,7 +436,8 @@ def bench_rows(
 
     Defaults come from the first artifact's bench settings. Rows hold: artifact, provider,
     size_mb, latency_ms, vs_first (latency ratio to the first artifact), metric, accuracy_min,
-    accuracy_mean (from its report), and the batch, seq and threads used. Only latencies timed in
+    accuracy_mean, goal and verified (whether a goal was judged and met; from its report), and
+    the batch, seq and threads used. Only latencies timed in
     this run are compared: the eager latency a report measured at compile time is left out.
     """
     dirs = [Path(directories)] if isinstance(directories, (str, Path)) else [Path(d) for d in directories]
@@ -474,6 +475,8 @@ def bench_rows(
                 "metric": accuracy.get("metric"),
                 "accuracy_min": None if accuracy.get("min") is None else round(accuracy["min"], 4),
                 "accuracy_mean": None if accuracy.get("mean") is None else round(accuracy["mean"], 4),
+                "goal": accuracy.get("goal"),
+                "verified": accuracy.get("passed") is True,
                 "batch": batch,
                 "seq": seq,
                 "threads": threads,

@@ -9,6 +9,16 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 _GOAL = re.compile(r"^\s*(>=|<=|>|<|==)\s*(-?\d+(\.\d*)?([eE][-+]?\d+)?)\s*$")
 
+#: The goal of a plan that names none, per metric: loose enough for int8 and int4 weights of a
+#: trained model, tight enough that a broken export (or a ruinous technique) fails the compile.
+#: `perplexity_delta` is relative: (ppl of the artifact - ppl of the original) / ppl of the original.
+DEFAULT_GOALS: dict[str, str] = {
+    "cosine": ">= 0.99",
+    "max_abs": "<= 0.05",
+    "top1": ">= 0.9",
+    "perplexity_delta": "<= 0.05",
+}
+
 
 class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", defer_build=True)
@@ -17,30 +27,49 @@ class _Frozen(BaseModel):
 class Verify(_Frozen):
     """How the artifact is checked against the eager model before it is published."""
 
+    #: Options whose `none` is a value, not their absence (`planc explain` prints it).
+    none_is_a_value: ClassVar[frozenset[str]] = frozenset({"goal"})
+
     #: Default `cosine`; `top1` in a target with `decode { }` (see `OnnxTarget`).
     metric: Literal["cosine", "max_abs", "top1", "perplexity_delta"] = "cosine"
-    #: A comparison such as ">= 0.99"; a failing goal fails the compile.
+    #: A comparison such as ">= 0.99"; a failing goal fails the compile. Unset: the metric's
+    #: `DEFAULT_GOALS` entry; `goal = none`: publish unverified (the report, the CLI and
+    #: `planc bench` say so).
     goal: str | None = None
     #: Text file, one sample per line (tokenized with the model's tokenizer); None = random ids
     #: from the declared input shapes.
     data: str | None = None
     #: Samples read from `data` (None = every line: a goal met on a lucky few is no goal met).
     samples: int | None = Field(None, ge=1)
-    #: Stop sampling after this many seconds (the samples seen so far are scored and reported).
+    #: Time allowed for scoring every sample: a goal is judged on all of them, so running out
+    #: fails the compile (with how many were scored); without a goal the report says scored/available.
     max_seconds: float = Field(300.0, gt=0)
 
     @field_validator("goal")
     @classmethod
     def _goal_is_comparison(cls, goal: str | None) -> str | None:
         if goal is not None and not _GOAL.match(goal):
-            raise ValueError(f"goal must look like '>= 0.99', got {goal!r}")
+            raise ValueError(f"goal must look like '>= 0.99' (or be none), got {goal!r}")
         return goal
 
-    def goal_parts(self) -> tuple[str, float] | None:
-        """The goal split into (operator, threshold)."""
-        if self.goal is None:
+    @property
+    def judged_goal(self) -> str | None:
+        """The goal the artifact is held to: the plan's, else the metric's default; None for `goal = none`."""
+        if self.unverified:
             return None
-        match = _GOAL.match(self.goal)
+        return self.goal if self.goal is not None else DEFAULT_GOALS[self.metric]
+
+    @property
+    def unverified(self) -> bool:
+        """The plan asked to publish without a goal (`goal = none`: set, to None)."""
+        return self.goal is None and "goal" in self.model_fields_set
+
+    def goal_parts(self) -> tuple[str, float] | None:
+        """The judged goal split into (operator, threshold); None for `goal = none`."""
+        goal = self.judged_goal
+        if goal is None:
+            return None
+        match = _GOAL.match(goal)
         assert match is not None
         return match.group(1), float(match.group(2))
 

@@ -3,8 +3,13 @@
 Imports nothing heavy at module level: `planc check` reads `TARGET.options` and `TARGET.check`.
 Three builds, chosen by the plan: an encoder/LM graph after the plan's passes (`artifact.py`);
 a decoder with a key/value cache when the target has `decode { }` (`decoder_artifact.py`); and
-either of them on trained weights when a `target train` ran first in the same compile (the
-artifact is then verified against the ORIGINAL model, not against the student).
+either of them on trained weights when a `target train` ran first in the same compile.
+
+Every artifact is verified against the model as the `model` line loads it: the goal measures
+what the plan's techniques cost (`share`, pruning, quantization, distillation), not only the
+export. A decoder whose model was rewritten (shared, pruned) also reports the export's fidelity
+against the rewritten model. Weights trained without distillation are the model itself (the
+`model` line gave only their initial values), so they are the reference then.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import copy
 from typing import Any, ClassVar
 
+from planc.backends.onnx.heldout import heldout_overlaps
 from planc.backends.onnx.options import OnnxTarget
 from planc.compiler import ir
 from planc.compiler.targets import Built, Job, missing_file
@@ -54,9 +60,15 @@ class OnnxKind:
         if options.verify.data:
             span = spans.get("verify.data", target.span)
             problems.append(missing_file(base, options.verify.data, span))
-            problems += self._heldout(plan, options.verify.data, span)
+            problems += heldout_overlaps(plan, options.verify.data, span, decoder=False)
         if options.decode and options.decode.heldout:
-            problems.append(missing_file(base, options.decode.heldout, spans.get("decode.heldout", target.span)))
+            span = spans.get("decode.heldout", target.span)
+            problems.append(missing_file(base, options.decode.heldout, span))
+            problems += heldout_overlaps(plan, options.decode.heldout, span, decoder=True)
+        if options.decode is not None and options.verify.metric == "perplexity_delta" and not options.decode.heldout:
+            problems.append(Diagnostic("error", "metric = perplexity_delta measures perplexity on held-out text, and this decode target names none",
+                                       spans.get("verify.metric", spans.get("verify", target.span)),
+                                       ('e.g. decode { heldout = "models/gpt.py" }, or metric = top1',)))
         if options.decode is not None:
             problems += [Diagnostic("error", f"{DECODER_PIPELINE} (got '{_got(step)}')", step.span) for step in plan.pipeline
                          if isinstance(step.options, Prune) and not step.options.keeps_shapes and not step.options.rewrites_model]
@@ -78,23 +90,6 @@ class OnnxKind:
                         ("use dtype = fp16, or add cuda to the onnx target's providers",),
                     ))
         return [p for p in problems if p is not None]
-
-    @staticmethod
-    def _heldout(plan: ir.Plan, data: str, span: Span) -> list[Diagnostic]:
-        """Verification text must be held out: a file the passes calibrated on proves nothing."""
-        base = plan.model.base_dir
-        verify_file = (base / data).resolve()
-        return [
-            Diagnostic(
-                "error",
-                f"the verification data '{data}' is also the calibration file of '{step.name}' "
-                f"(line {step.span.line}): a model verified on what it was calibrated on is not verified",
-                span,
-                ("verify on held-out text, e.g. examples/data/heldout_sentences.txt",),
-            )
-            for step in plan.pipeline
-            if getattr(step.options, "calibration", None) and (base / step.options.calibration).resolve() == verify_file
-        ]
 
     # ------------------------------------------------------------------ graphs for --emit fx
 
@@ -152,7 +147,10 @@ class OnnxKind:
                 return self._decoder(job, target, options)
             return self._graph(job, target, options)
         except onnx_artifact.VerificationFailed as error:
-            span = target.option_spans.get("verify.goal", target.option_spans.get("verify", target.span))
+            from planc.backends.onnx.verify import OutOfTime
+
+            spans = target.option_spans
+            span = spans.get("verify.max_seconds" if isinstance(error, OutOfTime) else "verify.goal", spans.get("verify", target.span))
             raise _error(span, f"verification failed: {error}", "no artifact was written") from error
         except onnx_artifact.ProviderError as error:
             raise _error(target.option_spans.get("providers", target.span), str(error)) from error
@@ -165,11 +163,11 @@ class OnnxKind:
         unless `original`)."""
         student = job.load()
         weights = job.shared.get("weights")
-        rewritten = any(step.options.rewrites_model for step in job.plan.pipeline)
         reference = None
-        if original:
-            fresh = weights is not None or rewritten
-            reference = (job.load_original or job.load)() if fresh else student
+        if original and self.verifies_original(job):
+            reference = (job.load_original or job.load)()
+        elif original:
+            reference = student
         if weights is None:
             return student, reference
         import torch
@@ -179,6 +177,14 @@ class OnnxKind:
         except (RuntimeError, OSError) as error:
             raise _error(job.plan.span, f"cannot load the trained weights {weights}: {error}") from error
         return student, reference
+
+    @staticmethod
+    def verifies_original(job: Job) -> bool:
+        """Whether the reference is a separate load of the `model` line's model: after a model
+        rewrite (`share`) or distillation; not after training on data alone (see the docstring)."""
+        if job.shared.get("weights") is not None and not job.shared.get("distilled", True):
+            return False
+        return job.shared.get("weights") is not None or any(step.options.rewrites_model for step in job.plan.pipeline)
 
     def _graph(self, job: Job, target: ir.Target, options: OnnxTarget) -> Built:
         import dataclasses
@@ -257,12 +263,13 @@ class OnnxKind:
         return [_summary(r) for r in records[len(records) - len(prunes):]]  # after the model rewrites' records
 
     def _decoder(self, job: Job, target: ir.Target, options: OnnxTarget) -> Built:
-        """A key/value-cache graph plus generation, pruned and quantized as planned; a trained
-        decoder is served as trained (verified against itself; a pruned one against its unpruned self)."""
+        """A key/value-cache graph plus generation, pruned and quantized as planned, its goal
+        judged against the `model` line's model (a decoder trained on data alone: against the
+        trained one); the export's fidelity to the rewritten (shared, pruned) model is reported too."""
         from planc.backends.onnx.decoder_artifact import build_decoder_artifact
         from planc.compiler.explain import explain
 
-        loaded, _ = self._model(job, original=False)
+        loaded, original = self._model(job)
         prunes, step = self._decoder_steps(job, loaded)
         quantize: Quantize | None = step.options if step is not None else None  # type: ignore[assignment]
         decode = options.decode
@@ -275,12 +282,12 @@ class OnnxKind:
                          f"no decoder artifact at {decode.draft} (decoder.json is missing)",
                          "compile the draft's plan first, e.g. planc compile examples/gpt_draft.plan -o out/gpt_draft")
         summaries = [*loaded.rewrites]
-        reference = None  # the model as trained (or loaded): what a pruned decoder is verified against
+        reference = original.model if original is not loaded else None  # None: the model before pruning
         if prunes:
             job.progress("pruning the decoder's weights")
-            reference = copy.deepcopy(loaded.model)
+            reference = copy.deepcopy(loaded.model) if reference is None else reference
             summaries += self._prune_decoder(job, loaded, prunes)
-        job.progress("exporting the decoder to ONNX, verifying generation against the eager model")
+        job.progress("exporting the decoder to ONNX, verifying generation against the original model")
         if step and quantize:
             summaries.append({"name": step.name, "summary": f"{quantize.method} {quantize.scheme} weights for every projection"})
         from planc.backends.onnx.cache_adapter import UnsupportedDecoder

@@ -8,8 +8,10 @@ run, as served), or random token ids shaped like the declared inputs. Metrics:
   Encoders also report the similarity Spearman: the rank correlation of every pair of
   sentences' similarity, ONNX against eager (what a search or clustering user sees).
 
-Every line of `verify.data` is a sample unless the plan caps `samples`; `max_seconds` bounds the
-time spent, and the report says how many samples were scored.
+Every line of `verify.data` is a sample unless the plan caps `samples`. A goal is judged on every
+sample: when `max_seconds` runs out first, verification fails (`OutOfTime`) and says how many
+were scored; the report records `samples` (scored) of `available`. A plan that names no goal is
+held to its metric's default (`options.DEFAULT_GOALS`); `goal = none` publishes unverified.
 - `max_abs`: largest absolute difference of the primary output (real tokens only).
 - `top1`: fraction of real tokens whose argmax over the last axis agrees.
 - `perplexity_delta`: next-token perplexity of the ONNX logits minus that of eager (causal LM).
@@ -29,6 +31,7 @@ import numpy as np
 import torch
 
 from planc.backends.onnx import runtime
+from planc.backends.onnx.artifact import VerificationFailed
 from planc.backends.onnx.options import Verify
 
 log = logging.getLogger(__name__)
@@ -45,15 +48,27 @@ _OPERATORS: dict[str, Callable[[float, float], bool]] = {
 }
 
 
+class OutOfTime(VerificationFailed):
+    """`max_seconds` ran out before every sample was scored: a goal judged on fewer is not met."""
+
+    def __init__(self, scored: int, available: int, seconds: float) -> None:
+        super().__init__(f"only {scored} of {available} verification samples were scored in max_seconds = {seconds:g}: "
+                         "a goal is judged on every sample")
+        self.scored, self.available = scored, available
+
+
 @dataclass
 class Verification:
     metric: str
     value: float
+    #: The goal judged (the plan's, else the metric's default); None when the plan says `goal = none`.
     goal: str | None
     passed: bool | None
     min: float
     mean: float
+    #: Samples scored, of `available`: fewer only when no goal was judged.
     samples: int
+    available: int
     #: Encoders: Spearman of the pairwise sentence similarities, ONNX vs eager.
     spearman: float | None = None
 
@@ -62,10 +77,10 @@ class Verification:
 
 
 def goal_met(value: float, verify: Verify) -> bool | None:
-    """Whether `value` meets the goal (None when the plan sets none)."""
+    """Whether `value` meets the judged goal (None when the plan says `goal = none`)."""
     parts = verify.goal_parts()
     if parts is None:
-        return None
+        return None  # goal = none
     op, threshold = parts
     return bool(_OPERATORS[op](value, threshold)) and not math.isnan(value)
 
@@ -156,6 +171,8 @@ def verify_session(loaded: Any, session: Any, samples: list[dict[str, torch.Tens
     deadline = time.monotonic() + verify.max_seconds
     for inputs in samples:
         if per_sample and time.monotonic() > deadline:
+            if not verify.unverified:
+                raise OutOfTime(len(per_sample), len(samples), verify.max_seconds)
             log.warning("verification stopped after %.0f s: %d of %d samples scored", verify.max_seconds, len(per_sample), len(samples))
             break
         outputs = _onnx_outputs(session, inputs)
@@ -203,10 +220,11 @@ def verify_session(loaded: Any, session: Any, samples: list[dict[str, torch.Tens
     return Verification(
         metric=metric,
         value=value,
-        goal=verify.goal,
+        goal=verify.judged_goal,
         passed=goal_met(value, verify),
         min=float(np.nanmin(values)),
         mean=float(np.nanmean(values)),
         samples=len(per_sample),
+        available=len(samples),
         spearman=spearman,
     )

@@ -70,6 +70,9 @@ class TrainKind:
             job.progress("emitting the training program")
             return Built(self.emit(job.plan, target, resolved, job.out_dir, notes, keep), report)
         job.shared["weights"] = self.trained_weights(job, target, resolved, loaded.task, notes, keep)
+        #: Distilled weights learned from the plan's model, which stays the reference they are verified
+        #: against; weights trained on data alone are the model (the `model` line's are their initial values).
+        job.shared["distilled"] = target.options.distill is not None  # type: ignore[attr-defined]
         return Built(job.out_dir, report)
 
     def sweep(self, job: Job, target: ir.Target, resolved: list) -> tuple[ir.Target, dict]:

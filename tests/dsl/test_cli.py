@@ -28,7 +28,7 @@ CHECK_MAY_IMPORT = {
         "passes", "passes.options", "passes.cpu",
         "passes.cast", "passes.cluster", "passes.lowrank", "passes.partition", "passes.prune", "passes.quantize",
         "passes.share",
-        "backends", "backends.onnx", "backends.onnx.options", "backends.onnx.target",
+        "backends", "backends.onnx", "backends.onnx.options", "backends.onnx.target", "backends.onnx.heldout",
         "backends.train", "backends.train.options", "backends.train.checks", "backends.train.target",
     )
 } | {"planc"}
@@ -94,7 +94,7 @@ def test_a_decoder_is_verified_by_top1_unless_the_plan_says_otherwise(tmp_path, 
     model = 'model m = factory("mypkg.models:tiny") { task = causal_lm }\n'
     for verify, metric in [("", "top1"), ("verify { metric = perplexity_delta }, ", "perplexity_delta")]:
         plan = tmp_path / "d.plan"
-        plan.write_text(model + f"target onnx {{ {verify}decode {{ max_new_tokens = 4 }} }}\n")
+        plan.write_text(model + f'target onnx {{ {verify}decode {{ max_new_tokens = 4, heldout = "d.plan" }} }}\n')
         assert main(["explain", str(plan)]) == 0
         assert f"verify {{ metric = {metric}," in capsys.readouterr().out
     plan.write_text(model + "target onnx { }\n")

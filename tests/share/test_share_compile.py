@@ -34,7 +34,7 @@ def plan_text(checkpoint: Path, kv_heads: int, targets: str) -> str:
 
 DECODE = """target onnx {
   decode { prompts = ["def main(", "the cache "], max_new_tokens = 8 }
-  verify { metric = top1 }
+  verify { metric = top1, goal = none }
   bench { threads = 1, runs = 3 }
 }
 """
@@ -62,10 +62,32 @@ def test_the_decoder_of_a_shared_gpt_caches_n_heads_and_decodes_like_the_eager_m
     assert report["decoder"]["kv_cache_bytes_per_token"] == 2 * 2 * 2 * 16 * 4  # layers x (k, v) x heads x dim x fp32
     assert report["passes"][0]["name"] == "share" and report["passes"][0]["kv_heads"] == 2
 
+    # the goal is judged against the model the plan names (4 heads); the export's fidelity to the
+    # grouped model it was exported from is reported beside it
+    accuracy = report["accuracy"]
+    original = verify_decoder(artifact, trained_gpt, ["def main(", "the cache "], 8)
+    assert accuracy["value"] == accuracy["technique"]["value"] == pytest.approx(original["top1"])
+    assert accuracy["goal"] is None and accuracy["passed"] is None  # goal = none: published unverified
+
     share_kv_heads(trained_gpt, 2)  # the eager grouped model, built here independently of the compiler
+    assert accuracy["fidelity"]["greedy_equal"] and accuracy["fidelity"]["value"] == 1.0
+    assert accuracy["technique"]["value"] < 1.0  # pooling heads changes next tokens; the export alone does not
     prompts = [list(p.encode()) for p in PROMPTS]
     got = generate_ids(artifact, prompts, 12)
     assert got == [eager_greedy(trained_gpt, p, 12) for p in prompts]
+
+
+def test_a_shared_decoder_is_judged_against_the_model_the_plan_names(tmp_path, gpt_checkpoint):
+    """A goal the fp32 export of the grouped model meets (top1 = 1 against it) but pooling heads
+    does not: the compile fails and publishes nothing."""
+    plan = tmp_path / "share.plan"
+    plan.write_text(plan_text(gpt_checkpoint, 2, DECODE.replace("goal = none", 'goal = ">= 0.999"')))
+    with pytest.raises(PlanError) as error:
+        compile_plan(plan, tmp_path / "out")
+    text = render(error.value.diagnostics)
+    assert "top1 = " in text and "against the original model does not meet the goal '>= 0.999'" in text
+    assert "against the rewritten model (the export alone) 1.0000" in text
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_shared_llama_exports_with_its_smaller_cache(tmp_path):
@@ -142,4 +164,5 @@ def test_uptrained_by_the_training_program_then_exported(tmp_path, gpt_checkpoin
     evals = [e["eval_loss"] for e in evals if e.get("event") == "eval"]
     assert evals[-1] < evals[0]
     report = json.loads((artifact / "report.json").read_text())
-    assert report["decoder"]["kv_heads"] == 2 and report["accuracy"]["greedy_equal"]
+    assert report["decoder"]["kv_heads"] == 2 and report["accuracy"]["fidelity"]["greedy_equal"]  # the export is exact
+    assert "technique" in report["accuracy"]  # judged against the 4-head original the plan names
