@@ -26,7 +26,8 @@ REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
 #: CPU flags that decide which kernels ONNX Runtime and torch pick (integer dot products above all:
 #: u8 x s8 sums are exact with VNNI and saturate on AVX2 without it).
-KERNEL_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8", "asimddp", "i8mm")
+KERNEL_FLAGS = {"x86_64": ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8"),
+                "aarch64": ("asimd", "asimddp", "i8mm", "sve", "bf16")}
 _VERSIONS = ("torch", "onnxruntime", "transformers")
 
 
@@ -42,7 +43,8 @@ def command_line(script: str, argv: Sequence[str] | None) -> str:
 
 
 def cpu() -> dict:
-    """The CPU's model name, core count and which of `KERNEL_FLAGS` it has."""
+    """The CPU's model name, core count and which of its architecture's `KERNEL_FLAGS` it has."""
+    wanted = KERNEL_FLAGS.get(platform.machine(), ())
     model, flags = platform.processor() or "unknown CPU", set()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -54,8 +56,8 @@ def cpu() -> dict:
                 flags = set(value.split())
     except OSError:
         pass
-    return {"model": model, "cores": os.cpu_count(), "flags": [f for f in KERNEL_FLAGS if f in flags],
-            "flags_absent": [f for f in KERNEL_FLAGS if f not in flags]}
+    return {"model": model, "machine": platform.machine(), "cores": os.cpu_count(),
+            "flags": [f for f in wanted if f in flags], "flags_absent": [f for f in wanted if f not in flags]}
 
 
 def revision() -> str:
@@ -92,7 +94,7 @@ def write(args: argparse.Namespace, title: str, source: dict, protocol: str, bod
     header = [
         f"# {title}", "", f"    {source['command']}", "",
         f"- revision: {source['revision']}",
-        f"- CPU: {machine['model']}, {machine['cores']} cores; flags: {' '.join(machine['flags']) or 'none of interest'}"
+        f"- CPU: {machine['model']} ({machine['machine']}), {machine['cores']} cores; flags: {' '.join(machine['flags']) or 'none of interest'}"
         + (f" (absent: {' '.join(machine['flags_absent'])})" if machine["flags_absent"] else ""),
         "- versions: " + ", ".join(f"{name} {version}" for name, version in source["versions"].items()),
         f"- date: {source['date']}",
@@ -100,7 +102,7 @@ def write(args: argparse.Namespace, title: str, source: dict, protocol: str, bod
     ]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(header) + body.rstrip() + "\n", encoding="utf-8")
+    out.write_text("\n".join(header) + "\n" + body.rstrip() + "\n", encoding="utf-8")
     twin = Path(args.json) if args.json else out.with_suffix(".json")
     twin.write_text(json.dumps({"title": title, **source, "protocol": protocol, **results}, indent=2) + "\n", encoding="utf-8")
     print(f"wrote {out} and {twin}")
