@@ -1,16 +1,18 @@
 """Prefill and decode tokens/s of a decoder artifact on ONNX Runtime vs transformers' generate.
 
 Both engines run the same weights, greedy, with a key/value cache, on the same prompts, in
-one process, interleaved (ORT run, torch run, ORT run, ...) so that machine noise hits both
-alike, with the same thread budget (torch.set_num_threads, ORT intra-op threads without
-spinning; OMP_WAIT_POLICY=PASSIVE for torch). Each figure is measured the same way for both engines:
+one process, with the same thread budget (torch.set_num_threads, ORT intra-op threads without
+spinning; OMP_WAIT_POLICY=PASSIVE for torch). Every engine generates 1 and N new tokens, and
+all these runs are timed interleaved in a freshly shuffled order every round
+(`timing.interleaved_medians`), so that machine noise hits every engine alike. From the median
+times t(1) and t(N) over `--rounds`:
 
-    prefill tok/s = batch * prompt_len / t(1 new token)
-    decode  tok/s = batch * (N - 1) / (t(N new tokens) - t(1 new token))
+    prefill tok/s = batch * prompt_len / t(1)
+    decode  tok/s = batch * (N - 1) / (t(N) - t(1))
 
-and the median over `--repeats` is reported. The default model is the ~25M-parameter GPT-2
-config of the decode target (6 layers, width 512, 8 heads, vocab 8192, 512 positions) with
-random weights; `--model DIR` takes a `save_pretrained` directory instead.
+The default model is the ~25M-parameter GPT-2 config of the decode target (6 layers, width 512,
+8 heads, vocab 8192, 512 positions) with random weights; `--model DIR` takes a `save_pretrained`
+directory instead. Results: bench/results/decode.md and .json (`--out`, `--json`).
 
     python bench/bench_decode.py --variants int8 fp32 --batch 1 8
 """
@@ -18,9 +20,8 @@ random weights; `--model DIR` takes a `save_pretrained` directory instead.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -30,6 +31,9 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import results_file  # noqa: E402
 
 
 def build_model(model_dir: str | None):
@@ -79,14 +83,6 @@ def time_ort(session, ids: torch.Tensor, new_tokens: int) -> float:
     return elapsed
 
 
-def measure(fn, ids: torch.Tensor, new_tokens: int) -> tuple[float, float]:
-    """(prefill tok/s, decode tok/s) of one engine, from a 1-token and an N-token run."""
-    batch, prompt_len = ids.shape
-    t_one = fn(ids, 1)
-    t_all = fn(ids, new_tokens)
-    return batch * prompt_len / t_one, batch * (new_tokens - 1) / max(t_all - t_one, 1e-9)
-
-
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="save_pretrained directory (default: 25M GPT-2 config, random weights)")
@@ -94,26 +90,26 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch", nargs="+", type=int, default=[1, 8])
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-fusions", action="store_true", help="export without onnxscript's ORT fusions")
     parser.add_argument("--providers", nargs="+", default=["cpu"], choices=["auto", "cuda", "cpu"])
-    parser.add_argument("--json", help="also write the results here")
+    results_file.add_output_args(parser, "decode")
     args = parser.parse_args(argv)
-
-    from rich.console import Console
-    from rich.table import Table
+    if args.new_tokens < 2:
+        parser.error("--new-tokens must be at least 2: decode tok/s is t(N) - t(1)")
 
     from planc.backends.onnx.decoder import export_decoder
     from planc.backends.onnx.generate import DecoderSession
+    from planc.backends.onnx.timing import interleaved_medians
 
+    source = results_file.provenance(__file__, argv)
     torch.set_num_threads(args.threads)
     model = build_model(args.model)
     vocab = model.get_output_embeddings().out_features
     params = sum(p.numel() for p in model.parameters())
-    console = Console()
     results: dict = {"params": params, "threads": args.threads, "prompt_len": args.prompt_len,
-                     "new_tokens": args.new_tokens, "rows": []}
+                     "new_tokens": args.new_tokens, "rounds": args.rounds, "rows": []}
     with tempfile.TemporaryDirectory() as tmp:
         sessions = {}
         for variant in args.variants:
@@ -126,32 +122,27 @@ def main(argv: list[str] | None = None) -> dict:
 
         for batch in args.batch:
             ids = prompts_for(batch, args.prompt_len, vocab)
-            for fn in engines.values():  # warm-up: first calls allocate and compile
-                fn(ids, 2)
-            samples: dict[str, list[tuple[float, float]]] = {name: [] for name in engines}
-            for _ in range(args.repeats):
-                for name, fn in engines.items():
-                    samples[name].append(measure(fn, ids, args.new_tokens))
-            base_prefill = statistics.median(s[0] for s in samples["transformers"])
-            base_decode = statistics.median(s[1] for s in samples["transformers"])
-            for name, values in samples.items():
-                prefill = statistics.median(v[0] for v in values)
-                decode = statistics.median(v[1] for v in values)
+            runs = {(name, n): (lambda fn=fn, n=n: fn(ids, n)) for name, fn in engines.items() for n in (1, args.new_tokens)}
+            ms = interleaved_medians(runs, rounds=args.rounds)
+            rates = {}
+            for name in engines:
+                t_one, t_all = ms[(name, 1)] / 1e3, ms[(name, args.new_tokens)] / 1e3
+                rates[name] = (batch * args.prompt_len / t_one, batch * (args.new_tokens - 1) / max(t_all - t_one, 1e-9))
+            base_prefill, base_decode = rates["transformers"]
+            for name, (prefill, decode) in rates.items():
                 results["rows"].append({
-                    "engine": name, "batch": batch, "prefill_tok_s": prefill, "decode_tok_s": decode,
-                    "prefill_x": prefill / base_prefill, "decode_x": decode / base_decode,
+                    "engine": name, "batch": batch, "prefill_tok_s": round(prefill, 1), "decode_tok_s": round(decode, 1),
+                    "prefill_x": round(prefill / base_prefill, 3), "decode_x": round(decode / base_decode, 3),
                 })
 
-    table = Table(title=f"decode benchmark: {params / 1e6:.1f}M params, {args.threads} threads, "
-                        f"prompt {args.prompt_len}, {args.new_tokens} new tokens, median of {args.repeats}")
-    for column in ("engine", "batch", "prefill tok/s", "decode tok/s", "prefill x", "decode x"):
-        table.add_column(column, justify="left" if column == "engine" else "right")
-    for row in results["rows"]:
-        table.add_row(row["engine"], str(row["batch"]), f"{row['prefill_tok_s']:.0f}", f"{row['decode_tok_s']:.0f}",
-                      f"{row['prefill_x']:.2f}", f"{row['decode_x']:.2f}")
-    console.print(table)
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    body = results_file.table(
+        ["engine", "batch", "prefill tok/s", "decode tok/s", "prefill x", "decode x"],
+        [[r["engine"], r["batch"], f"{r['prefill_tok_s']:.0f}", f"{r['decode_tok_s']:.0f}", f"{r['prefill_x']:.2f}",
+          f"{r['decode_x']:.2f}"] for r in results["rows"]])
+    title = (f"Decoder on ONNX Runtime vs transformers' generate: {params / 1e6:.1f}M params, prompt {args.prompt_len}, "
+             f"{args.new_tokens} new tokens")
+    print(body)
+    results_file.write(args, title, source, results_file.interleaved_protocol(args.rounds, args.threads), body, results)
     return results
 
 

@@ -15,12 +15,15 @@ def test_bench_smoke(tmp_path, gpt2_dir):
     spec.loader.exec_module(bench)
     out = tmp_path / "bench.json"
     results = bench.main(["--model", str(gpt2_dir), "--batch", "1", "2", "--prompt-len", "8", "--new-tokens", "4",
-                          "--repeats", "1", "--threads", "1", "--json", str(out)])
+                          "--rounds", "1", "--threads", "1", "--out", str(tmp_path / "bench.md"), "--json", str(out)])
     rows = {(r["engine"], r["batch"]): r for r in results["rows"]}
     assert set(rows) == {("transformers", 1), ("ort-int8", 1), ("transformers", 2), ("ort-int8", 2)}
     assert all(r["decode_tok_s"] > 0 and r["prefill_tok_s"] > 0 for r in rows.values())
     assert rows[("transformers", 1)]["decode_x"] == 1.0
-    assert json.loads(out.read_text())["rows"] == results["rows"]
+    written = json.loads(out.read_text())
+    assert written["rows"] == results["rows"]
+    assert written["command"].startswith("python bench/bench_decode.py --model")
+    assert (tmp_path / "bench.md").read_text().count("| ort-int8 |") == 2
 
 
 def test_builder_bench_smoke(tmp_path, llama_dir, capsys):
