@@ -70,8 +70,8 @@ class Cost:
 
 #: Fitted to the measurements in `bench/results/footprint.md` (2-core x86 machines, 24 GB).
 COSTS: dict[str, Cost] = {
-    "decoder": Cost(fixed_bytes=1.6 * GB, per_fp32_byte=5.2, seconds_per_gparam=520.0, fixed_seconds=20.0),
-    "encoder": Cost(fixed_bytes=1.0 * GB, per_fp32_byte=6.0, seconds_per_gparam=400.0, fixed_seconds=10.0),
+    "decoder": Cost(fixed_bytes=1.6 * GB, per_fp32_byte=5.8, seconds_per_gparam=520.0, fixed_seconds=20.0),
+    "encoder": Cost(fixed_bytes=0.9 * GB, per_fp32_byte=3.0, seconds_per_gparam=400.0, fixed_seconds=30.0),
 }
 
 
