@@ -197,9 +197,9 @@ def measure(
     (default: 1 and all the prompts; a batch takes the prompts in turn, repeating them).
 
     Per batch: whether the tokens are equal, the acceptance figures of `SpeculativeStats`, and
-    tokens/s of both, each the median of `rounds` runs interleaved plain/speculative after one
-    warm-up of each, so that a shared machine's load falls on both alike."""
-    import time
+    tokens/s of both, each the median of `rounds` runs in a shuffled order after one warm-up of
+    each (`timing.interleaved_medians`), so that a shared machine's load falls on both alike."""
+    from planc.backends.onnx.timing import interleaved_medians
 
     target = DecoderSession(target_dir, providers=providers, threads=threads)
     draft = DecoderSession(draft_dir, providers=providers, threads=threads)
@@ -213,17 +213,12 @@ def measure(
         stats = SpeculativeStats()
         plain = _plain(target, batch, max_new_tokens)
         speculated = speculative_generate_ids(target, draft, batch, max_new_tokens, draft_tokens=draft_tokens, stats=stats)
-        seconds: dict[str, list[float]] = {"plain": [], "speculative": []}
-        for _ in range(rounds):
-            for name in seconds:
-                started = time.perf_counter()
-                if name == "plain":
-                    _plain(target, batch, max_new_tokens)
-                else:
-                    speculative_generate_ids(target, draft, batch, max_new_tokens, draft_tokens=draft_tokens)
-                seconds[name].append(time.perf_counter() - started)
+        milliseconds = interleaved_medians({
+            "plain": lambda: _plain(target, batch, max_new_tokens),
+            "speculative": lambda: speculative_generate_ids(target, draft, batch, max_new_tokens, draft_tokens=draft_tokens),
+        }, rounds=rounds, warmup=1)
         tokens = sum(len(r) for r in plain)
-        speed = {name: tokens / sorted(times)[len(times) // 2] for name, times in seconds.items()}
+        speed = {name: 1000.0 * tokens / ms for name, ms in milliseconds.items()}
         equal = speculated == plain
         result["greedy_equal"] &= equal
         result["batches"][str(size)] = {
