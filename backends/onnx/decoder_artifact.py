@@ -88,12 +88,29 @@ def build_decoder_artifact(
         spec = export_decoder(model, temporary, quantize=quantize, fusions=target.fusions, opset=target.opset,
                               cpu=target.cpu, load_samples=load_samples)
         reference = model if reference is None else reference
-        metrics = verify_decoder(temporary, reference, decode.prompts, decode.max_new_tokens, heldout=heldout)
-        exported = metrics if reference is model else verify_decoder(temporary, model, decode.prompts, decode.max_new_tokens, heldout=heldout)
+        compute = None
+        if scheme == "int4":
+            compute = _plan_int4_compute(temporary / MODEL_FILE, target)
+
+        def verify() -> tuple[dict, dict, float, bool | None]:
+            measured = verify_decoder(temporary, reference, decode.prompts, decode.max_new_tokens, heldout=heldout)
+            alone = measured if reference is model else verify_decoder(temporary, model, decode.prompts, decode.max_new_tokens, heldout=heldout)
+            figure = float(measured[DECODER_METRICS[target.verify.metric]])
+            return measured, alone, figure, goal_met(figure, target.verify)
+
+        metrics, exported, value, passed = verify()
         if scheme is None and not exported["greedy_equal"]:
             raise VerificationFailed("the fp32 decoder's greedy tokens differ from the eager model's")
-        value = float(metrics[DECODER_METRICS[target.verify.metric]])
-        passed = goal_met(value, target.verify)
+        if compute is not None:
+            compute["verified"] = {compute["chosen"]: {"passed": passed, target.verify.metric: value}}
+            if passed is False and compute["chosen"] == "int8" and target.int4_compute == "auto":
+                from planc.backends.onnx import int4_compute as int4
+
+                logger.info("int8 compute missed the goal (%s = %.4f): verifying fp32 compute", target.verify.metric, value)
+                int4.set_compute(temporary / MODEL_FILE, "fp32")
+                metrics, exported, value, passed = verify()
+                compute.update(chosen="fp32", accuracy_level=int4.LEVELS["fp32"], why="int8 compute missed the goal")
+                compute["verified"]["fp32"] = {"passed": passed, target.verify.metric: value}
         if passed is False:
             fidelity = "" if exported is metrics else f"; against the rewritten model (the export alone) {float(exported[DECODER_METRICS[target.verify.metric]]):.4f}"
             raise VerificationFailed(f"{target.verify.metric} = {value:.4f} against the original model does not meet the goal "
@@ -101,18 +118,7 @@ def build_decoder_artifact(
 
         tokens = 32
         prompt = [list(decode.prompts[0].encode("utf-8"))[:16] or [0]] * target.bench.batch
-        compute = None
-        if scheme == "int4" and target.int4_compute != "fp32":
-            before = metrics
-            metrics, value, passed, compute = _pick_int4_compute(temporary, reference, target, heldout, prompt, tokens, metrics, passed)
-            if metrics is not before:  # the int8-compute variant replaced the graph
-                exported = metrics if reference is model else verify_decoder(temporary, model, decode.prompts, decode.max_new_tokens, heldout=heldout)
-
-        baseline = temporary / ".fp32"
-        if scheme is not None:
-            export_decoder(model, baseline, quantize=None, fusions=target.fusions, opset=target.opset)
-        original_bytes = files_size(baseline / MODEL_FILE) if scheme is not None else files_size(temporary / MODEL_FILE)
-        shutil.rmtree(baseline, ignore_errors=True)
+        original_bytes = fp32_weight_bytes(model) if scheme is not None else files_size(temporary / MODEL_FILE)
 
         speed = _tokens_per_s([temporary], target, prompt, tokens)[0]
         speculative = None
@@ -184,35 +190,18 @@ def _tokens_per_s(directories: list[Path], target: OnnxTarget, prompt: list[list
     return [tokens * len(prompt) / sorted(times)[len(times) // 2] for times in seconds]
 
 
-def _pick_int4_compute(directory: Path, model: Any, target: OnnxTarget, heldout: Path | None, prompt: list[list[int]],
-                       tokens: int, metrics: dict[str, Any], passed: bool | None) -> tuple[dict, float, bool | None, dict]:
-    """Verify and time the int8-compute variant of the int4 decoder in `directory`; keep the faster
-    one that meets the goal (`int4_compute = auto`) or the one the plan names (`int8`)."""
+def _plan_int4_compute(path: Path, target: OnnxTarget) -> dict[str, Any]:
+    """Set the int4 weights' compute before the one verification (`int4_compute.planned`)."""
     from planc.backends.onnx import int4_compute as int4
-    from planc.backends.onnx.decoder_verify import verify_decoder
 
-    decode = target.decode
-    assert decode is not None
-    variant = directory / ".int8_compute"
-    shutil.copytree(directory, variant, ignore=shutil.ignore_patterns(".*", MODEL_FILE, MODEL_FILE + ".data"))
-    int4.with_compute(directory / MODEL_FILE, variant / MODEL_FILE, "int8")
-    checked = verify_decoder(variant, model, decode.prompts, decode.max_new_tokens, heldout=heldout)
-    metric = DECODER_METRICS[target.verify.metric]
-    speeds = _tokens_per_s([directory, variant], target, prompt, tokens)
-    candidates = [
-        int4.Candidate("fp32", directory, passed, speeds[0], {"tokens_per_s": round(speeds[0], 1), target.verify.metric: metrics[metric]}),
-        int4.Candidate("int8", variant, goal_met(float(checked[metric]), target.verify), speeds[1],
-                       {"tokens_per_s": round(speeds[1], 1), target.verify.metric: checked[metric]}),
-    ]
-    chosen = candidates[1] if target.int4_compute == "int8" else int4.choose(candidates)
-    if chosen is None or chosen.passed is False:
-        raise VerificationFailed(f"with int8 compute, {target.verify.metric} = {float(checked[metric]):.4f} "
-                                 f"does not meet the goal '{target.verify.judged_goal}'")
-    logger.info("int4 compute: %s (fp32 %.1f, int8 %.1f tokens/s)", chosen.compute, speeds[0], speeds[1])
-    if chosen.compute == "int8":
-        for suffix in ("", ".data"):
-            if (variant / (MODEL_FILE + suffix)).exists():
-                (variant / (MODEL_FILE + suffix)).replace(directory / (MODEL_FILE + suffix))
-        metrics, passed = checked, chosen.passed
-    shutil.rmtree(variant, ignore_errors=True)
-    return metrics, float(metrics[metric]), passed, int4.report(chosen, candidates, target.int4_compute)
+    chosen, why = int4.planned(target.int4_compute, target.cpu)
+    if chosen != "fp32":
+        int4.set_compute(path, chosen)
+    return {"requested": target.int4_compute, "chosen": chosen, "accuracy_level": int4.LEVELS[chosen], "why": why}
+
+
+def fp32_weight_bytes(model: Any) -> int:
+    """The eager model's weights in fp32, each shared tensor once: the unoptimized artifact's
+    size, without exporting it a second time."""
+    seen = {p.data_ptr(): p.numel() for p in model.parameters()}
+    return 4 * sum(seen.values())

@@ -6,9 +6,13 @@ faster where the CPU has them (`bench/bench_int4_compute.py` on 2 AVX-512 VNNI c
 Llama-config int4 decoder generated 1.25x the tokens/s at batch 1 and 1.41x at batch 8), a
 little less exact.
 
-`target onnx { int4_compute = auto }` builds both, verifies both against the eager model and
-keeps the faster one that meets the plan's goal (`choose`); `fp32` / `int8` force one. The
-report says which was kept, with both measurements.
+`target onnx { int4_compute = auto }`: an encoder artifact is built both ways, verified both
+ways and the faster one that meets the plan's goal is kept (`choose`). A decoder, which may be a
+real-sized checkpoint, is not built twice: `planned` picks int8 compute where the target CPU has
+integer dot products (x86_vnni, arm64) and fp32 compute elsewhere, and only that one is
+verified; an int8-compute decoder that misses the goal falls back to fp32 compute (planc's
+reference arithmetic) and is verified again. `fp32` / `int8` force one. The report says which
+was kept, why, and what each verified variant measured.
 """
 
 from __future__ import annotations
@@ -21,6 +25,23 @@ import onnx
 
 Compute = Literal["fp32", "int8"]
 LEVELS: dict[Compute, int] = {"fp32": 0, "int8": 4}
+
+
+def planned(requested: str, cpu: str) -> tuple[Compute, str]:
+    """The compute a decoder's int4 weights are verified with first, and why."""
+    if requested in LEVELS:
+        return requested, "named by the plan"  # type: ignore[return-value]
+    from planc.passes.cpu import int8_format
+
+    target = int8_format(cpu).cpu
+    if target in ("x86_vnni", "arm64"):
+        return "int8", f"{target} has integer dot products: int8 activations inside MatMulNBits run faster"
+    return "fp32", f"{target} has no integer dot products (VNNI): fp32 compute"
+
+
+def set_compute(path: Path, compute: Compute) -> int:
+    """`with_compute` in place."""
+    return with_compute(path, path, compute)
 
 
 def int4_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:

@@ -138,24 +138,29 @@ def test_a_model_planc_cannot_serve_as_a_decoder_is_an_error_at_the_model_line(p
     assert not (plans / "out").exists()
 
 
-def test_int4_decoder_keeps_the_faster_compute_that_meets_the_goal(plans: Path) -> None:
+def test_int4_decoder_compute_is_planned_from_the_cpu_and_verified_once(plans: Path) -> None:
+    """`int4_compute = auto` on a decoder: int8 compute where the target CPU has integer dot
+    products, fp32 elsewhere; only what was verified is listed, and the file holds the choice."""
     import json
 
-    plan = plans / "int4.plan"
-    plan.write_text(GPT + "pipeline { quantize Linear { scheme = int4, group_size = 32 } }\n"
-                    'target onnx { decode { max_new_tokens = 4 }, verify { metric = top1, goal = ">= 0.3" } }\n')
-    code, _, err = planc("compile", str(plan), "-o", str(plans / "out"))
-    assert code == 0, err
-    choice = json.loads((plans / "out" / "report.json").read_text())["int4_compute"]
-    candidates = choice["candidates"]
-    assert choice["requested"] == "auto" and set(candidates) == {"fp32", "int8"}
-    passing = [c for c in candidates if candidates[c]["passed"] is not False]
-    assert choice["chosen"] == max(passing, key=lambda c: candidates[c]["speed"])
-    import onnx
+    from planc.passes.cpu import int8_format
 
-    levels = {a.i for n in onnx.load(str(plans / "out" / "model.onnx")).graph.node if n.op_type == "MatMulNBits"
-              for a in n.attribute if a.name == "accuracy_level"}
-    assert levels == {choice["accuracy_level"]}
+    for cpu in ("x86_vnni", "x86_avx2"):
+        plan = plans / f"int4_{cpu}.plan"
+        plan.write_text(GPT + "pipeline { quantize Linear { scheme = int4, group_size = 32 } }\n"
+                        f'target onnx {{ cpu = {cpu}, decode {{ max_new_tokens = 4 }}, verify {{ metric = top1, goal = ">= 0.3" }} }}\n')
+        out = plans / f"out_{cpu}"
+        code, _, err = planc("compile", str(plan), "-o", str(out))
+        assert code == 0, err
+        choice = json.loads((out / "report.json").read_text())["int4_compute"]
+        expected = "int8" if int8_format(cpu).cpu == "x86_vnni" else "fp32"
+        assert choice["requested"] == "auto" and choice["chosen"] == expected
+        assert set(choice["verified"]) == {expected} and choice["verified"][expected]["passed"] is True
+        import onnx
+
+        levels = {a.i for n in onnx.load(str(out / "model.onnx")).graph.node if n.op_type == "MatMulNBits"
+                  for a in n.attribute if a.name == "accuracy_level"}
+        assert levels == {choice["accuracy_level"]} == {4 if expected == "int8" else 0}
 
 
 def test_mixed_precision_keeps_int4_where_the_goal_allows(plans: Path) -> None:
