@@ -7,7 +7,8 @@ are scored and timed by the same code (`bench/bench_builder.py`).
   max-length buffer per key/value as both past and present, as each tool's own runtime does for
   graphs that declare it (planc: decoder.json `kv_buffer: shared`; the builder:
   genai_config.json `past_present_share_buffer`). A graph with `logits_to_keep` is asked for
-  the last position's logits in the prefill. Prompts have equal lengths (no padding: the
+  the last position's logits in the prefill and for every position elsewhere (planc's
+  `logits_to_keep_feed`: the input has no default). Prompts have equal lengths (no padding: the
   builder's graphs support right padding only, planc's left padding only).
 - `score`: logits at every position of some windows in one cache-less call, for top-1
   agreement and perplexity.
@@ -26,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+
+from planc.backends.onnx.decoder_serving import logits_to_keep_feed
 
 
 def session(path: Path, threads: int) -> ort.InferenceSession:
@@ -54,7 +57,8 @@ class GraphLoop:
         self.layout = layout
         self.shared = shared
         self.inputs = {i.name for i in self.session.get_inputs()}
-        self.keeps_logits = "logits_to_keep" in {i.name for i in self.session.get_overridable_initializers()}
+        # held for the session's life: a bound input may keep referring to its array
+        self.keep_every, self.keep_last = logits_to_keep_feed(self.inputs), logits_to_keep_feed(self.inputs, last=1)
         self.binding = self.session.io_binding()
 
     def _cache(self, batch: int, slots: int) -> list[ort.OrtValue]:
@@ -69,12 +73,9 @@ class GraphLoop:
         batch, length = prompts.shape
         mask = np.ones((batch, length + new_tokens), np.int64)
         positions = np.arange(length + new_tokens, dtype=np.int64)[None].repeat(batch, 0)
-        # prefill: plain run (overridable initializers such as logits_to_keep cannot be bound)
-        feeds = {"input_ids": prompts.astype(np.int64), "attention_mask": mask[:, :length]}
+        feeds = {"input_ids": prompts.astype(np.int64), "attention_mask": mask[:, :length], **self.keep_last}
         if "position_ids" in self.inputs:
             feeds["position_ids"] = positions[:, :length]
-        if self.keeps_logits:
-            feeds["logits_to_keep"] = np.ones(1, np.int64)
         values = {k: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v)) for k, v in feeds.items()}
         past = self._cache(batch, length + new_tokens if self.shared else 0)
         values.update(zip(self._names("past_key_values"), past))
@@ -91,6 +92,8 @@ class GraphLoop:
                 binding.clear_binding_inputs()
                 binding.clear_binding_outputs()
                 binding.bind_ortvalue_output("logits", logits_value)
+                for name, value in self.keep_every.items():
+                    binding.bind_cpu_input(name, value)
                 for name, present, value in zip(self._names("past_key_values"), self._names("present"), cache):
                     binding.bind_ortvalue_input(name, value)
                     if self.shared:
@@ -110,7 +113,8 @@ class GraphLoop:
     def score(self, windows: np.ndarray) -> np.ndarray:
         """Logits [n, seq, vocab] of every position of `windows` [n, seq], cache empty."""
         batch, length = windows.shape
-        feeds = {"input_ids": windows.astype(np.int64), "attention_mask": np.ones((batch, length), np.int64)}
+        feeds = {"input_ids": windows.astype(np.int64), "attention_mask": np.ones((batch, length), np.int64),
+                 **self.keep_every}
         if "position_ids" in self.inputs:
             feeds["position_ids"] = np.arange(length, dtype=np.int64)[None].repeat(batch, 0)
         empty = np.zeros((batch, self.layout.kv_heads, 0, self.layout.head_dim), np.float32)

@@ -9,8 +9,9 @@ The graph follows Optimum's `ORTModelForCausalLM` naming, so other runtimes can 
   head_dim].
 
 Where the serving rewrites apply (`decoder_serving.py`, checked by `decoder_fusions.py`), the
-graph also takes an optional `logits_to_keep` and lets one max-length buffer serve as past and
-present (`DecoderSpec.kv_buffer`, the README's "Decoder graphs" section).
+graph also takes `logits_to_keep`, which every caller feeds (`decoder_serving.logits_to_keep_feed`),
+and lets one max-length buffer serve as past and present (`DecoderSpec.kv_buffer`, the README's
+"Decoder graphs" section).
 
 Two model families are adapted to that signature by a wrapper that flattens the cache:
 the example GPT (`examples/models/gpt.py`: a list of (k, v) tuples) and Hugging Face causal LMs
@@ -42,7 +43,7 @@ from planc.backends.onnx.cache_adapter import (
     position_ids_from_mask,
 )
 from planc.backends.onnx.decoder_fusions import Fused, fuse_if_exact
-from planc.backends.onnx.decoder_serving import add_logits_to_keep
+from planc.backends.onnx.decoder_serving import LOGITS_TO_KEEP, add_logits_to_keep
 from planc.backends.onnx.decoder_tokenizer import HF_TOKENIZER_FILES
 from planc.backends.onnx.export import save_model
 from planc.passes.graph_utils import conv1d_as_linear
@@ -56,11 +57,12 @@ MODEL_FILE = "model.onnx"
 Quantization = Literal["int8", "int4"]
 
 
-def input_names(n_layer: int) -> list[str]:
+def input_names(n_layer: int, logits_to_keep: bool = False) -> list[str]:
+    """The graph's inputs in order; `logits_to_keep` comes last where the serving rewrite added it."""
     names = ["input_ids", "attention_mask", "position_ids"]
     for i in range(n_layer):
         names += [f"past_key_values.{i}.key", f"past_key_values.{i}.value"]
-    return names
+    return names + [LOGITS_TO_KEEP] * logits_to_keep
 
 
 def output_names(n_layer: int) -> list[str]:
@@ -91,7 +93,7 @@ class DecoderSpec:
     #: "shared": one max-length buffer per key/value may be bound as both past and present
     #: (README, "Decoder graphs"); "growing": presents are new tensors of past + seq slots.
     kv_buffer: str = "growing"
-    #: The graph has the optional `logits_to_keep` input (default 0: logits of every position).
+    #: The graph has the `logits_to_keep` input (0: logits of every position; callers must feed it).
     logits_to_keep: bool = False
     #: The embedding table that reads the int4 LM head's weights (`tied_embedding.py`), if any.
     tied_embedding: str | None = None
@@ -103,7 +105,7 @@ class DecoderSpec:
     def to_json(self) -> str:
         data = asdict(self)
         data["eos_token_id"] = self.eos_token_id
-        data["inputs"] = input_names(self.n_layer)
+        data["inputs"] = input_names(self.n_layer, self.logits_to_keep)
         data["outputs"] = output_names(self.n_layer)
         return json.dumps(data, indent=2) + "\n"
 

@@ -28,9 +28,10 @@ model's own causal + padding mask. Two rewrites take it from there:
    (ORT GenAI's `past_present_share_buffer`). The same graph still runs with a growing cache
    (past of `past` slots, present of `past + seq`): presents are `max(past slots, total)` long.
 3. `add_logits_to_keep`: an int64 [1] input `logits_to_keep` (Hugging Face's argument of that
-   name) cuts the LM head's input to the last k positions; it has a default of 0, meaning all
-   positions, so callers that do not know it (scoring, Optimum's loop) are unaffected, and a
-   prefill that passes 1 multiplies one position per row by the vocabulary projection.
+   name) cuts the LM head's input to the last k positions, 0 meaning all positions, so a
+   prefill that passes 1 multiplies one position per row by the vocabulary projection. It is a
+   plain input without a default: an initializer of the same name would make ONNX Runtime warn
+   at every load that it cannot fold it, so every caller feeds it (`logits_to_keep_feed`).
 
 4. `merge_int4_siblings`: MatMulNBits of one input with equal attributes (gate and up) become
    one over concatenated weights, then a Split.
@@ -41,6 +42,7 @@ Anything that does not match is left as it was; the rewrites return what they di
 from __future__ import annotations
 
 import logging
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import numpy as np
@@ -401,6 +403,14 @@ _POSITIONWISE = {"Add", "Mul", "Div", "Sub", "Tanh", "Cast", "Softcap"}
 _HEADS = {("MatMul", ""), ("MatMulNBits", MS_DOMAIN), ("DynamicQuantizeMatMul", MS_DOMAIN), ("MatMulIntegerToFloat", MS_DOMAIN)}
 
 
+def logits_to_keep_feed(inputs: Collection[str], last: int = 0) -> dict[str, np.ndarray]:
+    """The feed that asks a graph with the inputs `inputs` for the logits of its last `last`
+    positions (0: every position). A graph that declares `logits_to_keep` must be fed it; one
+    without it (the rewrite did not apply, or an artifact from before it was a plain input,
+    where it was an initializer of default 0) gets nothing and returns every position."""
+    return {LOGITS_TO_KEEP: np.array([last], np.int64)} if LOGITS_TO_KEEP in inputs else {}
+
+
 def add_logits_to_keep(model: ir.Model) -> bool:
     """Add the `logits_to_keep` input (see the module docstring), in place; False when the
     `logits` output is not a matmul of the hidden states (then the graph is unchanged)."""
@@ -415,10 +425,8 @@ def add_logits_to_keep(model: ir.Model) -> bool:
     if node is None:
         return False
     hidden = node.inputs[0]
-    keep = ir.Value(name=LOGITS_TO_KEEP, type=ir.TensorType(ir.DataType.INT64), shape=ir.Shape([1]),
-                    const_value=ir.tensor(np.array([0], np.int64), name=LOGITS_TO_KEEP))
+    keep = ir.Value(name=LOGITS_TO_KEEP, type=ir.TensorType(ir.DataType.INT64), shape=ir.Shape([1]))
     graph.inputs.append(keep)
-    graph.register_initializer(keep)
     builder = _Builder(graph)
     start = builder.add(node, "Neg", [keep], name="logits_start").outputs[0]
     end = builder.constant("logits_end", np.array([np.iinfo(np.int64).max], np.int64))

@@ -8,9 +8,10 @@ token, bound through I/O binding as both `past_key_values.*` and `present.*`: th
 kernel writes each step's keys/values into it in place. Other graphs get the previous step's
 `present.*` OrtValues bound as the next `past_key_values.*`. Either way the cache stays on the
 execution provider's device (GPU memory under CUDA), the prefill asks for the last position's
-logits only where the graph takes `logits_to_keep`, and the logits come back to the host into a
-buffer preallocated once per generation. Sampling (greedy, temperature, top-k, top-p) is
-numpy with a seeded generator, so a seed reproduces a run exactly.
+logits only where the graph takes `logits_to_keep` (other calls ask for every position), and
+the logits come back to the host into a buffer preallocated once per generation. Sampling
+(greedy, temperature, top-k, top-p) is numpy with a seeded generator, so a seed reproduces a
+run exactly.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from typing import Literal, TextIO
 import numpy as np
 
 from planc.backends.onnx.decoder import MODEL_FILE, DecoderSpec, input_names, output_names
+from planc.backends.onnx.decoder_serving import LOGITS_TO_KEEP, logits_to_keep_feed
 from planc.backends.onnx.decoder_tokenizer import Tokenizer, load_tokenizer
 from planc.backends.onnx.runtime import create_session, resolve_providers
 
@@ -56,6 +58,10 @@ class DecoderSession:
             self.artifact_dir / MODEL_FILE, resolve_providers(providers), threads or 0, optimization
         )
         self._check_signature()
+        # `logits_to_keep` feeds where the graph takes it; held here, since a decode step's
+        # binding may keep referring to its array after the call that bound it
+        inputs = [i.name for i in self.session.get_inputs()]
+        self._keep_every, self._keep_last = logits_to_keep_feed(inputs), logits_to_keep_feed(inputs, last=1)
         on_cuda = self.session.get_providers()[0] in ("CUDAExecutionProvider", "TensorrtExecutionProvider")
         self.device = "cuda" if on_cuda else "cpu"
         self.tokenizer: Tokenizer = load_tokenizer(self.artifact_dir, self.spec.tokenizer)
@@ -68,12 +74,12 @@ class DecoderSession:
         self._logits_host = np.zeros((0, 1, 0), np.float32)
         self.shared_buffer = self.spec.kv_buffer == "shared"
         self._cache_bound = False  #: shared buffers and logits bound in `_binding` already
-        self._keep_last = np.ones(1, np.int64)
 
     def _check_signature(self) -> None:
         got_in = [i.name for i in self.session.get_inputs()]
         got_out = [o.name for o in self.session.get_outputs()]
-        want_in, want_out = input_names(self.spec.n_layer), output_names(self.spec.n_layer)
+        want_in = input_names(self.spec.n_layer, LOGITS_TO_KEEP in got_in)
+        want_out = output_names(self.spec.n_layer)
         if sorted(got_in) != sorted(want_in) or sorted(got_out) != sorted(want_out):
             raise ValueError(
                 f"{self.artifact_dir / MODEL_FILE} does not have the decoder signature of decoder.json: "
@@ -89,7 +95,8 @@ class DecoderSession:
         last position [batch, vocab], or of every fed position [batch, seq, vocab].
 
         Between decode steps, shared buffers and the logits buffer stay bound: only the three
-        small inputs are bound again (the same names replace the previous step's)."""
+        small inputs are bound again (the same names replace the previous step's); so does
+        `logits_to_keep` = 0 (every fed position: one in a decode step)."""
         binding = self._binding
         if every_position or not self._cache_bound:
             binding.clear_binding_inputs()
@@ -98,6 +105,8 @@ class DecoderSession:
                 binding.bind_output("logits", "cpu")
             else:
                 binding.bind_ortvalue_output("logits", self._logits)  # preallocated, reused every step
+            for name, value in self._keep_every.items():
+                binding.bind_cpu_input(name, value)
             for i, (key, value) in enumerate(self._past):
                 for kind, tensor in (("key", key), ("value", value)):
                     if isinstance(tensor, np.ndarray):  # a growing cache after `rollback`
@@ -124,8 +133,7 @@ class DecoderSession:
     def _prefill_run(self, input_ids: np.ndarray, positions: np.ndarray, slots: int) -> np.ndarray:
         """The prefill call; its presents become the cache. A shared-buffer graph is given
         zeroed pasts of `slots` positions, and its presents are as long: those are the buffers
-        later steps write into. `logits_to_keep` (an overridable initializer, which I/O binding
-        cannot bind) asks for the last position's logits only."""
+        later steps write into. `logits_to_keep` = 1 asks for the last position's logits only."""
         import onnxruntime as ort
 
         batch = input_ids.shape[0]
@@ -133,9 +141,8 @@ class DecoderSession:
             "input_ids": np.ascontiguousarray(input_ids, dtype=np.int64),
             "attention_mask": np.ascontiguousarray(self._mask[:, : self._length]),
             "position_ids": np.ascontiguousarray(positions, dtype=np.int64),
+            **self._keep_last,
         }
-        if self.spec.logits_to_keep:
-            feeds["logits_to_keep"] = self._keep_last
         for i, heads in enumerate(self.spec.kv_heads):
             empty = np.zeros((batch, heads, slots if self.shared_buffer else 0, self.spec.head_dim), np.float32)
             feeds[f"past_key_values.{i}.key"] = feeds[f"past_key_values.{i}.value"] = empty
@@ -253,6 +260,7 @@ class DecoderSession:
             "input_ids": input_ids,
             "attention_mask": mask,
             "position_ids": np.clip(np.cumsum(mask, axis=1) - 1, 0, None),
+            **self._keep_every,
         }
         for i, heads in enumerate(self.spec.kv_heads):
             empty = np.zeros((batch, heads, 0, self.spec.head_dim), np.float32)

@@ -30,7 +30,8 @@ def test_io_names_and_dynamic_axes(artifacts, decoders, name):
     for i in range(len(layout)):
         expected_in += [f"past_key_values.{i}.key", f"past_key_values.{i}.value"]
         expected_out += [f"present.{i}.key", f"present.{i}.value"]
-    assert list(inputs) == expected_in
+    keep = spec.logits_to_keep
+    assert list(inputs) == expected_in + ["logits_to_keep"] * keep
     assert list(outputs) == expected_out
     assert inputs["input_ids"] == ["batch_size", "sequence_length"]
     assert inputs["attention_mask"] == ["batch_size", "total_sequence_length"]
@@ -40,13 +41,25 @@ def test_io_names_and_dynamic_axes(artifacts, decoders, name):
     assert inputs["past_key_values.0.key"] == ["batch_size", heads, past, head_dim]
     assert outputs["present.1.value"] == ["batch_size", heads, present, head_dim]
     assert outputs["logits"][0] == "batch_size"
-    # the optional input: an overridable initializer whose default keeps every position
-    keep = [i for i in model.graph.input if i.name == "logits_to_keep"]
-    assert spec.logits_to_keep == bool(keep)
-    if keep:
-        default = next(t for t in model.graph.initializer if t.name == "logits_to_keep")
-        assert onnx.numpy_helper.to_array(default).tolist() == [0]
+    if keep:  # a plain input, fed by every caller: no initializer that would shadow it
+        assert inputs["logits_to_keep"] == [1]
+        assert model.graph.input[-1].type.tensor_type.elem_type == onnx.TensorProto.INT64
+        assert "logits_to_keep" not in initializers
+    assert json.loads((artifacts(name) / "decoder.json").read_text())["inputs"] == list(inputs)
 
+
+def test_onnx_runtime_loads_the_decoder_without_warnings(artifacts, capfd):
+    """ONNX Runtime warns at load about an initializer that is also a graph input (it cannot
+    fold it as a constant); a planc decoder has none, so a verbose load prints nothing of it."""
+    import onnxruntime as ort
+
+    assert DecoderSpec.load(artifacts("llama")).logits_to_keep
+    options = ort.SessionOptions()
+    options.log_severity_level = 1  # info and up: the warning is level 2
+    capfd.readouterr()
+    ort.InferenceSession(str(artifacts("llama") / "model.onnx"), options, providers=["CPUExecutionProvider"])
+    logged = capfd.readouterr()
+    assert "appears in graph inputs" not in logged.out + logged.err
 
 def test_decoder_json(artifacts, llama_model):
     spec = DecoderSpec.load(artifacts("llama"))

@@ -63,7 +63,8 @@ def test_shared_buffer_decodes_past_its_reserved_room(artifacts, llama_model):
 def test_a_generic_loop_drives_the_shared_buffer_by_the_documented_names(artifacts, llama_model):
     """The README's contract, written out independently of planc's runtime: one zeroed
     [batch, kv_heads, max_length, head_dim] buffer per key/value bound as past and present,
-    the mask growing by one column per step. Greedy tokens equal the eager model's."""
+    the mask growing by one column per step, `logits_to_keep` = 0 (the graph has no default for
+    it). Greedy tokens equal the eager model's."""
     spec = DecoderSpec.load(artifacts("llama"))
     session = _session(artifacts("llama"))
     prompts = [[5, 9, 30, 7, 2, 11], [40, 8, 3]]
@@ -78,7 +79,8 @@ def test_a_generic_loop_drives_the_shared_buffer_by_the_documented_names(artifac
     for _ in range(new):
         binding = session.io_binding()
         binding.bind_output("logits", "cpu")
-        for name, array in (("input_ids", step_ids), ("attention_mask", mask), ("position_ids", positions)):
+        for name, array in (("input_ids", step_ids), ("attention_mask", mask), ("position_ids", positions),
+                            ("logits_to_keep", np.zeros(1, np.int64))):
             binding.bind_cpu_input(name, np.ascontiguousarray(array))
         for name, buffer in zip(names, buffers):
             binding.bind_ortvalue_input(f"past_key_values.{name}", buffer)
@@ -95,7 +97,7 @@ def test_a_generic_loop_drives_the_shared_buffer_by_the_documented_names(artifac
 
 @pytest.mark.parametrize("name", ["gpt", "llama"])
 def test_logits_to_keep(artifacts, decoders, name):
-    """Default 0: every position (scoring); 1: the last position only (a prefill)."""
+    """0: every position (scoring); 1: the last position only (a prefill)."""
     session = _session(artifacts(name))
     spec = DecoderSpec.load(artifacts(name))
     ids = torch.tensor([[3, 50, 7, 9, 12], [8, 8, 20, 4, 6]])
@@ -105,12 +107,37 @@ def test_logits_to_keep(artifacts, decoders, name):
     for i, heads in enumerate(spec.kv_heads):
         feeds[f"past_key_values.{i}.key"] = feeds[f"past_key_values.{i}.value"] = np.zeros((2, heads, 0, spec.head_dim), np.float32)
     eager = _eager_logits(decoders[name], ids, mask)
-    every = session.run(["logits"], feeds)[0]
+    every = session.run(["logits"], {**feeds, "logits_to_keep": np.array([0], np.int64)})[0]
     last = session.run(["logits"], {**feeds, "logits_to_keep": np.array([1], np.int64)})[0]
     assert every.shape == eager.shape and last.shape == (2, 1, eager.shape[-1])
     real = mask.numpy().astype(bool)
     np.testing.assert_allclose(every[real], eager[real], atol=1e-4, rtol=1e-4)
     np.testing.assert_allclose(last[:, 0], eager[:, -1], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("form", ["initializer", "absent"])
+def test_graphs_without_the_logits_to_keep_input_still_generate(tmp_path, artifacts, form):
+    """Artifacts written before `logits_to_keep` became a plain input hold it as an initializer
+    of default 0 (not among the session's inputs); graphs the rewrite did not apply to lack it.
+    Neither is fed it, both return every position, and both generate what the graph that takes
+    `logits_to_keep` = 1 in its prefill generates."""
+    import shutil
+
+    from planc.backends.onnx.generate import generate_ids
+
+    shutil.copytree(artifacts("llama"), tmp_path / "art")
+    model = onnx.load(tmp_path / "art" / "model.onnx")
+    (keep,) = [i for i in model.graph.input if i.name == "logits_to_keep"]
+    model.graph.initializer.append(onnx.numpy_helper.from_array(np.zeros(1, np.int64), "logits_to_keep"))
+    if form == "absent":
+        model.graph.input.remove(keep)  # a constant 0: the LM head reads every position
+    onnx.save(model, tmp_path / "art" / "model.onnx")
+    old, new = DecoderSession(tmp_path / "art", threads=1), DecoderSession(artifacts("llama"), threads=1)
+    assert "logits_to_keep" not in {i.name for i in old.session.get_inputs()}
+    ids = np.array([[5, 9, 30, 7, 2, 11]], np.int64)
+    np.testing.assert_allclose(old.logits(ids), new.logits(ids), atol=1e-5, rtol=1e-5)
+    rows = [[5, 9, 30, 7, 2, 11], [40, 8, 3]]
+    assert generate_ids(old, rows, 8) == generate_ids(new, rows, 8)
 
 
 def test_a_fusion_that_changes_only_padded_positions_is_kept(tmp_path, gpt_model, monkeypatch):
