@@ -114,9 +114,8 @@ def plan_text(name: str, size: Size, factory: str) -> str:
 
 def run_program(folder: Path, python: str, nproc: int, log_file: Path, timeout: float) -> tuple[int, float]:
     """Launch an emitted program's launch.sh with `python`'s torchrun and `nproc` processes;
-    (exit code, seconds). A fresh run: old metrics and checkpoints are removed first."""
-    for stale in ("metrics.jsonl",):
-        (folder / stale).unlink(missing_ok=True)
+    (exit code, seconds). A fresh run: the plans save no checkpoints, and old metrics go first."""
+    (folder / "metrics.jsonl").unlink(missing_ok=True)
     python = os.path.abspath(shutil.which(python) or python)  # launch.sh runs from the program's folder
     env = dict(os.environ, NPROC_PER_NODE=str(nproc), TORCHRUN=f"{python} -m torch.distributed.run",
                OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
@@ -138,8 +137,10 @@ def read_metrics(folder: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def summarize(name: str, records: list[dict], code: int, seconds: float, nproc: int, size: Size | None) -> dict:
-    """Steps, first/last loss, tokens/s (median of the steps after the first two), MFU, pass/fail."""
+def summarize(name: str, records: list[dict], code: int, seconds: float, nproc: int, size: Size | None,
+              gpus: int = 0) -> dict:
+    """Steps, first/last loss, tokens/s (median of the steps after the first two), pass/fail, and
+    on `gpus` GPUs the MFU: 6·N·tokens/s over their bf16 dense peak."""
     steps = [r for r in records if "loss" in r and "step" in r and "event" not in r]
     done = any(r.get("event") == "done" for r in records)
     losses = [r["loss"] for r in steps]
@@ -158,8 +159,8 @@ def summarize(name: str, records: list[dict], code: int, seconds: float, nproc: 
         "losses": losses,
         "passed": code == 0 and done and bool(losses) and finite,
     }
-    if size is not None and tokens_per_s:
-        result["mfu"] = 6 * size.parameters * tokens_per_s / BF16_PEAK_FLOPS
+    if size is not None and tokens_per_s and gpus:
+        result["mfu"] = 6 * size.parameters * tokens_per_s / (BF16_PEAK_FLOPS * gpus)
     return result
 
 
@@ -179,14 +180,15 @@ def loss_agreement(reference: list[float], other: list[float], steps: int = 100)
     }
 
 
-def run_all(folder: Path, names: list[str], python: str, nproc: int | None, size: str | None,
-            timeout: float) -> dict:
-    """Run the programs emitted under `folder` one after another; their summaries, and the torch."""
+def run_all(folder: Path, names: list[str], python: str, nproc: dict[str, int] | None, size: str,
+            timeout: float, gpus: int = 0) -> dict:
+    """Run the programs emitted under `folder` one after another (`nproc` processes each, default
+    the plan's); their summaries, and the torch. `gpus` > 0: one GPU per process, for MFU."""
     results = {"torch": torch_version(python), "size": size, "programs": []}
     for name in names:
-        ranks = nproc or PROGRAMS[name].ranks
+        ranks = (nproc or {}).get(name, PROGRAMS[name].ranks)
         code, seconds = run_program(folder / name, python, ranks, folder / name / "run.log", timeout)
-        summary = summarize(name, read_metrics(folder / name), code, seconds, ranks, SIZES.get(size))
+        summary = summarize(name, read_metrics(folder / name), code, seconds, ranks, SIZES[size], min(gpus, ranks))
         print(f"{name}: {'ok' if summary['passed'] else 'FAILED'} ({ranks} processes, {summary['steps']} steps, "
               f"loss {summary['first_loss']} -> {summary['last_loss']}, {seconds:.0f} s)", flush=True)
         results["programs"].append(summary)
@@ -206,11 +208,12 @@ def main() -> None:
     run.add_argument("names", nargs="+", choices=sorted(PROGRAMS))
     run.add_argument("--python", default=sys.executable, help="the Python whose torch runs them")
     run.add_argument("--nproc", type=int, default=None, help="processes per program (default: the plan's)")
-    run.add_argument("--size", choices=sorted(SIZES), default=None, help="for MFU")
+    run.add_argument("--size", choices=sorted(SIZES), default="smoke")
     run.add_argument("--timeout", type=float, default=600)
     run.add_argument("--results", type=Path, required=True)
     args = parser.parse_args()
-    results = run_all(args.folder, args.names, args.python, args.nproc, args.size, args.timeout)
+    nproc = {name: args.nproc for name in args.names} if args.nproc else None
+    results = run_all(args.folder, args.names, args.python, nproc, args.size, args.timeout)
     args.results.parent.mkdir(parents=True, exist_ok=True)
     args.results.write_text(json.dumps(results, indent=1) + "\n")
     sys.exit(0 if all(p["passed"] for p in results["programs"]) else 1)
