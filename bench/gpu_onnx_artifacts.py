@@ -99,6 +99,7 @@ def build_onnx_artifacts(out: Path, smoke: bool = False) -> None:
     import torch
     from tokenizers import Tokenizer
 
+    out = out.resolve()  # the plans name the reference weights by absolute path
     out.mkdir(parents=True, exist_ok=True)
     work = out / "_build"
     work.mkdir(exist_ok=True)

@@ -18,6 +18,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
 
@@ -40,16 +41,17 @@ _PROBE = textwrap.dedent("""
 """)
 
 
-def probe_two_ranks_on_one_gpu(python: str, folder: Path) -> tuple[bool, str]:
+def probe_two_ranks_on_one_gpu(python: str) -> tuple[bool, str]:
     """Run the probe with torchrun; (allowed, the last lines it printed)."""
-    script = folder / "two_ranks_probe.py"
-    script.write_text(_PROBE)
-    try:
-        done = subprocess.run([python, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                               str(script)], capture_output=True, text=True, timeout=90)
-        output, code = done.stdout + done.stderr, done.returncode
-    except subprocess.TimeoutExpired as error:
-        output, code = f"{error.stdout or ''}{error.stderr or ''}\n(timed out after 90 s)", 124
+    with tempfile.TemporaryDirectory() as tmp:
+        script = Path(tmp) / "two_ranks_probe.py"
+        script.write_text(_PROBE)
+        try:
+            done = subprocess.run([python, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                                   str(script)], capture_output=True, text=True, timeout=90)
+            output, code = done.stdout + done.stderr, done.returncode
+        except subprocess.TimeoutExpired as error:
+            output, code = f"{error.stdout or ''}{error.stderr or ''}\n(timed out after 90 s)", 124
     lines = [line for line in output.splitlines() if "Duplicate GPU" in line or "all_reduce gave" in line]
     tail = "\n".join(lines[-2:] or output.strip().splitlines()[-3:])
     return code == 0, tail
@@ -112,7 +114,7 @@ def main() -> None:
     device = torch.cuda.get_device_name(0) if gpus else "CPU (gloo)"
     print(f"{device} x {gpus or 1}, torch {torch.__version__}, programs of size {size}", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    probe = probe_two_ranks_on_one_gpu(sys.executable, args.out) if gpus == 1 else None
+    probe = probe_two_ranks_on_one_gpu(sys.executable) if gpus == 1 else None
     if probe is not None:
         print(f"two nccl ranks on one GPU: {'allowed' if probe[0] else 'refused'}: {probe[1]}", flush=True)
     runs, skipped = device_plan(args.names, gpus, probe)

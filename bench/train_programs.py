@@ -189,6 +189,8 @@ def run_all(folder: Path, names: list[str], python: str, nproc: dict[str, int] |
         ranks = (nproc or {}).get(name, PROGRAMS[name].ranks)
         code, seconds = run_program(folder / name, python, ranks, folder / name / "run.log", timeout)
         summary = summarize(name, read_metrics(folder / name), code, seconds, ranks, SIZES[size], min(gpus, ranks))
+        if not summary["passed"]:  # the reason, where the results go (the program folder may stay behind)
+            summary["log_tail"] = (folder / name / "run.log").read_text(errors="replace").splitlines()[-40:]
         print(f"{name}: {'ok' if summary['passed'] else 'FAILED'} ({ranks} processes, {summary['steps']} steps, "
               f"loss {summary['first_loss']} -> {summary['last_loss']}, {seconds:.0f} s)", flush=True)
         results["programs"].append(summary)
