@@ -8,13 +8,15 @@ against (weights + how to rebuild the model, no planc needed).
 - minilm_fp16: all-MiniLM-L6-v2 through the cast pass, embedding table stored as int8 rows
 
 The MiniLM reference is carried in fp16 with only the embedding rows the check sentences use
-(what fits the 64 MiB a device call carries); `reference_rounding_cosine` in its reference.json
+and gzip-compressed like the models (what fits the 64 MiB a device call carries, with
+minilm_fp16 in a call of its own); `reference_rounding_cosine` in its reference.json
 is the cost of that rounding, measured here against the fp32 model. `smoke` builds the same
 kinds from a 2-layer GPT and a 1-layer MiniLM-shaped BERT, for the CPU test.
 """
 
 from __future__ import annotations
 
+import gzip
 import json
 import shutil
 import sys
@@ -56,7 +58,8 @@ def _bert_reference(folder: Path, model_dir: Path, used_ids: set[int]) -> tuple:
     rows = torch.tensor(sorted(used_ids))
     state["embeddings.word_embeddings.weight"] = state["embeddings.word_embeddings.weight"][rows]
     state["embeddings.word_embeddings.rows"] = rows
-    torch.save(state, folder / "weights.pt")
+    with gzip.open(folder / "weights.pt.gz", "wb") as f:  # fp16 still compresses by ~8%: every MiB counts
+        torch.save(state, f)
     rounded = BertModel(model.config, add_pooling_layer=False).eval()
     rounded.load_state_dict({k: v.half().float() for k, v in model.state_dict().items()})
     (folder / "reference.json").write_text(json.dumps({"kind": "bert", "config": model.config.to_dict()}) + "\n")
@@ -89,7 +92,8 @@ def _compile(plan_text: str, plan: Path, out: Path) -> Path:
 
 def _place(built: Path, dest: Path, manifest: dict) -> None:
     dest.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(built / "model.onnx", dest / "model.onnx")
+    with open(built / "model.onnx", "rb") as source, gzip.open(dest / "model.onnx.gz", "wb") as packed:
+        shutil.copyfileobj(source, packed)
     if (built / "decoder.json").is_file():
         manifest["decoder"] = json.loads((built / "decoder.json").read_text())
     (dest / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")

@@ -22,7 +22,9 @@ Artifacts, one folder each with a manifest.json:
 from __future__ import annotations
 
 import argparse
+import gzip
 import importlib.util
+import io
 import json
 import statistics
 import sys
@@ -61,7 +63,9 @@ def timed_ms(fn, runs: int, sync: bool) -> float:
 def load_reference(folder: Path, device: torch.device) -> torch.nn.Module:
     """The eager fp32 model a manifest's `reference` folder describes (reference.json + weights)."""
     spec = json.loads((folder / "reference.json").read_text())
-    state = torch.load(folder / "weights.pt", map_location="cpu", weights_only=True)
+    packed = folder / "weights.pt.gz"
+    with (gzip.open(packed) if packed.is_file() else open(folder / "weights.pt", "rb")) as f:
+        state = torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=True)
     if spec["kind"] == "gpt":
         sys.path.insert(0, str(folder))
         try:
@@ -176,7 +180,8 @@ def check_artifact(folder: Path, providers: list[str], device: torch.device) -> 
     manifest = json.loads((folder / "manifest.json").read_text())
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    session = ort.InferenceSession(str(folder / "model.onnx"), options, providers=providers)
+    with gzip.open(folder / "model.onnx.gz") as f:  # single-file models, gzipped to fit the carry limit
+        session = ort.InferenceSession(f.read(), options, providers=providers)
     provider = session.get_providers()[0]
     reference = load_reference(folder.parent / manifest["reference"], device)
     on_gpu = provider == "CUDAExecutionProvider"

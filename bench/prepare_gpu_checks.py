@@ -53,8 +53,30 @@ def emit_training_programs(out: Path, size_name: str, names: list[str]) -> None:
     print(f"emitted {', '.join(names)} ({size_name}: {size.parameters / 1e6:.1f}M parameters) into {out}")
 
 
+#: Room left in a call for the working tree itself (the repository's tracked files: ~2 MiB).
+TREE_ALLOWANCE = 3 * 2**20
+
+
 def folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def carry_groups(out: Path) -> list[list[Path]]:
+    """The prepared folders split into device calls that each carry at most CARRY_LIMIT, every
+    ONNX artifact in the same call as the reference it is checked against (first fit, largest first)."""
+    units = [{out / "train"}] if (out / "train").is_dir() else []
+    for manifest in sorted(out.glob("onnx/*/manifest.json")):
+        reference = json.loads(manifest.read_text())["reference"]
+        units.append({manifest.parent, manifest.parent.parent / reference})
+    size = lambda paths: sum(folder_bytes(p) for p in paths)  # noqa: E731
+    groups: list[set[Path]] = []
+    for unit in sorted(units, key=size, reverse=True):
+        fits = next((g for g in groups if size(g | unit) <= CARRY_LIMIT - TREE_ALLOWANCE), None)
+        if fits is None:
+            groups.append(set(unit))
+        else:
+            fits |= unit
+    return [sorted(g) for g in groups]
 
 
 def main() -> None:
@@ -70,10 +92,11 @@ def main() -> None:
         from gpu_onnx_artifacts import build_onnx_artifacts
 
         build_onnx_artifacts(args.out / "onnx", smoke=args.size == "smoke")
-    total = folder_bytes(args.out)
-    print(f"{args.out}: {total / 2**20:.1f} MiB"
-          + ("" if total <= CARRY_LIMIT else f" -- over the {CARRY_LIMIT // 2**20} MiB a device call carries: "
-             "carry the train/ and onnx/ folders in separate calls"))
+    groups = carry_groups(args.out)
+    for i, group in enumerate(groups, 1):
+        paths = [str(p.resolve().relative_to(REPO)) if p.resolve().is_relative_to(REPO) else str(p) for p in group]
+        print(f"device call {i} of {len(groups)}: carry {json.dumps(paths)} "
+              f"({sum(folder_bytes(p) for p in group) / 2**20:.1f} MiB)")
 
 
 if __name__ == "__main__":
