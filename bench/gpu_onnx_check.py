@@ -12,7 +12,9 @@ it shows the fallback and the eager reference still runs on CUDA).
 Artifacts, one folder each with a manifest.json:
 - decoder:  planc's int4 decoder (MatMulNBits, key/value cache): the prompt's logits and a
             greedy continuation, step by step through the cache, against the eager GPT's
-            logits of the same tokens; decode tokens/s.
+            logits of the same tokens; decode tokens/s of a plain session.run loop
+            (planc's own DecoderSession binds the cache in place and runs faster, but it
+            imports planc).
 - logits:   the GPT as an fp16 graph (the cast pass; a decode target takes no cast): logits
             of a batch against the eager GPT; latency and tokens/s of one forward.
 - encoder:  all-MiniLM-L6-v2 at int8 / fp16: mean-pooled sentence embeddings against eager
