@@ -66,7 +66,8 @@ def _pipeline_parallelize(p: Program) -> str:
 
 
 def parallelize(model: torch.nn.Module, par: rt.Parallel, loss_fn: PipelineLoss):
-    """This rank's pipeline stage (a contiguous group of blocks) and the schedule that runs it."""
+    """This rank's pipeline stage (a contiguous group of blocks), the schedule that trains it and
+    the one that evaluates it."""
     first, last = rt.split_blocks(len(model.blocks), PIPELINE_STAGES, STAGE_CUTS)[par.pp_rank]
     log.info("pipeline stage %d/%d: blocks %d..%d", par.pp_rank, PIPELINE_STAGES, first, last - 1)
     stage_module = rt.DecoderStage(model, first, last)
@@ -74,7 +75,12 @@ def parallelize(model: torch.nn.Module, par: rt.Parallel, loss_fn: PipelineLoss)
     group = par.mesh["pp"].get_group()
     stage = PipelineStage(stage_module, par.pp_rank, PIPELINE_STAGES, par.device, group=group)
     schedule = {schedule}(stage, n_microbatches=MICROBATCHES, loss_fn=loss_fn, scale_grads=False)
-    return stage_module, stage, schedule
+    # Evaluation runs forward-only on a stage object of its own: torch 2.11 sets up a stage's
+    # receive buffers once, at its first schedule call, and a forward-only first call (the
+    # step-0 evaluation) would leave training without gradients for the previous stage.
+    eval_stage = PipelineStage(stage_module, par.pp_rank, PIPELINE_STAGES, par.device, group=group)
+    evaluation = {schedule}(eval_stage, n_microbatches=MICROBATCHES, loss_fn=loss_fn, scale_grads=False)
+    return stage_module, stage, schedule, evaluation
 '''
 
 
@@ -83,7 +89,7 @@ def parallelize_call(p: Program) -> str:
         scaler = "scaler" if p.fp16 else ""
         code = (
             f"loss_fn = PipelineLoss({scaler})\n"
-            "    trained, stage, schedule = parallelize(model, par, loss_fn)"
+            "    trained, stage, schedule, evaluation = parallelize(model, par, loss_fn)"
         )
         if p.masked:
             code += "\n    for mask in masks:\n        mask.bind(trained)  # this stage's weights only"
@@ -375,7 +381,7 @@ def evaluate(
 
 def eval_args(p: Program) -> str:
     if p.pipeline:
-        return "stage, schedule, loss_fn, heldout, par"
+        return "stage, evaluation, loss_fn, heldout, par"
     return "trained, distiller, heldout, par" if p.target.distill is not None else "trained, heldout, par"
 
 
