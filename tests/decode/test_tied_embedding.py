@@ -57,6 +57,8 @@ def _embedding_rows(path, vocab: int) -> np.ndarray:
             feeds[value.name] = np.ones((vocab, 1), np.int64)
         elif value.name == "position_ids":
             feeds[value.name] = np.zeros((vocab, 1), np.int64)
+        elif value.name == "logits_to_keep":
+            feeds[value.name] = np.array([0], np.int64)
         elif value.name.startswith("past_key_values"):
             feeds[value.name] = np.zeros([vocab, shape[1], 0, shape[3]], np.float32)
     return session.run([output], feeds)[0][:, 0]
