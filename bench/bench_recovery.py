@@ -7,8 +7,8 @@ against eager); size from the file; latency from one interleaved run over all ar
 - int4: rtn + smooth 0.5, gptq, awq (32 calibration sentences), gptq with `compensate` on all 120,
   and `examples/minilm_int4.plan` (that gptq for 28 Linears, int8 for 8 and the pooler);
   int8: rtn + smooth 0.7, gptq;
-- mixed precision: int4 with `fallback = int8` against `>= 0.99` (smooth 0.7, which int8 needs; the
-  search's default margin);
+- mixed precision: int4 with `fallback = int8` against `>= 0.99` (smooth 0.7, which int8 needs;
+  `margin = 0.1`, as `examples/minilm_mixed_int4_int8.plan`);
 - pruning (no quantization): magnitude, wanda, sparsegpt at 50% and 2:4.
 
 The trained example GPT (`--gpt WEIGHTS`, e.g. the `gpt_stdlib.pt` that
@@ -77,7 +77,7 @@ VARIANTS: dict[str, tuple[str, str]] = {
     "int4 + 8 Linears & pooler int8 (minilm_int4.plan)": ("int4", RECIPE),
     "int8 rtn + smooth 0.7": ("int8", f"quantize encoder_linears {{ scheme = int8, smooth = 0.7, {CALIBRATION} }}"),
     "int8 gptq": ("int8", f"quantize encoder_linears {{ scheme = int8, method = gptq, {CALIBRATION} }}"),
-    "int4 / int8 mixed (>= 0.99)": ("mixed", f"quantize encoder_linears {{ scheme = int4, group_size = 32, symmetric = false, smooth = 0.7, fallback = int8, {CALIBRATION}, calibration_samples = 120 }}"),
+    "int4 / int8 mixed (>= 0.99)": ("mixed", f"quantize encoder_linears {{ scheme = int4, group_size = 32, symmetric = false, smooth = 0.7, fallback = int8, margin = 0.1, {CALIBRATION}, calibration_samples = 120 }}"),
     "50% magnitude": ("prune", "prune encoder_linears { sparsity = 50% }"),
     "50% wanda": ("prune", f"prune encoder_linears {{ method = wanda, sparsity = 50%, {CALIBRATION} }}"),
     "50% sparsegpt": ("prune", f"prune encoder_linears {{ method = sparsegpt, sparsity = 50%, {CALIBRATION} }}"),

