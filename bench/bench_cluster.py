@@ -5,7 +5,7 @@ driver (their own verify gates run) and exports the unmodified model, then repor
 
 - file size of the ONNX model;
 - held-out accuracy from the artifact's report (min / mean cosine and similarity Spearman against
-  eager fp32 over `examples/data/heldout_sentences.txt`, as the plans' verify blocks measure it);
+  eager fp32 over `examples/data/dev_sentences.txt`, as the plans' verify blocks measure it);
 - resident memory of a fresh process after it loads the model and runs it once (VmRSS growth,
   and VmHWM, the peak): this is where ONNX Runtime's load-time constant folding of the codebook
   lookups shows, whatever the file holds;

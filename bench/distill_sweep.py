@@ -75,13 +75,13 @@ def main() -> None:
 
     data = {"path": "stdlib", "glob": "*.py", "tokenizer": "model", "seq_len": 128, "max_bytes": args.max_bytes,
             "heldout": 0.02, "corpora": args.corpora, "augment": args.augment, "augment_fraction": args.fraction,
-            "exclude": [str(REPO / "examples/data/heldout_sentences.txt"), str(REPO / "examples/data/sentences.txt")],
+            "exclude": [str(REPO / "examples/data/dev_sentences.txt"), str(REPO / "examples/data/sentences.txt")],
             "min_words": 5, "max_words": 60}
     if not args.corpora:
         data["corpora"] = []
     train_set, corpus_heldout = rt.load_sentence_corpus(data, MODEL, REPO)
     validation = read_sentences(REPO / "examples/data/sentences.txt")
-    heldout = read_sentences(REPO / "examples/data/heldout_sentences.txt")
+    heldout = read_sentences(REPO / "examples/data/dev_sentences.txt")
 
     model = rt.load_model(MODEL).eval()
     from transformers import AutoTokenizer

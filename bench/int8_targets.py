@@ -12,7 +12,7 @@ held-out sentences three ways:
 Scores: min and mean cosine of the sentence embeddings, and the Spearman correlation of all
 pairwise sentence similarities (what a search or clustering user sees).
 
-    python bench/int8_targets.py examples/minilm_int8.plan --sentences examples/data/heldout_sentences.txt
+    python bench/int8_targets.py examples/minilm_int8.plan --sentences examples/data/test_sentences.txt
 """
 
 from __future__ import annotations
@@ -78,7 +78,7 @@ def scores(got: np.ndarray, reference: np.ndarray) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("plan")
-    parser.add_argument("--sentences", default=str(REPO / "examples/data/heldout_sentences.txt"))
+    parser.add_argument("--sentences", default=str(REPO / "examples/data/test_sentences.txt"), help="evaluation text (default: the test set)")
     parser.add_argument("--targets", nargs="+", default=["x86_avx2", "x86_vnni"])
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)

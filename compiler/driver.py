@@ -170,12 +170,14 @@ def run_pipeline(
     progress: Progress | None = None,
     samples: list | None = None,
     steps: list[ir.PassStep] | None = None,
+    cpu: str | None = None,
 ):
     """Resolve each step's selector and run the passes; returns (graph, records, step targets).
 
     `samples` replaces every calibrated step's calibration data (the mixed-precision search
     builds its candidates on one fold of the calibration samples and checks them on the other);
-    `steps` runs only those steps of the pipeline (a decoder's pruning, before its export).
+    `steps` runs only those steps of the pipeline (a decoder's pruning, before its export);
+    `cpu` replaces the plan's target CPU (the search scores with machine-independent arithmetic).
     """
     from planc.compiler import model as model_source
     from planc.passes.base import PassContext, PassError
@@ -202,7 +204,7 @@ def run_pipeline(
                 source=str(step.span),
                 load_samples=(lambda path, count: model_source.load_samples(loaded, path, count)) if samples is None
                 else (lambda path, count: samples),
-                cpu=target_cpu(plan),
+                cpu=cpu or target_cpu(plan),
             ),
         )
         for step, targets in resolved
@@ -265,7 +267,8 @@ def make_job(plan: ir.Plan, out_dir: Path, model: Any = None, progress: Progress
 def resolve_fallback(plan: ir.Plan, job: Job) -> tuple[ir.Plan, dict[str, Any] | None]:
     """The plan with a `fallback = int8` step resolved into its int4 and int8 steps (the
     mixed-precision search, run on the driver's pipeline), and what the search measured."""
-    return resolve_precision(plan, job, lambda trial, captured, samples: run_pipeline(trial, captured, samples=samples)[0])
+    return resolve_precision(plan, job, lambda trial, captured, samples, cpu: run_pipeline(trial, captured, samples=samples, cpu=cpu)[0],
+                             cpu=target_cpu(plan))
 
 
 def emit_stages() -> tuple[str, ...]:

@@ -2,7 +2,8 @@
 
 Verification (`backends/onnx/verify.py`) checks one number against a goal; evaluation measures
 what a user of the embeddings sees, on sentences that no stage ever trained or calibrated on
-(`examples/data/heldout_sentences.txt`):
+(the test set `examples/data/test_sentences.txt` for published figures, the development set
+`examples/data/dev_sentences.txt` while choosing options):
 
 - min and mean cosine between the original's and the compressed model's embedding of the same
   sentence (how far any single embedding moved);

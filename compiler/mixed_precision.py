@@ -20,11 +20,23 @@ data met the goal on calibration sentences and then missed it on held-out ones):
    resolved plan calibrates on all samples; the artifact is then verified on the held-out data
    as usual, so the search cannot fool the gate.
 
+The same plan must get the same split on every machine that compiles it (a search that chose
+16 of 36 MiniLM Linears on one x86 CPU and 10 on another met the goal on one and missed it on the
+other), so every trial is scored with arithmetic that does not depend on the compiling machine:
+
+- int8 sums: those of the plan's target CPU, and for `cpu = auto` those of the family whose sums
+  are least exact (`passes/cpu.py` `portable`), so a split chosen anywhere holds everywhere;
+- everything else in float64 (a float64 copy of the model and its graph, reference included):
+  fp32 kernels differ between CPUs by ~1e-6 in the score, enough to flip a comparison near the
+  goal, and one flipped comparison moves a binary search's answer by several layers; in float64
+  they differ by ~1e-15.
+
 Runs on planc's own graph ops (no ONNX export per candidate); a bar shows the progress.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -68,13 +80,21 @@ def split_step(step: ir.PassStep, int4: list[str], int8: list[str]) -> list[ir.P
     return steps
 
 
+def float64_copy(captured: Any) -> Any:
+    """The captured model and graph (a driver `Captured`) in float64, for machine-independent scores."""
+    from planc.passes.graph_utils import quiet_deepcopy
+
+    loaded = dataclasses.replace(captured.loaded, model=quiet_deepcopy(captured.loaded.model).double())
+    return dataclasses.replace(captured, loaded=loaded, graph=quiet_deepcopy(captured.graph).double())
+
+
 def _score(outputs: list[Any], reference: list[Any], metric: str, rank: bool = False) -> float:
     """The verify metric of `outputs` against `reference` (per-sample cosines reduce by their
     minimum, as verification does, or by their mean when `rank`ing layers)."""
     import torch
 
     if metric == "cosine":
-        values = [float(torch.nn.functional.cosine_similarity(a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1]), dim=-1).min())
+        values = [float(torch.nn.functional.cosine_similarity(a.double().reshape(-1, a.shape[-1]), b.double().reshape(-1, b.shape[-1]), dim=-1).min())
                   for a, b in zip(outputs, reference)]
         return sum(values) / len(values) if rank else min(values)
     if metric == "top1":
@@ -119,11 +139,13 @@ def most_int4(order: list[str], check: Callable[[set[str]], float], meets: Calla
     return best
 
 
-def resolve_precision(plan: ir.Plan, job: Any, run_trial: Callable[[ir.Plan, Any, list], Any]) -> tuple[ir.Plan, dict[str, Any] | None]:
+def resolve_precision(plan: ir.Plan, job: Any, run_trial: Callable[[ir.Plan, Any, list, str], Any],
+                      cpu: str = "auto") -> tuple[ir.Plan, dict[str, Any] | None]:
     """The plan with its fallback step replaced by the int4/int8 assignment, and what was measured.
 
-    `run_trial(plan, captured, samples)` runs a plan's pipeline on a captured model (the
-    driver's), every calibrated step reading `samples` instead of its calibration file.
+    `run_trial(plan, captured, samples, cpu)` runs a plan's pipeline on a captured model (the
+    driver's), every calibrated step reading `samples` instead of its calibration file and int8
+    made for `cpu`; `cpu` is the plan's target CPU (`auto`: whichever machine runs the artifact).
     """
     index = fallback_step(plan)
     if index is None:
@@ -132,6 +154,7 @@ def resolve_precision(plan: ir.Plan, job: Any, run_trial: Callable[[ir.Plan, Any
 
     from planc.backends.onnx.verify import goal_met
     from planc.compiler import model as model_source
+    from planc.passes.cpu import portable
 
     step = plan.pipeline[index]
     options: Quantize = step.options  # type: ignore[assignment]
@@ -143,7 +166,9 @@ def resolve_precision(plan: ir.Plan, job: Any, run_trial: Callable[[ir.Plan, Any
     goal = search_goal(verify, margin)
     started = time.perf_counter()
     loaded = job.load()
-    captured = job.capture(loaded)
+    captured = float64_copy(job.capture(loaded))
+    loaded = captured.loaded
+    arithmetic = portable(cpu)
     table = dict(job.table(loaded))
     layers = sorted(path for s, targets in job.resolve(loaded) if s is step for path in targets if table.get(path) == "Linear")
     samples = model_source.load_samples(loaded, options.calibration, options.calibration_samples)  # type: ignore[arg-type]
@@ -158,7 +183,7 @@ def resolve_precision(plan: ir.Plan, job: Any, run_trial: Callable[[ir.Plan, Any
 
     def outputs(int4: set[str], fit: list, scored: list) -> list[Any]:
         trial = plan.model_copy(update={"pipeline": tuple(prefix + split_step(step, sorted(int4), sorted(set(layers) - int4)))})
-        graph = run_trial(trial, captured, fit)
+        graph = run_trial(trial, captured, fit, arithmetic)
         return [model_source.model_output(loaded, graph, s) for s in scored]
 
     def sensitivity_score(int4: set[str]) -> float:
@@ -187,6 +212,7 @@ def resolve_precision(plan: ir.Plan, job: Any, run_trial: Callable[[ir.Plan, Any
         "metric": verify.metric,
         "search_goal": goal.goal,
         "margin": margin,
+        "scored_as": {"cpu": arithmetic, "dtype": "float64"},
         "samples": {"rank": len(rank), "check": len(rest), "folds": [len(fold) for fold in folds]},
         "check_value": round(value, 6),
         "check_met": met,

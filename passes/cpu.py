@@ -104,6 +104,18 @@ def resolve(cpu: str) -> CpuName:
     return cpu  # type: ignore[return-value]
 
 
+#: The family whose int8 sums are least exact (the narrowest weight range): what a search that
+#: must hold on every machine assumes when the plan leaves the target CPU to `auto`.
+LEAST_EXACT: CpuName = min(CPU_NAMES, key=lambda name: FORMATS[name].weight_max)
+
+
+def portable(cpu: str) -> CpuName:
+    """The family whose arithmetic a compile-time decision is scored with: a named target is
+    itself; `auto` is LEAST_EXACT, not the compiling machine, so the decision is the same on every
+    machine and holds on the one with the least exact sums."""
+    return LEAST_EXACT if cpu == "auto" else resolve(cpu)
+
+
 def int8_format(cpu: str = "auto") -> Int8Format:
     return FORMATS[resolve(cpu)]
 

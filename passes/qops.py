@@ -310,9 +310,10 @@ def linear_int4(
     bias: torch.Tensor | None,
 ) -> torch.Tensor:
     w = unpack_int4(packed, scales, zero_points, in_features, group_size)
-    y = torch.matmul(x.float(), w.t())
+    wide = torch.promote_types(x.dtype, torch.float32)  # fp32, or float64 for the precision search
+    y = torch.matmul(x.to(wide), w.to(wide).t())
     if bias is not None:
-        y = y + bias.float()
+        y = y + bias.to(wide)
     return y.to(x.dtype)
 
 

@@ -60,9 +60,15 @@ def stdlib_windows(loaded: LoadedModel, count: int, window: int) -> list[dict[st
     return [loaded.tokenizer.encode_batch([chunk], seq=window, pad_left=pad_left) for chunk in chunks]
 
 
+def _wide(tensor: torch.Tensor) -> torch.Tensor:
+    """fp32 for any lower precision; float64 stays float64 (the mixed-precision search scores in it)."""
+    return tensor if tensor.dtype == torch.float64 else tensor.float()
+
+
 def embed(outputs: Any, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Sentence embeddings: hidden states mean-pooled over real tokens, L2-normalized [batch, hidden]."""
-    hidden = primary_output(outputs).float()
+    """Sentence embeddings: hidden states mean-pooled over real tokens, L2-normalized [batch, hidden]
+    (fp32, or float64 from a float64 graph)."""
+    hidden = _wide(primary_output(outputs))
     if hidden.dim() == 2:
         return F.normalize(hidden, p=2, dim=-1)
     mask = attention_mask.to(hidden.dtype).unsqueeze(-1)
@@ -72,11 +78,11 @@ def embed(outputs: Any, attention_mask: torch.Tensor) -> torch.Tensor:
 
 def model_output(loaded: LoadedModel, module: Callable[..., Any], inputs: dict[str, torch.Tensor]) -> torch.Tensor:
     """What verification compares, for the eager model or any graph of it: embeddings for
-    encoders, logits for causal LMs (fp32)."""
+    encoders, logits for causal LMs (fp32, or float64 from a float64 graph)."""
     with torch.no_grad():
         outputs = module(**inputs)
     if loaded.task == "causal_lm":
-        return primary_output(outputs).float()
+        return _wide(primary_output(outputs))
     mask = inputs.get("attention_mask")
     if mask is None:
         mask = torch.ones(inputs["input_ids"].shape[:2], dtype=torch.int64)

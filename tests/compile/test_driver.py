@@ -173,7 +173,7 @@ def test_mixed_precision_keeps_int4_where_the_goal_allows(plans: Path) -> None:
     plan = plans / "mixed.plan"
     plan.write_text(GPT + "pipeline {\n  quantize Linear {\n    scheme = int4, group_size = 16, fallback = int8\n"
                     f'    calibration = "{data / "sentences.txt"}", calibration_samples = 8\n  }}\n}}\n'
-                    f'target onnx {{ verify {{ metric = cosine, goal = ">= 0.999", data = "{data / "heldout_sentences.txt"}", samples = 8 }}, '
+                    f'target onnx {{ verify {{ metric = cosine, goal = ">= 0.999", data = "{data / "dev_sentences.txt"}", samples = 8 }}, '
                     "bench { runs = 3, seq = 32 } }\n")
     code, _, err = planc("compile", str(plan), "-o", str(plans / "out"))
     assert code == 0, err
@@ -206,7 +206,7 @@ def test_explain_prints_the_searched_split(plans: Path) -> None:
     plan = plans / "mixed.plan"
     plan.write_text(GPT + "pipeline {\n  quantize Linear {\n    scheme = int4, group_size = 16, fallback = int8\n"
                     f'    calibration = "{data / "sentences.txt"}", calibration_samples = 8\n  }}\n}}\n'
-                    f'target onnx {{ verify {{ metric = cosine, goal = ">= 0.95", data = "{data / "heldout_sentences.txt"}" }} }}\n')
+                    f'target onnx {{ verify {{ metric = cosine, goal = ">= 0.95", data = "{data / "dev_sentences.txt"}" }} }}\n')
     code, out, err = planc("explain", str(plan))
     assert code == 0, err
     assert "fallback = int8" in out and "# fallback = int8: which layers stay int4 is searched" in out

@@ -5,6 +5,7 @@ test_driver.py)."""
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
@@ -93,3 +94,51 @@ def test_goal_operators_all_have_a_direction():
     for op, margin in itertools.product([">=", ">", "<=", "<", "=="], [0.0, 0.3]):
         tightened = search_goal(Verify(metric="max_abs", goal=f"{op} 0.5"), margin)
         assert tightened.goal_parts()[0] == op
+
+
+def search_on(plan_path, family: str) -> dict:
+    """The search's report for a plan (cpu = auto) on a machine of `family` (its arithmetic emulated)."""
+    from unittest import mock
+
+    from planc.compiler import driver
+    from planc.passes import cpu
+
+    with mock.patch.object(cpu, "host_cpu", lambda: family):
+        plan, _ = driver.load_plan(plan_path)
+        _, report = driver.resolve_fallback(plan, driver.make_job(plan, plan_path.parent / "out"))
+    return report
+
+
+def test_every_cpu_family_searches_the_same_split(tmp_path) -> None:
+    """A plan for `cpu = auto` gets one split whichever machine compiles it: the search scores with
+    the least exact family's int8 sums (7-bit weights) in float64, not with the host's arithmetic
+    (which gave 4 int4 layers on x86_avx2 and 5 on x86_vnni for this plan)."""
+    import shutil
+
+    import torch
+
+    from planc.passes.cpu import CPU_NAMES
+
+    root = Path(__file__).resolve().parents[2]
+    shutil.copy(root / "examples" / "models" / "gpt.py", tmp_path / "gpt.py")
+    data = root / "examples" / "data"
+    plan = tmp_path / "mixed.plan"
+    plan.write_text('model gpt = factory("gpt.py:gpt", n_layer = 2, d_model = 64) { task = causal_lm }\n'
+                    "pipeline {\n  quantize Linear {\n    scheme = int4, group_size = 16, fallback = int8\n"
+                    f'    calibration = "{data / "sentences.txt"}", calibration_samples = 12\n  }}\n}}\n'
+                    f'target onnx {{ verify {{ metric = cosine, goal = ">= 0.999", data = "{data / "dev_sentences.txt"}" }} }}\n')
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        reports = {family: search_on(plan, family) for family in CPU_NAMES}
+    finally:
+        torch.set_num_threads(threads)
+    splits = {family: r["int4"] for family, r in reports.items()}
+    assert all(split == splits["x86_vnni"] for split in splits.values()), splits
+    # not only the split: every score the search took is the same number on each
+    scores = {family: (r["check_value"], r["sensitivity"]) for family, r in reports.items()}
+    assert all(score == scores["x86_vnni"] for score in scores.values()), scores
+    report = reports["x86_vnni"]
+    assert report["scored_as"] == {"cpu": "x86_avx2", "dtype": "float64"}
+    # a real split: some layers at int4, some kept int8, and the choice met the searched goal
+    assert report["int4"] and report["int8"] and report["check_met"]

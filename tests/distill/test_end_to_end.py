@@ -31,7 +31,7 @@ target train {
   data {
     path = "data/sentences.txt"
     corpora = [pydoc_topics, everyday]
-    exclude = ["data/heldout_sentences.txt"]
+    exclude = ["data/dev_sentences.txt"]
     tokenizer = model
   }
   distill { losses = [embedding, similarity, hidden], layer_map = [[0, 1], [1, 3], [2, 5]] }

@@ -12,7 +12,7 @@ from planc.compiler.model import FrontendError, embed, load_samples, model_outpu
 from frontend_sources import EXAMPLES
 
 SENTENCES = EXAMPLES / "data" / "sentences.txt"
-HELDOUT = EXAMPLES / "data" / "heldout_sentences.txt"
+HELDOUT = EXAMPLES / "data" / "dev_sentences.txt"
 
 
 def _lines(path):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import planc.passes.qops as qops
-from planc.passes.cpu import FORMATS, cpu_of, int8_format
+from planc.passes.cpu import FORMATS, cpu_of, int8_format, portable
 
 #: Whether ONNX Runtime's u8 x s8 kernels saturate on the CPU running this test (read, not assumed).
 HOST_SATURATES = int8_format("auto").arithmetic == "u8s8_sat16"
@@ -217,6 +217,23 @@ def test_seven_bit_weights_never_saturate(saturating_case):
     exact = torch.ops.planc.linear_int8_dynamic(x, q, scale, None, False)
     saturating = torch.ops.planc.linear_int8_dynamic(x, q, scale, None, True)
     torch.testing.assert_close(saturating, exact, rtol=0, atol=0)
+
+
+def test_int4_keeps_float64_inputs_in_float64():
+    """The mixed-precision search runs its graphs in float64: the int4 product must not drop to fp32."""
+    torch.manual_seed(3)
+    w, x, bias = torch.randn(16, 64), torch.randn(3, 64, dtype=torch.float64), torch.randn(16)
+    packed, scales, zps = qops.pack_int4(w, 32, False)
+    y = torch.ops.planc.linear_int4(x, packed, scales, zps, 64, 32, bias)
+    exact = x @ qops.unpack_int4(packed, scales, zps, 64, 32).double().t() + bias.double()
+    assert y.dtype == torch.float64 and torch.allclose(y, exact, rtol=1e-13, atol=1e-13)
+    assert torch.ops.planc.linear_int4(x.float(), packed, scales, zps, 64, 32, bias).dtype == torch.float32
+
+
+def test_portable_decisions_assume_the_least_exact_sums():
+    """`auto` is scored as the family with the narrowest int8 weights, whichever machine compiles."""
+    assert portable("auto") == "x86_avx2" and FORMATS[portable("auto")].weight_max == min(f.weight_max for f in FORMATS.values())
+    assert portable("x86_vnni") == "x86_vnni" and portable("arm64") == "arm64"
 
 
 def test_cpu_families_from_flags():

@@ -168,7 +168,7 @@ def _encoder_case(tmp_path: Path):
                          inputs=inputs, base_dir=REPO / "examples")
     plan = TrainTarget(world_size=2, micro_batch=8, steps=4, freeze=["embeddings.*"], qat=False, dropout=0.0,
                        data={"path": "data/sentences.txt", "tokenizer": "model", "corpora": ["everyday"],
-                             "exclude": ["data/heldout_sentences.txt"]},
+                             "exclude": ["data/dev_sentences.txt"]},
                        distill={"losses": ["embedding", "similarity", "hidden"], "layer_map": [[0, 1], [1, 3], [2, 5]]})
     channels = [f"encoder.layer.{i}.intermediate" for i in range(6)]
     return plan, source, [(Prune(method="channels", sparsity=0.5, importance="activation", reconstruct=True), channels)], None
