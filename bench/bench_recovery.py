@@ -88,7 +88,7 @@ VARIANTS: dict[str, tuple[str, str]] = {
 
 
 def plan_text(group: str, step: str) -> str:
-    goal = 'goal = ">= 0.99", ' if group == "mixed" else ""
+    goal = 'goal = ">= 0.99", ' if group == "mixed" else "goal = none, "  # the others report figures, gated by nothing
     embeddings = "true" if group in ("int4", "int8", "mixed") else "false"
     return MODEL + f"pipeline {{\n  {step}\n}}\n" + TARGET.format(embeddings=embeddings, goal=goal, heldout=TEST)
 
@@ -167,7 +167,7 @@ pipeline {{
 {step}}}
 target onnx {{
   decode {{ prompts = ["def main(argv=None):\\n    args = parse(argv)\\n"], max_new_tokens = 32, heldout = "{models}/gpt.py" }}
-  verify {{ metric = perplexity_delta }}
+  verify {{ metric = perplexity_delta, goal = none }}
 }}
 """
 

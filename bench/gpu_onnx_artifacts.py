@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-HELDOUT = REPO / "examples" / "data" / "heldout_sentences.txt"  # evaluation text: never calibrated on
+HELDOUT = REPO / "examples" / "data" / "dev_sentences.txt"  # evaluation text: never calibrated on
 PROMPT = "def main(argv):\n    "
 CHECK_SENTENCES = 32
 

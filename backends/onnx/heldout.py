@@ -165,7 +165,7 @@ def heldout_overlaps(plan: ir.Plan, name: str, span: Span, decoder: bool) -> lis
             f"the {label} '{name}' {message} {source.what}: a model verified on what it was "
             f"{'trained' if 'training' in source.what else 'calibrated'} on is not verified",
             span,
-            (f"shared: {first!r}", "verify on held-out text, e.g. examples/data/heldout_sentences.txt"
+            (f"shared: {first!r}", "verify on held-out text, e.g. examples/data/dev_sentences.txt"
              if not decoder else "hold out text the plan neither calibrates nor trains on"),
         ))
     return problems

@@ -35,7 +35,7 @@ def plans(tmp_path: Path) -> Path:
 def test_verify_data_copied_from_the_calibration_file_is_an_error_at_its_span(plans: Path) -> None:
     lines = (plans / "data" / "sentences.txt").read_text(encoding="utf-8").splitlines()
     # a renamed copy, reordered, with three held-out lines in front: no path is shared
-    held = (plans / "data" / "heldout_sentences.txt").read_text(encoding="utf-8").splitlines()[:3]
+    held = (plans / "data" / "dev_sentences.txt").read_text(encoding="utf-8").splitlines()[:3]
     (plans / "data" / "fresh.txt").write_text("\n".join(held + lines[::-1]) + "\n", encoding="utf-8")
     plan = plans / "copy.plan"
     plan.write_text(ENCODER + 'pipeline {\n  quantize Linear { mode = static, calibration = "data/sentences.txt" }\n}\n'
@@ -48,14 +48,14 @@ def test_verify_data_copied_from_the_calibration_file_is_an_error_at_its_span(pl
 
 def test_training_text_counts_unless_the_trainer_excludes_the_verify_file(plans: Path) -> None:
     train = ('target train {\n  world_size = 1\n  micro_batch = 4\n  steps = 2\n'
-             '  data { path = "data/heldout_sentences.txt", glob = "*.txt", tokenizer = model%s }\n'
+             '  data { path = "data/dev_sentences.txt", glob = "*.txt", tokenizer = model%s }\n'
              '  distill { losses = [embedding] }\n}\n')
-    verify = 'target onnx { verify { data = "data/heldout_sentences.txt" } }\n'
+    verify = 'target onnx { verify { data = "data/dev_sentences.txt" } }\n'
     plan = plans / "train.plan"
     plan.write_text(ENCODER + train % "" + verify)
     code, text = check(plan)
-    assert code == 1 and f"{plan}:9:31: error: the verification data 'data/heldout_sentences.txt' shares 80 lines with the training data of 'target train' (line 2)" in text
-    plan.write_text(ENCODER + train % ', exclude = ["data/heldout_sentences.txt"]' + verify)
+    assert code == 1 and f"{plan}:9:31: error: the verification data 'data/dev_sentences.txt' shares 80 lines with the training data of 'target train' (line 2)" in text
+    plan.write_text(ENCODER + train % ', exclude = ["data/dev_sentences.txt"]' + verify)
     assert check(plan) == (0, f"{plan}: ok\n")
 
 

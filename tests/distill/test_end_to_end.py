@@ -38,7 +38,7 @@ target train {
   save = "student.pt"
 }
 target onnx {
-  verify { metric = cosine, goal = none, data = "data/heldout_sentences.txt" }
+  verify { metric = cosine, goal = none, data = "data/dev_sentences.txt" }
   bench { batch = 1, seq = 32, threads = 1, runs = 3 }
 }
 """
