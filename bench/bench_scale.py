@@ -54,7 +54,7 @@ pipeline {{
 
 target onnx {{
   decode {{ prompts = ["def main(", "import os\\n"], max_new_tokens = 8 }}
-  verify {{ metric = top1 }}
+  verify {{ metric = top1, goal = none }}  # random weights: the figures here are memory, time and size
 }}
 """
 

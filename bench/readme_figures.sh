@@ -18,17 +18,21 @@ $planc compile examples/minilm_int8.plan -o out/minilm_int8
 $planc compile bench/plans/minilm_int8_avx2.plan -o out/minilm_int8_avx2
 $planc compile examples/gpt_decode_int8.plan -o out/gpt_int8      # trains first (cached)
 
-$py bench/bench_minilm.py out/minilm_int8 out/minilm_int8_avx2 --rounds 40 \
-    --sentences examples/data/test_sentences.txt --count 100 --json bench/results/minilm_int8.json \
-    | tee bench/results/minilm_int8.md
-$py bench/int8_targets.py examples/minilm_int8.plan | tee bench/results/int8_targets.md
-$py bench/bench_recovery.py --gpt out/gpt_int8/train/gpt_stdlib.pt --json bench/results/recovery.json \
-    | tee bench/results/recovery_run.md
+# Benches that print their tables: the results file is a provenance header, then what they print.
+run_to() {  # run_to FILE python bench/x.py ARGS...
+    local file=$1; shift
+    { $py bench/results_file.py "$*"; .venv/bin/"$@"; } | tee "$file"
+}
+run_to bench/results/minilm_int8.md python bench/bench_minilm.py out/minilm_int8 out/minilm_int8_avx2 --rounds 40 \
+    --sentences examples/data/test_sentences.txt --count 100 --json bench/results/minilm_int8.json
+run_to bench/results/int8_targets.md python bench/int8_targets.py examples/minilm_int8.plan
+run_to bench/results/recovery.md python bench/bench_recovery.py --gpt out/gpt_int8/train/gpt_stdlib.pt --json bench/results/recovery.json
+# Benches that write their own results files (bench/results_file.py).
 $py bench/bench_decode.py --variants int8 --batch 1 8
 $py bench/bench_int4_compute.py
 $py bench/bench_speculative.py
 $py bench/bench_ddp.py
-$py bench/bench_cluster.py --rounds 40 --json bench/results/cluster4_vs_int4.json | tee bench/results/cluster4_vs_int4.md
+run_to bench/results/cluster4_vs_int4.md python bench/bench_cluster.py --rounds 40 --json bench/results/cluster4_vs_int4.json
 # shellcheck disable=SC2086
-$py bench/bench_scale.py --models qwen2.5-0.5b llama-3.2-1b --root /tmp/planc_scale $builder \
-    --json bench/results/scale.json | tee bench/results/scale.md
+run_to bench/results/scale.md python bench/bench_scale.py --models qwen2.5-0.5b llama-3.2-1b --root /tmp/planc_scale $builder \
+    --json bench/results/scale.json

@@ -114,3 +114,20 @@ def interleaved_protocol(rounds: int, threads: int) -> str:
     return (f"{threads} threads; every ONNX Runtime session with `session.intra_op.allow_spinning = 0`; "
             f"variants interleaved in a freshly shuffled order every round, median of {rounds} rounds "
             f"(after warm-up runs); ratios come from the same run")
+
+
+def header_lines(command: str) -> str:
+    """The provenance header of a results file whose body a script printed (`tee`d by
+    `bench/readme_figures.sh` for benches that print their tables)."""
+    source = provenance(command.split()[1] if command.startswith("python ") else command, [])
+    machine = source["cpu"]
+    return "\n".join([
+        f"    {command}", "",
+        f"- revision: {source['revision']}",
+        f"- CPU: {machine['model']} ({machine['machine']}), {machine['cores']} cores; flags: {' '.join(machine['flags']) or 'none of interest'}",
+        "- versions: " + ", ".join(f"{name} {version}" for name, version in source["versions"].items()),
+        f"- date: {source['date']}", "", ""])
+
+
+if __name__ == "__main__":  # python bench/results_file.py "COMMAND": print the header for COMMAND
+    print(header_lines(sys.argv[1]), end="")

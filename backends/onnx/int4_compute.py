@@ -2,9 +2,9 @@
 
 Level 0 dequantizes the weights and multiplies in fp32, exactly planc's reference op. Level 4
 quantizes each block of activations to int8 inside the kernel and uses integer dot products:
-faster where the CPU has them (`bench/bench_int4_compute.py` on 2 AVX-512 VNNI cores: a
-Llama-config int4 decoder generated 1.25x the tokens/s at batch 1 and 1.41x at batch 8), a
-little less exact.
+faster where the CPU has them (`bench/bench_int4_compute.py`, `bench/results/int4_compute.md`,
+on 2 Intel Xeon cores with AVX-512 VNNI: a Llama-config int4 decoder generated 1.26x the tokens/s
+at batch 1 and 1.30x at batch 8), a little less exact.
 
 `target onnx { int4_compute = auto }`: an encoder artifact is built both ways, verified both
 ways and the faster one that meets the plan's goal is kept (`choose`). A decoder, which may be a
