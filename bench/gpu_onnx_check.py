@@ -95,6 +95,9 @@ def check_decoder(session: ort.InferenceSession, manifest: dict, reference: torc
     prompt = np.array([manifest["prompt_ids"]], np.int64)
     new = manifest["new_tokens"]
     names = [o.name for o in session.get_outputs()]
+    # A graph with `logits_to_keep` must be fed it (0: logits of every position).
+    keep = {"logits_to_keep": np.zeros(1, np.int64)} if any(
+        i.name == "logits_to_keep" for i in session.get_inputs()) else {}
 
     def run_all() -> tuple[list[np.ndarray], list[int]]:
         length = prompt.shape[1]
@@ -104,7 +107,7 @@ def check_decoder(session: ort.InferenceSession, manifest: dict, reference: torc
         for i, heads in enumerate(spec["kv_heads"]):
             feeds[f"past_key_values.{i}.key"] = feeds[f"past_key_values.{i}.value"] = np.zeros(
                 (1, heads, slots, spec["head_dim"]), np.float32)
-        out = dict(zip(names, session.run(None, feeds)))
+        out = dict(zip(names, session.run(None, feeds | keep)))
         logits, tokens = [out["logits"][0]], []
         for _ in range(new):
             tokens.append(int(logits[-1][-1].argmax()))
@@ -112,7 +115,7 @@ def check_decoder(session: ort.InferenceSession, manifest: dict, reference: torc
                      "attention_mask": np.ones((1, length + 1), np.int64),
                      "position_ids": np.array([[length]], np.int64)}
             feeds.update({n.replace("present", "past_key_values"): v for n, v in out.items() if n.startswith("present")})
-            out = dict(zip(names, session.run(None, feeds)))
+            out = dict(zip(names, session.run(None, feeds | keep)))
             logits.append(out["logits"][0])
             length += 1
         return logits, tokens
