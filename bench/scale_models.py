@@ -126,17 +126,24 @@ def _numel(shape: tuple[int, ...]) -> int:
     return n
 
 
+#: The tokenizer's end-of-text token (id 256), as real checkpoints ship one.
+END_OF_TEXT = "<|endoftext|>"
+
+
 def write_byte_tokenizer(out: Path) -> None:
-    """A byte-level BPE tokenizer with no merges: ids 0..255 are the bytes (fits every vocabulary)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    """A byte-level BPE tokenizer with no merges: ids 0..255 are the bytes, 256 ends text (fits
+    every vocabulary)."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
     char_of = _gpt2_byte_chars()
     tokenizer = Tokenizer(models.BPE(vocab={char_of[b]: b for b in range(256)}, merges=[]))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.add_special_tokens([AddedToken(END_OF_TEXT, special=True)])
     tokenizer.save(str(out / "tokenizer.json"))
     (out / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast",
-                                                           "model_max_length": 131072}, indent=2) + "\n")
+                                                           "eos_token": END_OF_TEXT, "model_max_length": 131072},
+                                                          indent=2) + "\n")
 
 
 def _gpt2_byte_chars() -> dict[int, str]:

@@ -17,6 +17,7 @@ from typing import Any
 
 from planc.compiler import ir
 from planc.compiler.explain import explain
+from planc.compiler.footprint import return_freed_memory, streams_weights
 from planc.compiler.irdump import dump_ir
 from planc.compiler.mixed_precision import resolve_precision
 from planc.compiler.targets import Job, Progress, target_kinds
@@ -81,7 +82,7 @@ def load_model(plan: ir.Plan, model: Any = None, rewrite: bool = True) -> Any:
     from planc.compiler import model as model_source
 
     try:
-        loaded = model_source.load_model(plan.model, module=model)
+        loaded = model_source.load_model(plan.model, module=model, defer_linear_weights=streams_weights(plan))
     except model_source.FrontendError as error:
         raise error_at(plan.model.span, f"model '{plan.model.name}': {error}") from error
     return rewrite_model(plan, loaded, copy=model is not None) if rewrite else loaded
@@ -334,6 +335,8 @@ def compile_plan(
         raise error_at(plan.span, "compile needs an output directory (-o DIR)")
     selected.sort(key=lambda t: kinds[t.kind].order)
     footprint = check_footprint(plan, job.progress)
+    if streams_weights(plan):
+        return_freed_memory()
     plan, precision = resolve_fallback(plan, job)
     if precision is not None:  # the pipeline now spells out the int4/int8 assignment
         job = dataclasses.replace(make_job(plan, job.out_dir, model, progress), started=job.started)

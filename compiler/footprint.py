@@ -7,6 +7,10 @@ resident memory and its time from them, and refuses at the plan's `model` line a
 would not fit the memory available now. The report records the measured peak beside the
 prediction, so the model of the compile's memory is checked on every run.
 
+A decode target that quantizes every projection by round-to-nearest streams its weights
+(`streams_weights`, `compiler/model/deferred.py`): its prediction follows what it holds, the
+projections at int4 and the rest (embeddings) in fp32, not the fp32 model.
+
 The prediction is a linear model per kind of build, fitted to peak RSS measured with
 `/usr/bin/time -v` (figures in `bench/results/footprint.md`): a fixed cost (torch, ONNX Runtime,
 transformers and their arenas) plus a multiple of the model's fp32 bytes (the eager model, the
@@ -45,11 +49,20 @@ class Checkpoint:
     dtypes: dict[str, int]
     #: Elements of the largest tensor (an embedding table, usually).
     largest: int
+    #: Elements of the 2-D tensors that are not embedding tables: the projections a streamed
+    #: compile reads one at a time (`streams_weights`).
+    projection_params: int = 0
 
     @property
     def fp32_bytes(self) -> int:
         """The eager model's bytes once loaded: planc builds every model in fp32."""
         return 4 * self.params
+
+    @property
+    def streamed_bytes(self) -> float:
+        """What a streamed int4 compile holds: everything but the projections in fp32, the
+        projections at int4 with a scale per 32 weights (0.625 bytes each)."""
+        return 4 * (self.params - self.projection_params) + INT4_BYTES_PER_WEIGHT * self.projection_params
 
 
 @dataclass(frozen=True)
@@ -61,15 +74,23 @@ class Cost:
     seconds_per_gparam: float
     fixed_seconds: float
 
-    def peak(self, checkpoint: Checkpoint) -> int:
-        return int(self.fixed_bytes + self.per_fp32_byte * checkpoint.fp32_bytes)
+    def peak(self, checkpoint: Checkpoint, streamed: bool = False) -> int:
+        weights = checkpoint.streamed_bytes if streamed else checkpoint.fp32_bytes
+        return int(self.fixed_bytes + self.per_fp32_byte * weights)
 
     def seconds(self, checkpoint: Checkpoint) -> float:
         return self.fixed_seconds + self.seconds_per_gparam * checkpoint.params / 1e9
 
 
+#: int4 group-wise weights: 4 bits plus an fp32 scale per group of 32.
+INT4_BYTES_PER_WEIGHT = 0.5 + 4 / 32
+#: Names of the tensors a streamed compile loads whole (token and position tables).
+EMBEDDING_NAMES = ("embed", "wte", "wpe")
+
 #: Fitted to the measurements in `bench/results/footprint.md` (2-core x86 machines, 24 GB).
+#: "streamed": `per_fp32_byte` multiplies `Checkpoint.streamed_bytes`, not the fp32 bytes.
 COSTS: dict[str, Cost] = {
+    "streamed": Cost(fixed_bytes=1.6 * GB, per_fp32_byte=3.8, seconds_per_gparam=80.0, fixed_seconds=20.0),
     "decoder": Cost(fixed_bytes=1.6 * GB, per_fp32_byte=5.8, seconds_per_gparam=520.0, fixed_seconds=20.0),
     "encoder": Cost(fixed_bytes=0.9 * GB, per_fp32_byte=3.0, seconds_per_gparam=400.0, fixed_seconds=30.0),
 }
@@ -130,18 +151,20 @@ def read_checkpoint(directory: Path) -> Checkpoint | None:
     files = safetensors_files(directory)
     if not files or not all(f.is_file() for f in files):
         return None
-    params = stored = largest = 0
+    params = stored = largest = projections = 0
     dtypes: dict[str, int] = {}
     for file in files:
-        for entry in read_header(file).values():
+        for name, entry in read_header(file).items():
             count = 1
             for dim in entry["shape"]:
                 count *= dim
             params += count
+            if len(entry["shape"]) == 2 and not any(key in name for key in EMBEDDING_NAMES):
+                projections += count
             stored += count * DTYPE_BYTES.get(entry["dtype"], 4)
             dtypes[entry["dtype"]] = dtypes.get(entry["dtype"], 0) + count
             largest = max(largest, count)
-    return Checkpoint(directory, params, stored, dtypes, largest)
+    return Checkpoint(directory, params, stored, dtypes, largest, projections)
 
 
 def available_memory() -> int | None:
@@ -160,7 +183,7 @@ def available_memory() -> int | None:
 
 def predict(checkpoint: Checkpoint, build: str) -> Footprint:
     cost = COSTS[build]
-    return Footprint(checkpoint, build, cost.peak(checkpoint), cost.seconds(checkpoint), available_memory())
+    return Footprint(checkpoint, build, cost.peak(checkpoint, build == "streamed"), cost.seconds(checkpoint), available_memory())
 
 
 def peak_rss() -> int:
@@ -170,6 +193,43 @@ def peak_rss() -> int:
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024
+
+
+def return_freed_memory() -> None:
+    """Make glibc give every allocation of 1 MB or more back to the kernel when it is freed.
+
+    A streamed compile reads one weight at a time; by default glibc raises its mmap threshold
+    after the first large free, keeps later weights of up to 32 MB on its heap, and holds on to
+    that memory after they are freed (gigabytes over a real-sized model). Not glibc: no-op."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        if libc is not None and hasattr(libc, "mallopt"):
+            libc.mallopt(M_MMAP_THRESHOLD, 1 << 20)
+    except OSError:
+        pass
+
+
+#: glibc's `mallopt` parameter number of the mmap threshold (malloc.h).
+M_MMAP_THRESHOLD = -3
+
+
+def streams_weights(plan: Any) -> bool:
+    """Whether the compile reads each projection's weight once, so the model is loaded with its
+    Linear weights deferred (`compiler/model/deferred.py`): a Hugging Face decoder compiled into
+    one decode target whose pipeline is a single round-to-nearest quantize step (nothing runs
+    the model on calibration data, nothing rewrites its weights in place)."""
+    onnx = plan.target("onnx")
+    if plan.model.kind != "hf" or onnx is None or onnx.options.decode is None or len(plan.targets) != 1:
+        return False
+    if len(plan.pipeline) != 1 or plan.pipeline[0].name != "quantize":
+        return False
+    options = plan.pipeline[0].options
+    return (options.method == "rtn" and options.smooth is None and options.mode != "static"
+            and not getattr(options, "fallback", None))
 
 
 def plan_footprint(plan: Any) -> Footprint | None:
@@ -187,14 +247,16 @@ def plan_footprint(plan: Any) -> Footprint | None:
         return None  # a missing or broken directory is reported when the model loads
     if checkpoint is None:
         return None
-    return predict(checkpoint, "decoder" if onnx.options.decode is not None else "encoder")
+    build = "streamed" if streams_weights(plan) else "decoder" if onnx.options.decode is not None else "encoder"
+    return predict(checkpoint, build)
 
 
 def fit_notes(footprint: Footprint) -> tuple[str, ...]:
     """What a user can change when a compile does not fit."""
+    weights = (f"what a streamed compile holds ({footprint.checkpoint.streamed_bytes / GB:.1f} GB: the projections at int4, "
+               "the rest in fp32)" if footprint.build == "streamed" else f"the model's fp32 bytes ({footprint.checkpoint.fp32_bytes / GB:.1f} GB)")
     return (
-        f"the prediction is {COSTS[footprint.build].per_fp32_byte:g} x the model's fp32 bytes "
-        f"({footprint.checkpoint.fp32_bytes / GB:.1f} GB) + {COSTS[footprint.build].fixed_bytes / GB:.1f} GB, "
+        f"the prediction is {COSTS[footprint.build].per_fp32_byte:g} x {weights} + {COSTS[footprint.build].fixed_bytes / GB:.1f} GB, "
         "from the checkpoint's headers",
         "compile on a machine with more free memory, or a smaller model; close other programs first "
         "(PLANC_AVAILABLE_MEMORY=BYTES overrides the memory planc assumes is free)",

@@ -54,10 +54,22 @@ class EmbeddingSite:
 
 
 def quiet_deepcopy(obj):
-    """copy.deepcopy without torch's internal pytree FutureWarning (LeafSpec) that it triggers."""
+    """copy.deepcopy without torch's internal pytree FutureWarning (LeafSpec) that it triggers.
+
+    A graph's deferred weights (`DEFERRED_WEIGHTS`) stay shared: copying their never-written
+    storage would cost the memory that deferring them saves."""
+    deferred = getattr(obj, "meta", {}).get(DEFERRED_WEIGHTS, {}) if isinstance(obj, fx.GraphModule) else {}
+    memo = {}
+    for name in deferred:
+        owner, _, attr = name.rpartition(".")
+        try:
+            tensor = getattr(obj.get_submodule(owner) if owner else obj, attr)
+        except AttributeError:
+            continue  # the weight left the graph (quantized)
+        memo[id(tensor)] = tensor
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
-        return copy.deepcopy(obj)
+        return copy.deepcopy(obj, memo)
 
 
 # ----------------------------------------------------------------------------- module paths
@@ -169,7 +181,19 @@ def select_embeddings(gm: fx.GraphModule, targets: Iterable[str]) -> list[Embedd
 # ----------------------------------------------------------------------------- tensors
 
 
+#: `gm.meta` key of {weight name: loader} for weights the graph holds only as empty storage:
+#: a real-sized model's projections, read from the checkpoint where used (`compiler/model/deferred.py`).
+DEFERRED_WEIGHTS = "planc_deferred_weights"
+
+
 def get_tensor(gm: torch.nn.Module, dotted: str) -> torch.Tensor:
+    """The tensor at `dotted`; a deferred weight is read from its checkpoint (a new fp32 tensor)."""
+    load = getattr(gm, "meta", {}).get(DEFERRED_WEIGHTS, {}).get(dotted)
+    return load() if load is not None else stored_tensor(gm, dotted)
+
+
+def stored_tensor(gm: torch.nn.Module, dotted: str) -> torch.Tensor:
+    """The tensor the module holds at `dotted` (a deferred weight's is empty storage of its shape)."""
     owner, _, name = dotted.rpartition(".")
     module = gm.get_submodule(owner) if owner else gm
     return getattr(module, name)

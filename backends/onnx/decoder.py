@@ -46,7 +46,8 @@ from planc.backends.onnx.decoder_fusions import Fused, fuse_if_exact
 from planc.backends.onnx.decoder_serving import LOGITS_TO_KEEP, add_logits_to_keep
 from planc.backends.onnx.decoder_tokenizer import HF_TOKENIZER_FILES
 from planc.backends.onnx.export import save_model
-from planc.passes.graph_utils import conv1d_as_linear
+from planc.compiler.model.deferred import deferred_loaders, has_deferred_weights, materialize
+from planc.passes.graph_utils import DEFERRED_WEIGHTS, conv1d_as_linear
 from planc.passes.quantize import Quantize
 
 logger = logging.getLogger(__name__)
@@ -191,6 +192,7 @@ def capture_decoder(model: nn.Module) -> torch.fx.GraphModule:
         first = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
         raise UnsupportedDecoder(f"torch.export cannot capture {type(model).__name__} with a dynamic sequence: {first}") from error
     gm = program.module()
+    gm.meta[DEFERRED_WEIGHTS] = deferred_loaders(model, "model.")  # the adapter holds the model as `model`
     conv1d_as_linear(gm)  # GPT-2's projections become Linears for planc's passes
     return gm
 
@@ -265,7 +267,9 @@ def quantize_with_planc(
         load_samples=None if load_samples is None else lambda path, count: [decoder_inputs(adapter, s) for s in load_samples(path, count)],
     )
     try:
-        graph, records = PassManager().run(gm, [(load_pass(options), ctx)])
+        # The captured graph is this call's own; a streamed model's (whose passes read each
+        # weight once and edit none in place) is not copied: that would copy its embeddings.
+        graph, records = PassManager(copy=not has_deferred_weights(model)).run(gm, [(load_pass(options), ctx)])
     except PassError as error:
         raise UnsupportedDecoder(f"planc's quantize step cannot rewrite {type(model).__name__}: {error.message}") from error
     logger.info("planc quantize: %s", records[-1].summary)
@@ -286,10 +290,18 @@ def _name_total_length(model) -> None:
 
 
 def _with_weights_as_matmul(model):
+    """The graph with its weight products as plain MatMuls (`weights_as_matmul`); the same
+    graph, not a copy, when it has none to rewrite (a copy of a real-sized model costs GBs)."""
     import onnx_ir as ir
 
     from planc.backends.onnx.decoder_quantize import weights_as_matmul
 
+    def rewritable(node) -> bool:
+        weight = node.inputs[0] if node.op_type == "Transpose" else (node.inputs[1] if len(node.inputs) > 1 else None)
+        return node.op_type in ("Gemm", "FusedMatMul", "Transpose") and weight is not None and weight.is_initializer()
+
+    if not any(rewritable(node) for node in model.graph):
+        return model
     proto = ir.serde.serialize_model(model)
     count = weights_as_matmul(proto)
     logger.debug("%d weight products rewritten as MatMul", count)
@@ -396,6 +408,8 @@ def export_decoder(
             # the sequence dynamic there, while the ONNX exporter's own trace can.
             logger.warning("%s; quantizing with ONNX Runtime's quantizer after export instead", error)
             quantizer = "ort"
+    if graph is None:
+        materialize(model)  # the eager model is exported as it is: every weight must be there
     onnx_model = export_onnx(adapter, opset, graph)
     # Plain MatMuls first: quantizers need them, and onnxscript's MHA fusion drops the Reshape
     # that feeds a 2-D Gemm (GPT-2's Conv1D), which leaves the Gemm a 3-D input.

@@ -30,6 +30,7 @@ from planc.backends.onnx.artifact import (
     _write_json,
     cpu_report,
 )
+from planc.compiler.model.deferred import streamed
 from planc.compiler.publish import staged_dir
 from planc.backends.onnx.options import OnnxTarget
 from planc.backends.onnx.verify import goal_met
@@ -93,8 +94,13 @@ def build_decoder_artifact(
             compute = _plan_int4_compute(temporary / MODEL_FILE, target)
 
         def verify() -> tuple[dict, dict, float, bool | None]:
-            measured = verify_decoder(temporary, reference, decode.prompts, decode.max_new_tokens, heldout=heldout)
-            alone = measured if reference is model else verify_decoder(temporary, model, decode.prompts, decode.max_new_tokens, heldout=heldout)
+            with streamed(reference):
+                measured = verify_decoder(temporary, reference, decode.prompts, decode.max_new_tokens, heldout=heldout)
+            if reference is model:
+                alone = measured
+            else:
+                with streamed(model):
+                    alone = verify_decoder(temporary, model, decode.prompts, decode.max_new_tokens, heldout=heldout)
             figure = float(measured[DECODER_METRICS[target.verify.metric]])
             return measured, alone, figure, goal_met(figure, target.verify)
 

@@ -158,8 +158,11 @@ def fuse_if_exact(model, adapter: CacheAdapter, attention: bool = True) -> Fused
 
     from planc.backends.onnx.decoder_serving import fuse_gqa, merge_int4_siblings, share_buffers
 
+    probed = initializer_bytes(model) <= _PROBE_BYTES
+
     def candidate(with_attention: bool) -> Fused:
-        fused = ir.serde.deserialize_model(ir.serde.serialize_model(model))
+        # A copy to fall back on, only where the probe can judge the fusions.
+        fused = ir.serde.deserialize_model(ir.serde.serialize_model(model)) if probed else model
         applied = apply_ort_fusions(fused)
         shared = False
         if with_attention:
@@ -177,7 +180,7 @@ def fuse_if_exact(model, adapter: CacheAdapter, attention: bool = True) -> Fused
         fused = candidate(with_attention)
         if not fused.applied:
             return Fused(model)
-        if initializer_bytes(model) > _PROBE_BYTES:
+        if not probed:
             logger.info("graph too large for the fusion probe: keeping fusions %s unchecked", fused.applied)
             return fused
         if reference is None:

@@ -32,6 +32,8 @@ logger = logging.getLogger(__name__)
 #: Largest relative Frobenius error of the head's dequantized weights against the table for
 #: the two to count as one tied table (int4 rounding gives ~0.1; unrelated tables ~1.4).
 TIED_TOLERANCE = 0.25
+#: Rows of the table compared at a time.
+ROWS_PER_BLOCK = 8192
 
 
 def _unpack_nibbles(packed: np.ndarray, count: int) -> np.ndarray:
@@ -62,8 +64,13 @@ def _tied_head(table: np.ndarray, heads: list[ir.Node]) -> ir.Node | None:
         block = attrs.get_int("block_size", 32)
         if b is None or scales is None or b.ndim != 3 or width % block or (len(node.inputs) > 3 and node.inputs[3] is not None and zero_points is None):
             continue
-        error = np.linalg.norm(_dequantized(b, scales, zero_points, width, block) - table) / norm
-        if error <= TIED_TOLERANCE:
+        squares = 0.0  # block by block over rows: bounded temporaries on a 128k-row table
+        scales, zero_points = scales.reshape(rows, -1), None if zero_points is None else zero_points.reshape(rows, -1)
+        for start in range(0, rows, ROWS_PER_BLOCK):
+            end = start + ROWS_PER_BLOCK
+            zero = None if zero_points is None else zero_points[start:end]
+            squares += float(np.square(_dequantized(b[start:end], scales[start:end], zero, width, block) - table[start:end]).sum())
+        if squares ** 0.5 / norm <= TIED_TOLERANCE:
             return node
     return None
 

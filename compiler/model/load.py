@@ -61,11 +61,13 @@ class LoadedModel:
     rewrites: list[dict[str, Any]] = field(default_factory=list)
 
 
-def load_model(source: ModelSource, module: nn.Module | None = None) -> LoadedModel:
+def load_model(source: ModelSource, module: nn.Module | None = None, defer_linear_weights: bool = False) -> LoadedModel:
     """Build the eager model (fp32, eval, CPU), its tokenizer and example inputs for `source`.
 
     `module` (from the Python API) replaces the plan's factory or weights; it is put in eval
     mode on CPU in fp32 in place. An `hf` source still provides its tokenizer files.
+    `defer_linear_weights`: a safetensors checkpoint's Linear weights are read where used
+    (`deferred.py`), for builds that read each of them once.
     """
     hf_dir: Path | None = None
     if module is not None:
@@ -81,7 +83,7 @@ def load_model(source: ModelSource, module: nn.Module | None = None) -> LoadedMo
         model, origin = _load_factory(source)
         hf_config = None
     else:
-        model, hf_config, hf_dir = _load_hf(source)
+        model, hf_config, hf_dir = _load_hf(source, defer_linear_weights)
         origin = str(hf_dir)
     model = model.to(device="cpu", dtype=torch.float32).eval()
     _check_forward_accepts(model, source)
@@ -180,11 +182,23 @@ def _hf_config_of(module: nn.Module) -> Any:
     return config if config is not None and hasattr(config, "model_type") else None
 
 
-def _load_hf(source: ModelSource) -> tuple[nn.Module, Any, Path]:
+def _load_hf(source: ModelSource, defer_linear_weights: bool = False) -> tuple[nn.Module, Any, Path]:
     """Load a local Hugging Face directory: the base model for encoders, the LM head for decoders."""
     directory = _hf_model_dir(source)
     config = _read_hf_config(directory)
-    model = load_hf_directory(directory, _hf_task(source, config), config)
+    task = _hf_task(source, config)
+    if defer_linear_weights and task == "causal_lm" and any(directory.glob("*.safetensors")):
+        from planc.compiler.model.deferred import CheckpointUnreadable, load_deferred
+
+        transformers = _located(import_transformers)
+        config.use_cache = False
+        try:
+            return load_deferred(directory, transformers.AutoModelForCausalLM, config), config, directory
+        except CheckpointUnreadable as error:
+            logger.info("loading every weight of %s: %s", directory, error)
+        except Exception as error:  # transformers raises many kinds; each means "cannot build it"
+            raise FrontendError(f"cannot load the Hugging Face model in {directory}: {type(error).__name__}: {error}") from error
+    model = load_hf_directory(directory, task, config)
     return model, config, directory
 
 

@@ -61,9 +61,10 @@ from planc.passes.graph_utils import (
     select_embeddings,
     select_linears,
     set_tensor,
+    stored_tensor,
 )
 from planc.passes.quantize import Quantize
-from planc.passes.quantize.weights import QuantizedWeight, WeightFormat, rtn
+from planc.passes.quantize.weights import QuantizedWeight, WeightFormat, rtn, rtn_by_rows
 
 log = logging.getLogger(__name__)
 
@@ -222,18 +223,22 @@ class QuantizePass(GraphPass[Quantize]):
         opts = self.options
         w = get_tensor(gm, weight).detach().float()
         base = weight.rsplit(".", 1)[0]
-        info: dict = {"shape": list(w.shape), "bytes_before": w.numel() * get_tensor(gm, weight).element_size()}
-        quantized = chosen if chosen is not None else rtn(w, self.weight_format)
+        info: dict = {"shape": list(w.shape), "bytes_before": w.numel() * stored_tensor(gm, weight).element_size()}
+        if chosen is None:
+            tensors, max_error = rtn_by_rows(w, self.weight_format)
+        else:
+            tensors, max_error = chosen.tensors, float((w - chosen.w_hat).abs().max())
+        del w  # a deferred weight was read for this call only (`graph_utils.get_tensor`)
         # Buffer names: the int4 codes are stored as `qweight` too.
-        names = {key: f"{base}.{'qweight' if key == 'packed' else key}" for key in quantized.tensors}
-        for key, tensor in quantized.tensors.items():
+        names = {key: f"{base}.{'qweight' if key == 'packed' else key}" for key in tensors}
+        for key, tensor in tensors.items():
             set_tensor(gm, names[key], tensor, buffer=True)
         if opts.scheme == "int4":
             info.update(group_size=opts.group_size, symmetric=opts.symmetric)
         else:
             info.update(granularity=opts.granularity, weight_max=self._int8.weight_max)
-        info["bytes_after"] = sum(t.numel() * t.element_size() for t in quantized.tensors.values())
-        info["max_abs_error"] = float((w - quantized.w_hat).abs().max())
+        info["bytes_after"] = sum(t.numel() * t.element_size() for t in tensors.values())
+        info["max_abs_error"] = max_error
         return names, info
 
     def _pack_embedding(self, gm: fx.GraphModule, weight: str) -> tuple[dict[str, str], dict]:

@@ -52,6 +52,27 @@ def rtn(w: torch.Tensor, fmt: WeightFormat) -> QuantizedWeight:
     return QuantizedWeight({"qweight": q, "w_scale": scale}, q.float() * (scale[:, None] if scale.numel() > 1 else scale))
 
 
+#: Rows per block when round-to-nearest runs block by block: bounded temporaries on a
+#: real-sized LM head (Llama-3.1-8B's is 128256 x 4096, 2.1 GB in fp32).
+RTN_BLOCK_ROWS = 8192
+
+
+def rtn_by_rows(w: torch.Tensor, fmt: WeightFormat) -> tuple[dict[str, torch.Tensor], float]:
+    """`rtn`'s integer tensors and its max |w - w_hat|, computed block by block over rows (int4
+    groups and int8 per-channel scales never cross a row; a per-tensor scale does: one block)."""
+    rows = RTN_BLOCK_ROWS if fmt.scheme == "int4" or fmt.granularity == "per_channel" else w.shape[0]
+    parts: list[dict[str, torch.Tensor]] = []
+    error = 0.0
+    for start in range(0, w.shape[0], rows):
+        block = w[start : start + rows].detach().float()
+        quantized = rtn(block, fmt)
+        parts.append(quantized.tensors)
+        error = max(error, float((block - quantized.w_hat).abs().max()))
+    if len(parts) == 1:
+        return parts[0], error
+    return {key: torch.cat([part[key] for part in parts]) for key in parts[0]}, error
+
+
 def int8_scales(w: torch.Tensor, fmt: WeightFormat) -> torch.Tensor:
     """Per-row scales [out] (a per-tensor scale repeated), as round-to-nearest computes them."""
     if fmt.granularity == "per_tensor":

@@ -1,0 +1,136 @@
+"""Deferred Linear weights: a real-sized decoder's projections read from the checkpoint where used.
+
+References: the model as `from_pretrained` loads it (every weight in memory) for the eager
+forward, round-to-nearest on the whole weight for the row-block quantizer, and the artifact a
+compile without deferral writes for the streamed compile (the same bytes, the same verdict).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import numpy_helper
+
+from planc.compiler.model.deferred import load_deferred, materialize, streamed
+
+
+def _bf16_checkpoint(source: Path, out: Path, tied: bool) -> Path:
+    """The trained tiny Llama of `source` saved in bf16 (as real checkpoints are), tied or not."""
+    from transformers import AutoConfig, LlamaForCausalLM
+
+    config = AutoConfig.from_pretrained(source)
+    config.tie_word_embeddings = tied
+    model = LlamaForCausalLM.from_pretrained(source, config=config)
+    if tied:
+        model.tie_weights()
+    model.to(torch.bfloat16).save_pretrained(out)
+    shutil.copyfile(source / "tokenizer.json", out / "tokenizer.json")
+    (out / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>",
+                                                          "eos_token": "</s>"}))
+    return out
+
+
+@pytest.fixture(scope="module")
+def checkpoints(llama_dir, tmp_path_factory) -> dict[bool, Path]:
+    root = tmp_path_factory.mktemp("bf16")
+    return {tied: _bf16_checkpoint(llama_dir, root / ("tied" if tied else "untied"), tied) for tied in (False, True)}
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_streamed_forward_equals_the_fully_loaded_model(checkpoints, tied):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    directory = checkpoints[tied]
+    full = AutoModelForCausalLM.from_pretrained(directory).float().eval()
+    config = AutoConfig.from_pretrained(directory)
+    deferred = load_deferred(directory, AutoModelForCausalLM, config)
+    linears = {f"{n}.weight" for n, m in deferred.named_modules() if isinstance(m, torch.nn.Linear)}
+    expected = linears - ({"lm_head.weight"} if tied else set())  # a tied head is the embedding: loaded
+    assert set(deferred._planc_deferred) == expected
+    empty = {name: deferred.get_parameter(name) for name in expected}  # storage never written
+    ids = torch.tensor([[5, 17, 42, 99, 3], [7, 7, 250, 11, 300]])
+    with torch.no_grad(), streamed(deferred):
+        got = deferred(ids).logits
+    with torch.no_grad():
+        want = full(ids).logits
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert all(deferred.get_parameter(name) is empty[name] for name in expected), "a weight stayed loaded after its forward"
+    materialize(deferred)  # for paths that export the eager model whole
+    with torch.no_grad():
+        torch.testing.assert_close(deferred(ids).logits, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("scheme", ["int4-sym", "int4-asym", "int8-per_channel", "int8-per_tensor"])
+def test_round_to_nearest_by_row_blocks_equals_the_whole_weight(scheme, monkeypatch):
+    from planc.passes.quantize import weights
+
+    kind, layout = scheme.split("-")
+    fmt = (weights.WeightFormat("int4", "per_group", 32, layout == "sym", 127) if kind == "int4"
+           else weights.WeightFormat("int8", layout, 32, True, 127))
+    w = torch.randn(37, 64, generator=torch.Generator().manual_seed(0)) * torch.linspace(0.1, 3, 37)[:, None]
+    whole = weights.rtn(w, fmt)
+    monkeypatch.setattr(weights, "RTN_BLOCK_ROWS", 8)
+    tensors, error = weights.rtn_by_rows(w, fmt)
+    assert tensors.keys() == whole.tensors.keys()
+    for key in tensors:
+        torch.testing.assert_close(tensors[key], whole.tensors[key], rtol=0, atol=0)
+    assert error == float((w - whole.w_hat).abs().max())
+
+
+def _plan(tmp_path: Path, model_dir: Path, pipeline: str = "quantize Linear { scheme = int4, group_size = 32 }") -> Path:
+    plan = tmp_path / "stream.plan"
+    plan.write_text(
+        f'model llama = hf("{model_dir}") {{ task = causal_lm }}\n'
+        f"pipeline {{ {pipeline} }}\n"
+        'target onnx { decode { prompts = ["one two", "three"], max_new_tokens = 6 }\n'
+        "  verify { metric = top1, goal = \">= 0.5\" } }\n"
+    )
+    return plan
+
+
+def _initializers(artifact: Path) -> dict[str, np.ndarray]:
+    return {i.name: numpy_helper.to_array(i, base_dir=str(artifact)) for i in onnx.load(str(artifact / "model.onnx")).graph.initializer}
+
+
+@pytest.mark.parametrize(("pipeline", "streams"), [
+    ("quantize Linear { scheme = int4, group_size = 32 }", True),
+    ("quantize Linear { scheme = int8 }", True),
+    ("quantize Linear { scheme = int4, method = gptq, calibration = stdlib }", False),
+    ("quantize Linear { scheme = int4, smooth = 0.5 }", False),
+    ('prune Linear { method = magnitude, sparsity = 0.5 }\n  quantize Linear { scheme = int4 }', False),
+])
+def test_only_a_plan_that_reads_each_weight_once_streams(checkpoints, tmp_path, pipeline, streams):
+    from planc.compiler.footprint import streams_weights
+    from planc.compiler.validate import load_plan
+
+    plan, _ = load_plan(_plan(tmp_path, checkpoints[False], pipeline))
+    assert streams_weights(plan) is streams
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_a_streamed_compile_writes_the_same_artifact_as_a_full_load(checkpoints, tied, tmp_path, monkeypatch):
+    from planc.compiler import driver
+    from planc.compiler.model import load as loading
+
+    plan = _plan(tmp_path, checkpoints[tied])
+    deferred = []
+    original = loading._load_hf
+    monkeypatch.setattr(loading, "_load_hf", lambda source, defer=False: deferred.append(defer) or original(source, defer))
+    streamed_result = driver.compile_plan(plan, tmp_path / "streamed")
+    monkeypatch.setattr(driver, "streams_weights", lambda plan: False)
+    full_result = driver.compile_plan(plan, tmp_path / "full")
+    assert deferred == [True, False]  # the plan's rtn step streamed the first compile only
+    got, want = _initializers(streamed_result.artifact), _initializers(full_result.artifact)
+    assert got.keys() == want.keys()
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+    assert streamed_result.report["accuracy"] == full_result.report["accuracy"]
+    assert streamed_result.report["decoder"]["quantization"] == "int4"
+    spec = json.loads((streamed_result.artifact / "decoder.json").read_text())
+    assert (spec["tied_embedding"] is not None) is tied  # the tied table found by value, block by block
