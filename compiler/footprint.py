@@ -67,21 +67,28 @@ class Checkpoint:
 
 @dataclass(frozen=True)
 class Cost:
-    """The linear model of one kind of build: peak = fixed + per_fp32_byte x fp32 bytes."""
+    """The linear model of one kind of build: peak = fixed + per_fp32_byte x fp32 bytes (a
+    streamed build: x `Checkpoint.streamed_bytes`, plus `per_probed_byte` x the same where the
+    graph is small enough for the fusion probe, which runs it twice: `PROBE_BYTES`)."""
 
     fixed_bytes: float
     per_fp32_byte: float
     seconds_per_gparam: float
     fixed_seconds: float
+    per_probed_byte: float = 0.0
 
     def peak(self, checkpoint: Checkpoint, streamed: bool = False) -> int:
         weights = checkpoint.streamed_bytes if streamed else checkpoint.fp32_bytes
-        return int(self.fixed_bytes + self.per_fp32_byte * weights)
+        probed = self.per_probed_byte * weights if weights <= PROBE_BYTES else 0.0
+        return int(self.fixed_bytes + self.per_fp32_byte * weights + probed)
 
     def seconds(self, checkpoint: Checkpoint) -> float:
         return self.fixed_seconds + self.seconds_per_gparam * checkpoint.params / 1e9
 
 
+#: Decoder graphs with up to this many bytes of weights are run fused and unfused to check the
+#: fusions (`backends/onnx/decoder_fusions.py`); larger ones keep them unchecked.
+PROBE_BYTES = 1 << 30
 #: int4 group-wise weights: 4 bits plus an fp32 scale per group of 32.
 INT4_BYTES_PER_WEIGHT = 0.5 + 4 / 32
 #: Names of the tensors a streamed compile loads whole (token and position tables).
@@ -90,7 +97,7 @@ EMBEDDING_NAMES = ("embed", "wte", "wpe")
 #: Fitted to the measurements in `bench/results/footprint.md` (2-core x86 machines, 24 GB).
 #: "streamed": `per_fp32_byte` multiplies `Checkpoint.streamed_bytes`, not the fp32 bytes.
 COSTS: dict[str, Cost] = {
-    "streamed": Cost(fixed_bytes=1.6 * GB, per_fp32_byte=3.8, seconds_per_gparam=80.0, fixed_seconds=20.0),
+    "streamed": Cost(fixed_bytes=1.1 * GB, per_fp32_byte=4.2, seconds_per_gparam=70.0, fixed_seconds=30.0, per_probed_byte=2.7),
     "decoder": Cost(fixed_bytes=1.6 * GB, per_fp32_byte=5.8, seconds_per_gparam=520.0, fixed_seconds=20.0),
     "encoder": Cost(fixed_bytes=0.9 * GB, per_fp32_byte=3.0, seconds_per_gparam=400.0, fixed_seconds=30.0),
 }

@@ -16,9 +16,10 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PLANC = ("dsl", "compiler", "passes", "backends")
 #: Modules of `compiler` that lower layers may import: the IR and the one model source (and
-#: what they are made of), the target protocol, the publishing helper, the CPU-neutral explainer, the byte vocabulary.
+#: what they are made of), the target protocol, the publishing helper, the CPU-neutral explainer, the byte vocabulary,
+#: the memory model (standard library only: checkpoint headers, which builds stream, the fusion probe's size limit).
 COMPILER_BASE = ("compiler.ir", "compiler.model", "compiler.model_source", "compiler.targets", "compiler.publish", "compiler.explain",
-                 "compiler.textdata", "compiler.selectors", "compiler.byte_vocab")
+                 "compiler.textdata", "compiler.selectors", "compiler.byte_vocab", "compiler.footprint")
 MAX_LINES = 600
 
 

@@ -32,6 +32,7 @@ import torch
 
 from planc.backends.onnx.cache_adapter import CacheAdapter, empty_past, position_ids_from_mask
 from planc.backends.onnx.export import initializer_bytes
+from planc.compiler.footprint import PROBE_BYTES
 
 logger = logging.getLogger(__name__)
 
@@ -39,8 +40,6 @@ logger = logging.getLogger(__name__)
 #: difference of a real position's logit, relative to the largest logit of that call (at least
 #: 1), so that a trained model's logits of 20 get the same scrutiny as a random model's of 0.1.
 FUSION_TOLERANCE = 1e-3
-#: Graphs up to this size are run once fused and once unfused to check the fusions.
-_PROBE_BYTES = 1 << 30
 #: Cache slots of the probe's shared buffers: more than the prefill and the steps use.
 _PROBE_BUFFER = 16
 
@@ -158,7 +157,7 @@ def fuse_if_exact(model, adapter: CacheAdapter, attention: bool = True) -> Fused
 
     from planc.backends.onnx.decoder_serving import fuse_gqa, merge_int4_siblings, share_buffers
 
-    probed = initializer_bytes(model) <= _PROBE_BYTES
+    probed = initializer_bytes(model) <= PROBE_BYTES
 
     def candidate(with_attention: bool) -> Fused:
         # A copy to fall back on, only where the probe can judge the fusions.

@@ -22,7 +22,6 @@ A tied embedding is loaded (its Embedding reads it), so an LM head that shares i
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 from collections.abc import Callable, Iterator
 from pathlib import Path

@@ -106,11 +106,13 @@ def _initializers(artifact: Path) -> dict[str, np.ndarray]:
     ('prune Linear { method = magnitude, sparsity = 0.5 }\n  quantize Linear { scheme = int4 }', False),
 ])
 def test_only_a_plan_that_reads_each_weight_once_streams(checkpoints, tmp_path, pipeline, streams):
-    from planc.compiler.footprint import streams_weights
+    from planc.compiler.footprint import plan_footprint, streams_weights
     from planc.compiler.validate import load_plan
 
     plan, _ = load_plan(_plan(tmp_path, checkpoints[False], pipeline))
     assert streams_weights(plan) is streams
+    footprint = plan_footprint(plan)  # the memory prediction follows the build the plan gets
+    assert footprint is not None and footprint.build == ("streamed" if streams else "decoder")
 
 
 @pytest.mark.parametrize("tied", [False, True])
