@@ -37,28 +37,42 @@ class CheckpointUnreadable(Exception):
     """The checkpoint's tensor names do not match the model's: load it the usual way instead."""
 
 
+#: torch dtypes of the safetensors dtype names.
+DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
+          "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+
+
 class Checkpoint:
-    """The tensors of a directory's safetensors files, read one at a time (memory-mapped)."""
+    """The tensors of a directory's safetensors files, each read on its own.
+
+    Read with plain file reads, not a memory map: pages of a mapped file that were read count
+    in the process's resident memory until the kernel reclaims them (the whole 16 GB of an 8B
+    checkpoint by the end of a compile), while a read goes through the page cache and leaves
+    only the one tensor in the process."""
 
     def __init__(self, directory: Path):
-        from safetensors import safe_open
+        from planc.compiler.footprint import read_header, safetensors_files
 
-        from planc.compiler.footprint import safetensors_files
-
-        self._files = {}
-        self._where: dict[str, Path] = {}
+        self._where: dict[str, tuple[Path, int, dict]] = {}
         for path in safetensors_files(directory):
-            handle = safe_open(str(path), framework="pt")
-            self._files[path] = handle
-            for key in handle.keys():
-                self._where[key] = path
+            with path.open("rb") as f:
+                start = 8 + int.from_bytes(f.read(8), "little")  # data follow the 8-byte length and the header
+            for key, entry in read_header(path).items():
+                self._where[key] = (path, start, entry)
 
     def __contains__(self, key: str) -> bool:
         return key in self._where
 
     def read(self, key: str) -> torch.Tensor:
-        """The tensor `key` in fp32 (a new tensor; the file's bytes stay in the page cache)."""
-        return self._files[self._where[key]].get_tensor(key).to(torch.float32)
+        """The tensor `key` in fp32 (a new tensor)."""
+        path, start, entry = self._where[key]
+        begin, end = entry["data_offsets"]
+        data = bytearray(end - begin)
+        with path.open("rb") as f:
+            f.seek(start + begin)
+            f.readinto(data)
+        stored = torch.frombuffer(data, dtype=DTYPES[entry["dtype"]]) if data else torch.empty(0, dtype=DTYPES[entry["dtype"]])
+        return stored.reshape(entry["shape"]).to(torch.float32)
 
 
 @contextlib.contextmanager
