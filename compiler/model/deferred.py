@@ -8,8 +8,8 @@ Linear weights *deferred*:
 - the model is built with its parameters on the meta device (buffers such as rotary tables are
   computed as usual), then every parameter gets CPU storage: the checkpoint's values for
   embeddings, norms and biases; for a deferred weight, storage that is never written (pages the
-  kernel never backs, so they cost no memory) and a loader that reads it from the memory-mapped
-  safetensors file in fp32;
+  kernel never backs, so they cost no memory) and a loader that reads it from the safetensors
+  file in fp32 (`Checkpoint`: a file read, not a memory map);
 - graph passes read weights through `graph_utils.get_tensor`, which calls the loader of a
   deferred weight (`deferred_loaders` puts them in the captured graph's `meta`), so the quantize
   pass has one fp32 weight in memory at a time;
