@@ -97,7 +97,7 @@ EMBEDDING_NAMES = ("embed", "wte", "wpe")
 #: Fitted to the measurements in `bench/results/footprint.md` (2-core x86 machines, 24 GB).
 #: "streamed": `per_fp32_byte` multiplies `Checkpoint.streamed_bytes`, not the fp32 bytes.
 COSTS: dict[str, Cost] = {
-    "streamed": Cost(fixed_bytes=1.1 * GB, per_fp32_byte=4.2, seconds_per_gparam=70.0, fixed_seconds=30.0, per_probed_byte=2.7),
+    "streamed": Cost(fixed_bytes=0.8 * GB, per_fp32_byte=2.85, seconds_per_gparam=110.0, fixed_seconds=80.0, per_probed_byte=3.1),
     "decoder": Cost(fixed_bytes=1.6 * GB, per_fp32_byte=5.8, seconds_per_gparam=520.0, fixed_seconds=20.0),
     "encoder": Cost(fixed_bytes=0.9 * GB, per_fp32_byte=3.0, seconds_per_gparam=400.0, fixed_seconds=30.0),
 }
