@@ -9,7 +9,7 @@ Linear weights *deferred*:
   computed as usual), then every parameter gets CPU storage: the checkpoint's values for
   embeddings, norms and biases; for a deferred weight, storage that is never written (pages the
   kernel never backs, so they cost no memory) and a loader that reads it from the safetensors
-  file in fp32 (`Checkpoint`: a file read, not a memory map);
+  file in fp32 (`CheckpointTensors`: a file read, not a memory map);
 - graph passes read weights through `graph_utils.get_tensor`, which calls the loader of a
   deferred weight (`deferred_loaders` puts them in the captured graph's `meta`), so the quantize
   pass has one fp32 weight in memory at a time;
@@ -42,7 +42,7 @@ DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF1
           "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
 
 
-class Checkpoint:
+class CheckpointTensors:
     """The tensors of a directory's safetensors files, each read on its own.
 
     Read with plain file reads, not a memory map: pages of a mapped file that were read count
@@ -107,7 +107,7 @@ def load_deferred(directory: Path, auto_class: Any, config: Any) -> nn.Module:
     """`auto_class`'s model for `config` with the weights of `directory`, Linear weights deferred
     (see the module docstring); `CheckpointUnreadable` when a parameter has no tensor of its
     name in the checkpoint (renamed keys, a .bin checkpoint): the caller loads it fully."""
-    checkpoint = Checkpoint(directory)
+    checkpoint = CheckpointTensors(directory)
     prefix = getattr(auto_class, "base_model_prefix", "") or getattr(config, "base_model_prefix", "")
     with parameters_on_meta():
         model = auto_class.from_config(config)
