@@ -7,9 +7,10 @@ resident memory and its time from them, and refuses at the plan's `model` line a
 would not fit the memory available now. The report records the measured peak beside the
 prediction, so the model of the compile's memory is checked on every run.
 
-A decode target that quantizes every projection by round-to-nearest streams its weights
-(`streams_weights`, `compiler/model/deferred.py`): its prediction follows what it holds, the
-projections at int4 and the rest (embeddings) in fp32, not the fp32 model.
+A decode target that quantizes every projection by round-to-nearest, or exports the model as
+it is, streams its weights (`streams_weights`, `compiler/model/deferred.py`): its prediction
+follows what it holds, the projections as the artifact stores them (int4, int8 or fp32) and the
+rest (embeddings) in fp32, not the fp32 model.
 
 The prediction is a linear model per kind of build, fitted to peak RSS measured with
 `/usr/bin/time -v` (figures in `bench/results/footprint.md`): a fixed cost (torch, ONNX Runtime,
@@ -58,11 +59,10 @@ class Checkpoint:
         """The eager model's bytes once loaded: planc builds every model in fp32."""
         return 4 * self.params
 
-    @property
-    def streamed_bytes(self) -> float:
-        """What a streamed int4 compile holds: everything but the projections in fp32, the
-        projections at int4 with a scale per 32 weights (0.625 bytes each)."""
-        return 4 * (self.params - self.projection_params) + INT4_BYTES_PER_WEIGHT * self.projection_params
+    def streamed_bytes(self, projection_bytes: float) -> float:
+        """What a streamed compile holds: everything but the projections in fp32, the
+        projections at `projection_bytes` each (as the artifact stores them)."""
+        return 4 * (self.params - self.projection_params) + projection_bytes * self.projection_params
 
 
 @dataclass(frozen=True)
@@ -77,8 +77,9 @@ class Cost:
     fixed_seconds: float
     per_probed_byte: float = 0.0
 
-    def peak(self, checkpoint: Checkpoint, streamed: bool = False) -> int:
-        weights = checkpoint.streamed_bytes if streamed else checkpoint.fp32_bytes
+    def peak(self, checkpoint: Checkpoint, projection_bytes: float | None = None) -> int:
+        """`projection_bytes`: a streamed build's bytes per projection weight."""
+        weights = checkpoint.fp32_bytes if projection_bytes is None else checkpoint.streamed_bytes(projection_bytes)
         probed = self.per_probed_byte * weights if weights <= PROBE_BYTES else 0.0
         return int(self.fixed_bytes + self.per_fp32_byte * weights + probed)
 
@@ -89,13 +90,14 @@ class Cost:
 #: Decoder graphs with up to this many bytes of weights are run fused and unfused to check the
 #: fusions (`backends/onnx/decoder_fusions.py`); larger ones keep them unchecked.
 PROBE_BYTES = 1 << 30
-#: int4 group-wise weights: 4 bits plus an fp32 scale per group of 32.
-INT4_BYTES_PER_WEIGHT = 0.5 + 4 / 32
+#: Bytes per projection weight in a streamed build's artifact: int4 is 4 bits plus an fp32 scale
+#: per group of 32; int8 a byte plus a scale per row; an empty pipeline exports fp32.
+PROJECTION_BYTES = {"int4": 0.5 + 4 / 32, "int8": 1.0, "fp32": 4.0}
 #: Names of the tensors a streamed compile loads whole (token and position tables).
 EMBEDDING_NAMES = ("embed", "wte", "wpe")
 
 #: Fitted to the measurements in `bench/results/footprint.md` (2-core x86 machines, 24 GB).
-#: "streamed": `per_fp32_byte` multiplies `Checkpoint.streamed_bytes`, not the fp32 bytes.
+#: "streamed": `per_fp32_byte` multiplies `Checkpoint.streamed_bytes(...)`, not the fp32 bytes.
 COSTS: dict[str, Cost] = {
     "streamed": Cost(fixed_bytes=0.8 * GB, per_fp32_byte=2.85, seconds_per_gparam=110.0, fixed_seconds=80.0, per_probed_byte=3.1),
     "decoder": Cost(fixed_bytes=1.6 * GB, per_fp32_byte=5.8, seconds_per_gparam=520.0, fixed_seconds=20.0),
@@ -112,6 +114,8 @@ class Footprint:
     peak_bytes: int
     seconds: float
     available_bytes: int | None
+    #: A streamed build's bytes per projection weight (`PROJECTION_BYTES`).
+    projection_bytes: float | None = None
 
     @property
     def fits(self) -> bool:
@@ -188,9 +192,11 @@ def available_memory() -> int | None:
     return None
 
 
-def predict(checkpoint: Checkpoint, build: str) -> Footprint:
+def predict(checkpoint: Checkpoint, build: str, projection_bytes: float | None = None) -> Footprint:
+    """`projection_bytes`: a streamed build's bytes per projection weight (`PROJECTION_BYTES`)."""
     cost = COSTS[build]
-    return Footprint(checkpoint, build, cost.peak(checkpoint, build == "streamed"), cost.seconds(checkpoint), available_memory())
+    return Footprint(checkpoint, build, cost.peak(checkpoint, projection_bytes), cost.seconds(checkpoint), available_memory(),
+                     projection_bytes)
 
 
 def peak_rss() -> int:
@@ -224,19 +230,29 @@ def return_freed_memory() -> None:
 M_MMAP_THRESHOLD = -3
 
 
-def streams_weights(plan: Any) -> bool:
-    """Whether the compile reads each projection's weight once, so the model is loaded with its
-    Linear weights deferred (`compiler/model/deferred.py`): a Hugging Face decoder compiled into
-    one decode target whose pipeline is a single round-to-nearest quantize step (nothing runs
-    the model on calibration data, nothing rewrites its weights in place)."""
+def streamed_projections(plan: Any) -> str | None:
+    """How a streamed compile stores the projections ("int4", "int8", "fp32"), or None when
+    `plan` does not stream. A compile streams, its model loaded with the Linear weights
+    deferred (`compiler/model/deferred.py`), when it reads each projection's weight once: a
+    Hugging Face decoder compiled into one decode target whose pipeline is empty or a single
+    round-to-nearest quantize step (nothing runs the model on calibration data, nothing rewrites
+    its weights in place)."""
     onnx = plan.target("onnx")
     if plan.model.kind != "hf" or onnx is None or onnx.options.decode is None or len(plan.targets) != 1:
-        return False
+        return None
+    if not plan.pipeline:
+        return "fp32"
     if len(plan.pipeline) != 1 or plan.pipeline[0].name != "quantize":
-        return False
+        return None
     options = plan.pipeline[0].options
-    return (options.method == "rtn" and options.smooth is None and options.mode != "static"
-            and not getattr(options, "fallback", None))
+    if options.method == "rtn" and options.smooth is None and options.mode != "static" and not getattr(options, "fallback", None):
+        return options.scheme
+    return None
+
+
+def streams_weights(plan: Any) -> bool:
+    """Whether `plan`'s compile streams its weights (`streamed_projections`)."""
+    return streamed_projections(plan) is not None
 
 
 def plan_footprint(plan: Any) -> Footprint | None:
@@ -254,14 +270,18 @@ def plan_footprint(plan: Any) -> Footprint | None:
         return None  # a missing or broken directory is reported when the model loads
     if checkpoint is None:
         return None
-    build = "streamed" if streams_weights(plan) else "decoder" if onnx.options.decode is not None else "encoder"
-    return predict(checkpoint, build)
+    projections = streamed_projections(plan)
+    if projections is not None:
+        return predict(checkpoint, "streamed", PROJECTION_BYTES[projections])
+    return predict(checkpoint, "decoder" if onnx.options.decode is not None else "encoder")
 
 
 def fit_notes(footprint: Footprint) -> tuple[str, ...]:
     """What a user can change when a compile does not fit."""
-    weights = (f"what a streamed compile holds ({footprint.checkpoint.streamed_bytes / GB:.1f} GB: the projections at int4, "
-               "the rest in fp32)" if footprint.build == "streamed" else f"the model's fp32 bytes ({footprint.checkpoint.fp32_bytes / GB:.1f} GB)")
+    streamed = footprint.projection_bytes
+    weights = (f"what a streamed compile holds ({footprint.checkpoint.streamed_bytes(streamed) / GB:.1f} GB: the projections at "
+               f"{streamed:g} bytes per weight, the rest in fp32)" if streamed is not None
+               else f"the model's fp32 bytes ({footprint.checkpoint.fp32_bytes / GB:.1f} GB)")
     return (
         f"the prediction is {COSTS[footprint.build].per_fp32_byte:g} x {weights} + {COSTS[footprint.build].fixed_bytes / GB:.1f} GB, "
         "from the checkpoint's headers",

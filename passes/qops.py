@@ -165,33 +165,49 @@ def pack_int4(
     Returns (packed uint8 [N, n_blocks, group_size/2], scales fp32 [N*n_blocks],
     zero_points uint8 [N*ceil(n_blocks/2)] or None).
     """
+    packed, scales, zero_points, _ = pack_int4_with_error(w, group_size, symmetric)
+    return packed, scales, zero_points
+
+
+def pack_int4_with_error(
+    w: torch.Tensor, group_size: int, symmetric: bool = True
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, float]:
+    """`pack_int4`'s tensors and max |w - w_hat|, without dequantizing: one fp32 temporary
+    the size of `w`, rounded in place (a real-sized model's weights are quantized in seconds)."""
     if w.dim() != 2:
         raise ValueError(f"pack_int4 expects a 2-D weight, got shape {tuple(w.shape)}")
     n_out, k = w.shape
     n_blocks, k_pad = int4_layout(k, group_size)
-    w = torch.nn.functional.pad(w.detach().float(), (0, k_pad - k))
+    w = w.detach().float()
+    if k_pad != k:
+        w = torch.nn.functional.pad(w, (0, k_pad - k))
     groups = w.reshape(n_out, n_blocks, group_size)
     if symmetric:
         amax = groups.abs().amax(dim=2)
         scale = torch.where(amax > 0, amax / 7.0, torch.ones_like(amax))
-        q = torch.clamp(torch.round(groups / scale[..., None]), -8, 7) + 8
+        q = groups / scale[..., None]
+        q.round_().clamp_(-8, 7)
+        error = float(torch.mul(q, scale[..., None]).sub_(groups).abs_().max())  # |w_hat - w|
+        q.add_(8)
         zp = None
     else:
         lo = groups.amin(dim=2).clamp(max=0.0)
         hi = groups.amax(dim=2).clamp(min=0.0)
         scale = torch.where(hi > lo, (hi - lo) / 15.0, torch.ones_like(hi))
         zp = torch.clamp(torch.round(-lo / scale), 0, 15)
-        q = torch.clamp(torch.round(groups / scale[..., None]) + zp[..., None], 0, 15)
+        q = groups / scale[..., None]
+        q.round_().add_(zp[..., None]).clamp_(0, 15)
+        error = float(q.sub(zp[..., None]).mul_(scale[..., None]).sub_(groups).abs_().max())
     q = q.to(torch.uint8)
     packed = (q[..., 0::2] | (q[..., 1::2] << 4)).contiguous()
     scales = scale.reshape(-1).contiguous().float()
     if zp is None:
-        return packed, scales, None
+        return packed, scales, None, error
     zp = zp.to(torch.uint8)
     if n_blocks % 2:
         zp = torch.nn.functional.pad(zp, (0, 1))
     zero_points = (zp[:, 0::2] | (zp[:, 1::2] << 4)).reshape(-1).contiguous()
-    return packed, scales, zero_points
+    return packed, scales, zero_points, error
 
 
 def unpack_int4(

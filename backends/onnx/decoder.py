@@ -42,11 +42,11 @@ from planc.backends.onnx.cache_adapter import (
     is_hf_model,
     position_ids_from_mask,
 )
-from planc.backends.onnx.decoder_fusions import Fused, fuse_if_exact
+from planc.backends.onnx.decoder_fusions import fuse_if_exact, optimized
 from planc.backends.onnx.decoder_serving import LOGITS_TO_KEEP, add_logits_to_keep
 from planc.backends.onnx.decoder_tokenizer import HF_TOKENIZER_FILES
 from planc.backends.onnx.export import save_model
-from planc.compiler.model.deferred import deferred_loaders, has_deferred_weights, materialize
+from planc.compiler.model.deferred import deferred_loaders, has_deferred_weights
 from planc.passes.graph_utils import DEFERRED_WEIGHTS, conv1d_as_linear
 from planc.passes.quantize import Quantize
 
@@ -202,9 +202,12 @@ def graph_targets(targets: set[str] | frozenset[str]) -> frozenset[str]:
     return frozenset("model" if t == "" else f"model.{t}" for t in targets)
 
 
-def export_onnx(adapter: CacheAdapter, opset: int = 18, graph: torch.fx.GraphModule | None = None):
+def export_onnx(adapter: CacheAdapter, opset: int = 18, graph: torch.fx.GraphModule | None = None,
+                optimize: bool = True):
     """torch.onnx.export(dynamo=True) of the adapter (or of its captured, transformed `graph`):
-    an `onnx_ir.Model` with dynamic axes; planc's quantized ops are lowered on the way."""
+    an `onnx_ir.Model` with dynamic axes; planc's quantized ops are lowered on the way.
+    `optimize=False` leaves onnxscript's optimizer to the caller (the ORT fusions run it first:
+    running it twice costs a real-sized graph seconds)."""
     from planc.backends.onnx.lowering import translation_table
 
     n_layer = len(adapter.cache_layout())
@@ -221,6 +224,7 @@ def export_onnx(adapter: CacheAdapter, opset: int = 18, graph: torch.fx.GraphMod
                 output_names=output_names(n_layer),
                 opset_version=opset,
                 custom_translation_table=translation_table(),
+                optimize=optimize,
                 verbose=False,
             )
     except torch.onnx.errors.OnnxExporterError as error:
@@ -287,6 +291,57 @@ def _name_total_length(model) -> None:
             axis = 1 if value.name == "attention_mask" else 2
             dims[axis] = total
             value.shape = ir.Shape(dims)
+
+
+def bind_deferred_weights(model, loaders: dict[str, Callable[[], torch.Tensor]]) -> int:
+    """Give each initializer exported from a deferred weight's never-written storage
+    (`compiler/model/deferred.py`) the checkpoint's values, read when the file is written
+    (onnx_ir's `LazyTensor`): the weights pass from the checkpoint to the artifact one at a
+    time. Returns how many were bound."""
+    import onnx_ir as ir
+
+    def lazy(load: Callable[[], torch.Tensor], shape: ir.Shape) -> ir.LazyTensor:
+        return ir.LazyTensor(lambda: ir.Tensor(load().numpy()), dtype=ir.DataType.FLOAT, shape=shape)
+
+    bound = 0
+    for name, load in loaders.items():
+        value = model.graph.initializers.get(name)
+        if value is not None:
+            value.const_value = lazy(load, value.shape)
+            bound += 1
+    if bound:
+        logger.info("%d deferred weights bound to the checkpoint: written to the artifact one at a time", bound)
+    return bound
+
+
+def store_transposed(model) -> int:
+    """Store each 2-D initializer the graph transposes (a Linear's `x @ W.T`) transposed, in a
+    `LazyTensor` computed when the file is written, as the optimizer's constant folding would
+    store it in memory: a real-sized model's weights are never all held. The original stays
+    where something else reads it (a tied embedding's Gather). Returns how many."""
+    import onnx_ir as ir
+
+    count = 0
+    for name, value in list(model.graph.initializers.items()):
+        source = value.const_value
+        if source is None or len(value.shape) != 2:
+            continue
+        transposes = [node for node, _ in value.uses() if node.op_type == "Transpose"
+                      and (node.attributes.get("perm") is None or list(node.attributes["perm"].as_ints()) == [1, 0])]
+        if not transposes:
+            continue
+        shape = ir.Shape(list(value.shape)[::-1])
+        stored = ir.Value(name=f"{name}.T", shape=shape, type=ir.TensorType(source.dtype),
+                          const_value=ir.LazyTensor(lambda source=source: ir.Tensor(source.numpy().T.copy()),
+                                                    dtype=source.dtype, shape=shape))
+        model.graph.register_initializer(stored)
+        for node in transposes:
+            node.outputs[0].replace_all_uses_with(stored)
+            model.graph.remove(node, safe=True)
+        if not value.uses():
+            model.graph.initializers.pop(name)
+        count += 1
+    return count
 
 
 def _with_weights_as_matmul(model):
@@ -365,6 +420,7 @@ def export_decoder(
     graph: torch.fx.GraphModule | None = None,
     load_samples: Callable[[str, int], list[dict[str, torch.Tensor]]] | None = None,
     cpu: str = "auto",
+    int4_compute: Literal["fp32", "int8"] | None = None,
 ) -> DecoderSpec:
     """Write a decoder artifact (`model.onnx`, `decoder.json`, tokenizer files) as `out_dir`, atomically.
 
@@ -379,6 +435,8 @@ def export_decoder(
     graph already transformed by planc passes (then `quantize` must be None). `tokenizer` is a
     directory holding tokenizer.json, "bytes", or None (the HF model's own directory, else bytes).
     `cpu` is the target CPU of int8 weights (`passes/cpu.py`: 7-bit where its sums saturate).
+    `int4_compute` sets how ONNX Runtime multiplies int4 weights (`int4_compute.py`; None: as
+    the quantizer left them).
     """
     if not isinstance(model, nn.Module):
         model = load_hf_decoder(model)
@@ -408,13 +466,16 @@ def export_decoder(
             # the sequence dynamic there, while the ONNX exporter's own trace can.
             logger.warning("%s; quantizing with ONNX Runtime's quantizer after export instead", error)
             quantizer = "ort"
+    # Unoptimized: the optimizer's constant folding must not read a deferred weight's empty
+    # storage before `bind_deferred_weights` gives it the checkpoint's bytes.
+    onnx_model = export_onnx(adapter, opset, graph, optimize=False)
     if graph is None:
-        materialize(model)  # the eager model is exported as it is: every weight must be there
-    onnx_model = export_onnx(adapter, opset, graph)
+        bind_deferred_weights(onnx_model, deferred_loaders(model, "model."))  # the adapter holds the model as `model`
+    store_transposed(onnx_model)
     # Plain MatMuls first: quantizers need them, and onnxscript's MHA fusion drops the Reshape
     # that feeds a 2-D Gemm (GPT-2's Conv1D), which leaves the Gemm a 3-D input.
     onnx_model = _with_weights_as_matmul(onnx_model)
-    fused = fuse_if_exact(onnx_model, adapter) if fusions else Fused(onnx_model)
+    fused = fuse_if_exact(onnx_model, adapter) if fusions else optimized(onnx_model)
     onnx_model = fused.model
     if graph is not None:
         from planc.backends.onnx.optimize import lower_int8
@@ -427,6 +488,10 @@ def export_decoder(
 
         tied = share_tied_embedding(onnx_model)  # one int4 table for a tied embedding and LM head
     keeps_logits = add_logits_to_keep(onnx_model)
+    if int4_compute is not None:
+        from planc.backends.onnx.int4_compute import set_levels
+
+        set_levels(onnx_model, int4_compute)
     from planc.compiler.publish import staged_dir
 
     with staged_dir(out) as tmp:
@@ -436,6 +501,10 @@ def export_decoder(
             from planc.backends.onnx.decoder_quantize import quantize_decoder
 
             quantize_decoder(path, path, scheme, group_size=group_size, cpu=cpu)
+            if int4_compute is not None:
+                from planc.backends.onnx.int4_compute import set_compute
+
+                set_compute(path, int4_compute)
         tok_entry = _copy_tokenizer(tokenizer_dir, Path(tmp))
         spec = DecoderSpec(
             family=adapter.family,

@@ -86,21 +86,22 @@ def build_decoder_artifact(
     started = time.perf_counter() if started is None else started
     with staged_dir(out_dir) as temporary:
         scheme = quantize.scheme if quantize else None
+        compute = _planned_int4_compute(target) if scheme == "int4" else None
         spec = export_decoder(model, temporary, quantize=quantize, fusions=target.fusions, opset=target.opset,
-                              cpu=target.cpu, load_samples=load_samples)
+                              cpu=target.cpu, load_samples=load_samples, int4_compute=compute and compute["chosen"])
         reference = model if reference is None else reference
-        compute = None
-        if scheme == "int4":
-            compute = _plan_int4_compute(temporary / MODEL_FILE, target)
+        # one session verifies, times and is handed to the caller (each load of a real-sized
+        # artifact takes seconds)
+        session = DecoderSession(temporary, providers=target.providers, threads=target.bench.threads)
 
         def verify() -> tuple[dict, dict, float, bool | None]:
             with streamed(reference):
-                measured = verify_decoder(temporary, reference, decode.prompts, decode.max_new_tokens, heldout=heldout)
+                measured = verify_decoder(session, reference, decode.prompts, decode.max_new_tokens, heldout=heldout)
             if reference is model:
                 alone = measured
             else:
                 with streamed(model):
-                    alone = verify_decoder(temporary, model, decode.prompts, decode.max_new_tokens, heldout=heldout)
+                    alone = verify_decoder(session, model, decode.prompts, decode.max_new_tokens, heldout=heldout)
             figure = float(measured[DECODER_METRICS[target.verify.metric]])
             return measured, alone, figure, goal_met(figure, target.verify)
 
@@ -113,7 +114,9 @@ def build_decoder_artifact(
                 from planc.backends.onnx import int4_compute as int4
 
                 logger.info("int8 compute missed the goal (%s = %.4f): verifying fp32 compute", target.verify.metric, value)
+                del session  # ONNX Runtime lets go of the weights before they are rewritten
                 int4.set_compute(temporary / MODEL_FILE, "fp32")
+                session = DecoderSession(temporary, providers=target.providers, threads=target.bench.threads)
                 metrics, exported, value, passed = verify()
                 compute.update(chosen="fp32", accuracy_level=int4.LEVELS["fp32"], why="int8 compute missed the goal")
                 compute["verified"]["fp32"] = {"passed": passed, target.verify.metric: value}
@@ -126,7 +129,7 @@ def build_decoder_artifact(
         prompt = [list(decode.prompts[0].encode("utf-8"))[:16] or [0]] * target.bench.batch
         original_bytes = fp32_weight_bytes(model) if scheme is not None else files_size(temporary / MODEL_FILE)
 
-        speed = _tokens_per_s([temporary], target, prompt, tokens)[0]
+        speed = _tokens_per_s(session, prompt, tokens)
         speculative = None
         if draft is not None:
             from planc.backends.onnx.speculative import measure
@@ -165,12 +168,14 @@ def build_decoder_artifact(
         _write_json(temporary / REPORT_FILE, report)
         (temporary / PLAN_FILE).write_text(plan_resolved, encoding="utf-8")
     logger.info("wrote decoder %s: %s, %s %.4f", out_dir, spec.quantization or "fp32", target.verify.metric, value)
-    return OnnxResult(out_dir, report, DecoderSession(out_dir, providers=target.providers, threads=target.bench.threads))
+    session.artifact_dir = out_dir  # the files it loaded were renamed there
+    return OnnxResult(out_dir, report, session)
 
 
 def _figures(metrics: dict[str, Any], metric: str | None = None) -> dict[str, Any]:
     """What the report keeps of `verify_decoder`'s result (with the `metric`'s `value`, if named)."""
-    kept = {k: metrics[k] for k in ("greedy_equal", "top1", "ppl_eager", "ppl_onnx", "ppl_delta_rel") if k in metrics}
+    kept = {k: metrics[k] for k in ("greedy_equal", "top1", "logits_max_rel_diff", "ppl_eager", "ppl_onnx", "ppl_delta_rel")
+            if k in metrics}
     return kept if metric is None else {"value": float(metrics[DECODER_METRICS[metric]]), **kept}
 
 
@@ -180,29 +185,24 @@ def kv_cache_bytes_per_token(kv_heads: list[int], head_dim: int, itemsize: int =
     return sum(2 * heads * head_dim * itemsize for heads in kv_heads)
 
 
-def _tokens_per_s(directories: list[Path], target: OnnxTarget, prompt: list[list[int]], tokens: int, rounds: int = 3) -> list[float]:
-    """Generation speed of each artifact, one warm-up, then the median of `rounds` interleaved runs."""
-    from planc.backends.onnx.generate import DecoderSession, generate_ids
+def _tokens_per_s(session: Any, prompt: list[list[int]], tokens: int, rounds: int = 3) -> float:
+    """Generation speed of the artifact: one warm-up, then the median of `rounds` runs."""
+    from planc.backends.onnx.generate import generate_ids
 
-    sessions = [DecoderSession(d, providers=target.providers, threads=target.bench.threads) for d in directories]
-    seconds: list[list[float]] = [[] for _ in sessions]
-    for session in sessions:
-        generate_ids(session, prompt, tokens)
+    generate_ids(session, prompt, tokens)
+    seconds = []
     for _ in range(rounds):
-        for session, times in zip(sessions, seconds):
-            started = time.perf_counter()
-            generate_ids(session, prompt, tokens)
-            times.append(time.perf_counter() - started)
-    return [tokens * len(prompt) / sorted(times)[len(times) // 2] for times in seconds]
+        started = time.perf_counter()
+        generate_ids(session, prompt, tokens)
+        seconds.append(time.perf_counter() - started)
+    return tokens * len(prompt) / sorted(seconds)[len(seconds) // 2]
 
 
-def _plan_int4_compute(path: Path, target: OnnxTarget) -> dict[str, Any]:
-    """Set the int4 weights' compute before the one verification (`int4_compute.planned`)."""
+def _planned_int4_compute(target: OnnxTarget) -> dict[str, Any]:
+    """The int4 weights' compute, set at export, before the one verification (`int4_compute.planned`)."""
     from planc.backends.onnx import int4_compute as int4
 
     chosen, why = int4.planned(target.int4_compute, target.cpu)
-    if chosen != "fp32":
-        int4.set_compute(path, chosen)
     return {"requested": target.int4_compute, "chosen": chosen, "accuracy_level": int4.LEVELS[chosen], "why": why}
 
 

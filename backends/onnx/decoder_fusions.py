@@ -146,8 +146,18 @@ def worst_difference(reference: list[np.ndarray], candidate: list[np.ndarray], m
     return worst
 
 
+def optimized(model) -> Fused:
+    """`model` unfused, through onnxscript's optimizer (constant folding, dead code) in place."""
+    from onnxscript import optimizer
+
+    optimizer.optimize(model)
+    return Fused(model)
+
+
 def fuse_if_exact(model, adapter: CacheAdapter, attention: bool = True) -> Fused:
-    """The fused graph when it computes what `model` does at every real position, else `model`.
+    """The fused graph when it computes what `model` does at every real position, else `model`
+    through onnxscript's optimizer (`model` comes from the exporter unoptimized: the fusions
+    optimize it first).
 
     `attention=False` stops after onnxscript's fusions (no GroupQueryAttention, no shared
     buffer). A fused graph that fails the probe is tried again without the attention rewrite
@@ -178,7 +188,7 @@ def fuse_if_exact(model, adapter: CacheAdapter, attention: bool = True) -> Fused
     for with_attention in ([True, False] if attention else [False]):
         fused = candidate(with_attention)
         if not fused.applied:
-            return Fused(model)
+            return fused  # optimized by the fusions' first step, unfused
         if not probed:
             logger.info("graph too large for the fusion probe: keeping fusions %s unchecked", fused.applied)
             return fused
@@ -193,4 +203,4 @@ def fuse_if_exact(model, adapter: CacheAdapter, attention: bool = True) -> Fused
                        "batch: %s", fused.applied, worst, "trying without GroupQueryAttention" if retry else "exporting unfused")
         if not retry:
             break
-    return Fused(model)
+    return optimized(model)

@@ -48,8 +48,15 @@ def int4_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
     return [node for node in model.graph.node if node.op_type == "MatMulNBits"]
 
 
-def has_int4(path: Path) -> bool:
-    return bool(int4_nodes(onnx.load(str(path), load_external_data=False)))
+def set_levels(model: Any, compute: Compute) -> int:
+    """Every MatMulNBits of `model` (onnx_ir, before it is saved) at `compute`'s accuracy level;
+    returns how many."""
+    import onnx_ir as ir
+
+    nodes = [node for node in model.graph if node.op_type == "MatMulNBits"]
+    for node in nodes:
+        node.attributes["accuracy_level"] = ir.AttrInt64("accuracy_level", LEVELS[compute])
+    return len(nodes)
 
 
 def with_compute(source: Path, destination: Path, compute: Compute) -> int:

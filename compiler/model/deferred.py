@@ -67,12 +67,11 @@ class CheckpointTensors:
         """The tensor `key` in fp32 (a new tensor)."""
         path, start, entry = self._where[key]
         begin, end = entry["data_offsets"]
-        data = bytearray(end - begin)
-        with path.open("rb") as f:
+        data = torch.empty(end - begin, dtype=torch.uint8)  # not zeroed first, as a bytearray is
+        with path.open("rb", buffering=0) as f:
             f.seek(start + begin)
-            f.readinto(data)
-        stored = torch.frombuffer(data, dtype=DTYPES[entry["dtype"]]) if data else torch.empty(0, dtype=DTYPES[entry["dtype"]])
-        return stored.reshape(entry["shape"]).to(torch.float32)
+            f.readinto(data.numpy())
+        return data.view(DTYPES[entry["dtype"]]).reshape(entry["shape"]).to(torch.float32)
 
 
 @contextlib.contextmanager

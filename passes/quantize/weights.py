@@ -65,9 +65,14 @@ def rtn_by_rows(w: torch.Tensor, fmt: WeightFormat) -> tuple[dict[str, torch.Ten
     error = 0.0
     for start in range(0, w.shape[0], rows):
         block = w[start : start + rows].detach().float()
-        quantized = rtn(block, fmt)
-        parts.append(quantized.tensors)
-        error = max(error, float((block - quantized.w_hat).abs().max()))
+        if fmt.scheme == "int4":  # no dequantized copy: the error comes with the codes
+            packed, scales, zero_points, block_error = qops.pack_int4_with_error(block, fmt.group_size, fmt.symmetric)
+            parts.append({"packed": packed, "scales": scales, **({} if zero_points is None else {"zero_points": zero_points})})
+        else:
+            quantized = rtn(block, fmt)
+            parts.append(quantized.tensors)
+            block_error = float((block - quantized.w_hat).abs().max())
+        error = max(error, block_error)
     if len(parts) == 1:
         return parts[0], error
     return {key: torch.cat([part[key] for part in parts]) for key in parts[0]}, error

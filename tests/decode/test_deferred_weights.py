@@ -99,20 +99,22 @@ def _initializers(artifact: Path) -> dict[str, np.ndarray]:
 
 
 @pytest.mark.parametrize(("pipeline", "streams"), [
-    ("quantize Linear { scheme = int4, group_size = 32 }", True),
-    ("quantize Linear { scheme = int8 }", True),
+    ("quantize Linear { scheme = int4, group_size = 32 }", "int4"),
+    ("quantize Linear { scheme = int8 }", "int8"),
+    ("", "fp32"),
     ("quantize Linear { scheme = int4, method = gptq, calibration = stdlib }", False),
     ("quantize Linear { scheme = int4, smooth = 0.5 }", False),
     ('prune Linear { method = magnitude, sparsity = 0.5 }\n  quantize Linear { scheme = int4 }', False),
 ])
 def test_only_a_plan_that_reads_each_weight_once_streams(checkpoints, tmp_path, pipeline, streams):
-    from planc.compiler.footprint import plan_footprint, streams_weights
+    from planc.compiler.footprint import PROJECTION_BYTES, plan_footprint, streamed_projections, streams_weights
     from planc.compiler.validate import load_plan
 
     plan, _ = load_plan(_plan(tmp_path, checkpoints[False], pipeline))
-    assert streams_weights(plan) is streams
+    assert streamed_projections(plan) == (streams or None) and streams_weights(plan) is bool(streams)
     footprint = plan_footprint(plan)  # the memory prediction follows the build the plan gets
     assert footprint is not None and footprint.build == ("streamed" if streams else "decoder")
+    assert footprint.projection_bytes == (PROJECTION_BYTES[streams] if streams else None)
 
 
 @pytest.mark.parametrize("tied", [False, True])
@@ -136,3 +138,32 @@ def test_a_streamed_compile_writes_the_same_artifact_as_a_full_load(checkpoints,
     assert streamed_result.report["decoder"]["quantization"] == "int4"
     spec = json.loads((streamed_result.artifact / "decoder.json").read_text())
     assert (spec["tied_embedding"] is not None) is tied  # the tied table found by value, block by block
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_an_empty_pipeline_streams_the_checkpoint_into_an_exact_fp32_decoder(checkpoints, tied, tmp_path, monkeypatch):
+    """No quantization: the exporter traces the deferred weights' empty storage, each initializer
+    is bound to the checkpoint and written from there; the artifact computes the full load's
+    logits, and the driver's own check (greedy tokens equal to eager's, or no artifact) passed."""
+    from planc.backends.onnx.generate import DecoderSession
+    from planc.compiler import driver
+
+    plan = _plan(tmp_path, checkpoints[tied], "")
+    bound = []
+    from planc.backends.onnx import decoder
+
+    original = decoder.bind_deferred_weights
+    monkeypatch.setattr(decoder, "bind_deferred_weights", lambda model, loaders: bound.append(original(model, loaders)) or bound[-1])
+    streamed_result = driver.compile_plan(plan, tmp_path / "streamed")
+    monkeypatch.setattr(driver, "streams_weights", lambda plan: False)
+    full_result = driver.compile_plan(plan, tmp_path / "full")
+    assert bound[0] > 0 and bound[1] == 0  # the full load had nothing deferred
+    accuracy = streamed_result.report["accuracy"]
+    assert accuracy["greedy_equal"] is True and accuracy["top1"] == 1.0 and accuracy["logits_max_rel_diff"] <= 1e-4
+    assert streamed_result.report["decoder"]["quantization"] is None
+    ids = np.asarray([[5, 6, 7, 8, 9, 10], [11, 12, 13, 14, 15, 16]], np.int64)
+    got = DecoderSession(streamed_result.artifact).logits(ids)
+    want = DecoderSession(full_result.artifact).logits(ids)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+    assert sum(v.nbytes for v in _initializers(streamed_result.artifact).values()) == \
+        sum(v.nbytes for v in _initializers(full_result.artifact).values())
