@@ -6,6 +6,10 @@ random-init bf16 checkpoint is written tensor by tensor, then compiled by
 - planc: `quantize Linear { scheme = int4, group_size = 32 }` in a decode target
   (`planc compile`, measured with `/usr/bin/time -v`: wall, peak RSS, exit status; a compile
   planc refuses before loading, because its predicted memory does not fit, is a row too);
+- with `--fp32`, planc again with an empty pipeline: the checkpoint exported as it is, streamed
+  into an fp32 artifact and held by the streaming verifier to the eager model (greedy tokens
+  equal, top-1 agreement and the largest relative logit difference in the outcome column); not
+  timed in the tokens/s loop (an fp32 decoder is the baseline, not a candidate);
 - ONNX Runtime GenAI's model builder (`python -m onnxruntime_genai.models.builder -i DIR -o OUT
   -p int4 -e cpu`), when `--builder-python` names an interpreter that imports
   `onnxruntime_genai` (it pins its own onnxruntime, so it lives in its own environment);
@@ -43,20 +47,25 @@ import decode_drivers as drivers  # noqa: E402
 import scale_models  # noqa: E402
 
 PLAN = """\
-# written by bench/bench_scale.py: int4 weight-only decoder of a random-init {name} checkpoint
+# written by bench/bench_scale.py: {what} of a random-init {name} checkpoint
 model {ident} = hf("{directory}") {{
   task = causal_lm
 }}
 
 pipeline {{
-  quantize Linear {{ scheme = int4, group_size = 32 }}
-}}
+{pipeline}}}
 
 target onnx {{
   decode {{ prompts = ["def main(", "import os\\n"], max_new_tokens = 8 }}
-  verify {{ metric = top1, goal = none }}  # random weights: the figures here are memory, time and size
+  verify {{ metric = top1, goal = {goal} }}
 }}
 """
+#: tool -> (what, pipeline, goal): random weights say nothing about int4 accuracy (no goal),
+#: while an fp32 export must reproduce the eager model.
+PLANC_VARIANTS = {
+    "planc": ("int4 weight-only decoder", "  quantize Linear { scheme = int4, group_size = 32 }\n", "none"),
+    "planc fp32": ("fp32 decoder (no pipeline)", "", '">= 1.0"'),
+}
 
 
 def timed_command(command: list[str], log: Path) -> dict:
@@ -84,15 +93,20 @@ def artifact_bytes(directory: Path) -> int | None:
     return sum(p.stat().st_size for p in files) or None
 
 
-def compile_planc(name: str, checkpoint: Path, out: Path, logs: Path) -> dict:
-    plan = logs / f"{name}.plan"
-    plan.write_text(PLAN.format(name=name, ident=re.sub(r"\W", "_", name), directory=checkpoint))
+def compile_planc(name: str, checkpoint: Path, out: Path, logs: Path, variant: str = "planc") -> dict:
+    what, pipeline, goal = PLANC_VARIANTS[variant]
+    stem = f"{name}.{variant.replace(' ', '-')}"
+    plan = logs / f"{stem}.plan"
+    plan.write_text(PLAN.format(what=what, name=name, ident=re.sub(r"\W", "_", name), directory=checkpoint,
+                                pipeline=pipeline, goal=goal))
     shutil.rmtree(out, ignore_errors=True)
     row = timed_command([str(Path(sys.executable).with_name("planc")), "compile", str(plan), "-o", str(out)],
-                        logs / f"{name}.planc.log")
+                        logs / f"{stem}.log")
     report = out / "report.json"
     if report.exists():
-        row["memory"] = json.loads(report.read_text()).get("memory")
+        written = json.loads(report.read_text())
+        row["memory"] = written.get("memory")
+        row["accuracy"] = {k: written["accuracy"].get(k) for k in ("greedy_equal", "top1", "logits_max_rel_diff")}
     row["artifact_bytes"] = artifact_bytes(out)
     return row
 
@@ -155,7 +169,10 @@ def markdown(results: dict) -> str:
         speed = row.get("tokens_per_s") or {}
         tok = " / ".join(f"{speed[str(b)] if str(b) in speed else speed.get(b, '–')}" for b in results["batches"]) if speed else "–"
         predicted = (row.get("memory") or {}).get("predicted_peak_bytes") or row.get("predicted_peak_bytes")
-        outcome = "ok" if row["status"] == 0 else ("killed by the kernel" if row["killed"] else (row.get("message") or f"exit {row['status']}"))
+        accuracy = row.get("accuracy") or {}
+        verified = (f"ok: greedy equal {accuracy['greedy_equal']}, top-1 {accuracy['top1']:.3f}, "
+                    f"max rel. logit diff {accuracy['logits_max_rel_diff']:.1e}") if row["tool"] == "planc fp32" else "ok"
+        outcome = verified if row["status"] == 0 else ("killed by the kernel" if row["killed"] else (row.get("message") or f"exit {row['status']}"))
         lines.append(f"| {row['checkpoint']} | {row['tool']} | {row['wall_s']:.0f} s | {gb(row['peak_rss_bytes'])} | "
                      f"{gb(predicted)} | {gb(row['artifact_bytes'])} | {tok} | {outcome} |")
     return "\n".join(lines)
@@ -171,6 +188,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--fp32", nargs="*", default=[], choices=list(scale_models.CONFIGS),
+                        help="also compile these checkpoints with an empty pipeline")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args(argv)
     from bench_builder import cpu_line
@@ -185,6 +204,9 @@ def main(argv: list[str] | None = None) -> dict:
     for name in args.models:
         checkpoint = scale_models.write_checkpoint(name, root / "checkpoints" / name)
         tools = {"planc": lambda: compile_planc(name, checkpoint, root / "artifacts" / f"{name}-planc", logs)}
+        if name in args.fp32:
+            tools["planc fp32"] = lambda: compile_planc(name, checkpoint, root / "artifacts" / f"{name}-planc-fp32", logs,
+                                                        "planc fp32")
         if builder:
             tools["builder"] = lambda: compile_builder(args.builder_python, checkpoint, root / "artifacts" / f"{name}-builder", logs, name)
         built: dict[str, Path] = {}
@@ -192,7 +214,7 @@ def main(argv: list[str] | None = None) -> dict:
             row = {"checkpoint": name, "tool": tool, **run()}
             print(f"{name} {tool}: {row}", flush=True)
             rows.append(row)
-            if row["status"] == 0 and row["artifact_bytes"]:
+            if row["status"] == 0 and row["artifact_bytes"] and tool != "planc fp32":
                 built[tool] = root / "artifacts" / f"{name}-{tool}"
         if built:
             speeds = tokens_per_s(built, scale_models.CONFIGS[name], args.batch, args.prompt_len, args.new_tokens,

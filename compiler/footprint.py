@@ -226,6 +226,21 @@ def return_freed_memory() -> None:
         pass
 
 
+def trim_freed_memory() -> None:
+    """Give the kernel back what glibc's heap holds free (`malloc_trim`): the export's freed
+    graphs, before ONNX Runtime loads the artifact. Not glibc: no-op."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        if libc is not None and hasattr(libc, "malloc_trim"):
+            libc.malloc_trim(0)
+    except OSError:
+        pass
+
+
 #: glibc's `mallopt` parameter number of the mmap threshold (malloc.h).
 M_MMAP_THRESHOLD = -3
 

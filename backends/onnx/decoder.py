@@ -191,10 +191,21 @@ def capture_decoder(model: nn.Module) -> torch.fx.GraphModule:
     except Exception as error:  # noqa: BLE001 - torch.export raises many kinds; all mean "not capturable"
         first = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
         raise UnsupportedDecoder(f"torch.export cannot capture {type(model).__name__} with a dynamic sequence: {first}") from error
+    finally:
+        forget_export_trace()
     gm = program.module()
     gm.meta[DEFERRED_WEIGHTS] = deferred_loaders(model, "model.")  # the adapter holds the model as `model`
     conv1d_as_linear(gm)  # GPT-2's projections become Linears for planc's passes
     return gm
+
+
+def forget_export_trace() -> None:
+    """Let go of torch.export's last trace. torch keeps its nodes in a module-level map until the
+    next export (`proxy_tensor._FAKE_TENSOR_ID_TO_PROXY_MAP_FOR_EXPORT`), and their fake tensors
+    hold the real constants they were made from: the quantized weights, gigabytes at scale."""
+    from torch.fx.experimental import proxy_tensor
+
+    getattr(proxy_tensor, "_FAKE_TENSOR_ID_TO_PROXY_MAP_FOR_EXPORT", {}).clear()
 
 
 def graph_targets(targets: set[str] | frozenset[str]) -> frozenset[str]:
@@ -230,6 +241,8 @@ def export_onnx(adapter: CacheAdapter, opset: int = 18, graph: torch.fx.GraphMod
     except torch.onnx.errors.OnnxExporterError as error:
         first = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
         raise UnsupportedDecoder(f"the ONNX exporter cannot export {adapter.family} with a key/value cache: {first}") from error
+    finally:
+        forget_export_trace()
     model = program.model
     _name_total_length(model)
     return model
@@ -497,6 +510,11 @@ def export_decoder(
     with staged_dir(out) as tmp:
         path = Path(tmp) / MODEL_FILE
         save_model(onnx_model, path)
+        # The exporter's graph lives on in references torch and onnx_ir keep after the export;
+        # its initializers must not hold the weights (at 8B, gigabytes) once they are written.
+        for value in onnx_model.graph.initializers.values():
+            value.const_value = None
+
         if quantize is not None and quantizer == "ort":
             from planc.backends.onnx.decoder_quantize import quantize_decoder
 

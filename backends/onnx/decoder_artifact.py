@@ -14,6 +14,7 @@ and renamed into place only after verification passed:
 
 from __future__ import annotations
 
+import gc
 import logging
 import shutil
 import time
@@ -30,6 +31,7 @@ from planc.backends.onnx.artifact import (
     _write_json,
     cpu_report,
 )
+from planc.compiler.footprint import trim_freed_memory
 from planc.compiler.model.deferred import streamed
 from planc.compiler.publish import staged_dir
 from planc.backends.onnx.options import OnnxTarget
@@ -89,6 +91,8 @@ def build_decoder_artifact(
         compute = _planned_int4_compute(target) if scheme == "int4" else None
         spec = export_decoder(model, temporary, quantize=quantize, fusions=target.fusions, opset=target.opset,
                               cpu=target.cpu, load_samples=load_samples, int4_compute=compute and compute["chosen"])
+        gc.collect()  # the export's graphs, freed before ONNX Runtime loads the artifact
+        trim_freed_memory()
         reference = model if reference is None else reference
         # one session verifies, times and is handed to the caller (each load of a real-sized
         # artifact takes seconds)

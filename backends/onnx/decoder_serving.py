@@ -343,6 +343,7 @@ def merge_int4_siblings(model: ir.Model) -> int:
             groups.setdefault(id(node.inputs[0]), []).append(node)
     builder = _Builder(model.graph)
     merged = 0
+    replaced: list[ir.Value] = []
     for nodes in groups.values():
         packed = patterns.pack_int4([n.outputs[0] for n in nodes]) if len(nodes) > 1 else None
         if packed is None:
@@ -356,9 +357,13 @@ def merge_int4_siblings(model: ir.Model) -> int:
         split = builder.add(first, "Split", [node.outputs[0], sizes], {"axis": -1}, outputs=len(nodes), name=f"{name}_split")
         for old, new in zip(nodes, split.outputs):
             old.outputs[0].replace_all_uses_with(new)
+            replaced += [value for value in old.inputs[1:] if value is not None and value.is_initializer()]
         merged += 1
     if merged:
         RemoveUnusedNodesPass()(model)
+    for value in replaced:  # references outlive the graph (the exporter's): let go of the bytes
+        if value.name not in model.graph.initializers:
+            value.const_value = None
     return merged
 
 
