@@ -1,9 +1,10 @@
 """Projection weights read from the checkpoint where they are used, never all held at once.
 
 A real-sized decoder does not fit this machine in fp32 (Llama-3.1-8B: 32 GB), while its int4
-artifact does (5 GB). A decode target whose quantize step reads each projection's weight once
-(round-to-nearest: no calibration run through the model) therefore loads the model with its
-Linear weights *deferred*:
+artifact does (5 GB). A decode target that reads each projection's weight once (an empty
+pipeline, or one round-to-nearest quantize step: no calibration run through the model;
+`compiler.footprint.streamed_projections`) therefore loads the model with its Linear weights
+*deferred*:
 
 - the model is built with its parameters on the meta device (buffers such as rotary tables are
   computed as usual), then every parameter gets CPU storage: the checkpoint's values for
@@ -13,6 +14,9 @@ Linear weights *deferred*:
 - graph passes read weights through `graph_utils.get_tensor`, which calls the loader of a
   deferred weight (`deferred_loaders` puts them in the captured graph's `meta`), so the quantize
   pass has one fp32 weight in memory at a time;
+- an export of the eager model itself (an empty pipeline) traces the never-written storage and
+  binds each initializer to its loader, read when the file is written
+  (`backends/onnx/decoder.py`: `bind_deferred_weights`);
 - the eager model runs (the verification reference) inside `streamed(model)`: each deferred
   Linear's weight is loaded by a forward pre-hook and dropped again after its forward.
 
