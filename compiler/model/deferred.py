@@ -150,17 +150,6 @@ def has_deferred_weights(model: nn.Module) -> bool:
     return bool(getattr(model, "_planc_deferred", None))
 
 
-def materialize(model: nn.Module) -> None:
-    """Load every deferred weight into the model for good (a path that reads the whole model,
-    such as ONNX Runtime's quantizer after export, needs them all)."""
-    loaders = getattr(model, "_planc_deferred", {})
-    for name, load in loaders.items():
-        owner, _, attr = name.rpartition(".")
-        module = model.get_submodule(owner)
-        module._parameters[attr] = nn.Parameter(load(), requires_grad=False)
-    model._planc_deferred = {}  # type: ignore[attr-defined]
-
-
 @contextlib.contextmanager
 def streamed(model: nn.Module) -> Iterator[nn.Module]:
     """Run `model` eagerly with each deferred Linear weight loaded just before its forward and
@@ -187,4 +176,4 @@ def streamed(model: nn.Module) -> Iterator[nn.Module]:
             handle.remove()
 
 
-__all__ = ["CheckpointUnreadable", "deferred_loaders", "has_deferred_weights", "load_deferred", "materialize", "streamed"]
+__all__ = ["CheckpointUnreadable", "deferred_loaders", "has_deferred_weights", "load_deferred", "streamed"]

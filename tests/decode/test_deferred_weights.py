@@ -17,7 +17,7 @@ import pytest
 import torch
 from onnx import numpy_helper
 
-from planc.compiler.model.deferred import load_deferred, materialize, streamed
+from planc.compiler.model.deferred import load_deferred, streamed
 
 
 def _bf16_checkpoint(source: Path, out: Path, tied: bool) -> Path:
@@ -61,9 +61,6 @@ def test_streamed_forward_equals_the_fully_loaded_model(checkpoints, tied):
         want = full(ids).logits
     torch.testing.assert_close(got, want, rtol=0, atol=0)
     assert all(deferred.get_parameter(name) is empty[name] for name in expected), "a weight stayed loaded after its forward"
-    materialize(deferred)  # for paths that export the eager model whole
-    with torch.no_grad():
-        torch.testing.assert_close(deferred(ids).logits, want, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("scheme", ["int4-sym", "int4-asym", "int8-per_channel", "int8-per_tensor"])
