@@ -65,7 +65,7 @@ def has_genai() -> bool:
 
 def build_planc(model, out: Path, variant: str) -> Path:
     from planc.backends.onnx import int4_compute
-    from planc.backends.onnx.decoder import MODEL_FILE, export_decoder
+    from planc.backends.onnx.decoder.exporter import MODEL_FILE, export_decoder
 
     scheme = variant.split()[1]
     export_decoder(model, out, quantize=None if scheme == "fp32" else scheme)
@@ -99,7 +99,7 @@ def own_runtime(directory: Path, prompts: np.ndarray, new_tokens: int, threads: 
     """A function running the artifact's own tool's generation loop; returns the new ids."""
     if (directory / "genai_config.json").exists():
         return drivers.genai_generate(directory, prompts, new_tokens, threads)
-    from planc.backends.onnx.generate import DecoderSession, generate_ids
+    from planc.backends.onnx.decoder.generate import DecoderSession, generate_ids
 
     session = DecoderSession(directory, providers=["cpu"], threads=threads)
     return lambda: np.asarray(generate_ids(session, prompts.tolist(), new_tokens, eos_token_ids=[]))
@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
 
-    from planc.backends.onnx.decoder import load_hf_decoder
+    from planc.backends.onnx.decoder.exporter import load_hf_decoder
 
     recipe = llama_stdlib.Recipe()
     hf_dir = Path(args.model) if args.model else llama_stdlib.trained_model_dir(recipe)

@@ -39,7 +39,7 @@ import results_file  # noqa: E402
 def build_model(model_dir: str | None):
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from planc.backends.onnx.decoder import load_hf_decoder
+    from planc.backends.onnx.decoder.exporter import load_hf_decoder
 
     if model_dir:
         return load_hf_decoder(model_dir)
@@ -73,7 +73,7 @@ def time_torch(model, ids: torch.Tensor, new_tokens: int) -> float:
 
 
 def time_ort(session, ids: torch.Tensor, new_tokens: int) -> float:
-    from planc.backends.onnx.generate import generate_ids
+    from planc.backends.onnx.decoder.generate import generate_ids
 
     rows = ids.tolist()
     start = time.perf_counter()
@@ -99,8 +99,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.new_tokens < 2:
         parser.error("--new-tokens must be at least 2: decode tok/s is t(N) - t(1)")
 
-    from planc.backends.onnx.decoder import export_decoder
-    from planc.backends.onnx.generate import DecoderSession
+    from planc.backends.onnx.decoder.exporter import export_decoder
+    from planc.backends.onnx.decoder.generate import DecoderSession
     from planc.backends.onnx.timing import interleaved_medians
 
     source = results_file.provenance(__file__, argv)

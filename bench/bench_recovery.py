@@ -108,9 +108,9 @@ def gpt_rows(weights: Path, scratch: Path) -> list[dict]:
 
     import torch
 
-    from planc.backends.onnx.decoder import export_decoder
-    from planc.backends.onnx.decoder_verify import verify_decoder
-    from planc.backends.onnx.generate import DecoderSession, generate_ids
+    from planc.backends.onnx.decoder.exporter import export_decoder
+    from planc.backends.onnx.decoder.generate import DecoderSession, generate_ids
+    from planc.backends.onnx.decoder.verify import verify_decoder
     from planc.compiler import model as model_source
     from planc.compiler.validate import load_plan
     from planc.passes.quantize import Quantize
@@ -181,7 +181,7 @@ def gpt_prune_rows(weights: Path, scratch: Path, rounds: int) -> list[dict]:
     import statistics
     import time
 
-    from planc.backends.onnx.generate import DecoderSession, generate_ids
+    from planc.backends.onnx.decoder.generate import DecoderSession, generate_ids
 
     rows, sessions = [], {}
     for name, options in GPT_PRUNING.items():

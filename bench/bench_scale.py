@@ -10,6 +10,9 @@ random-init bf16 checkpoint is written tensor by tensor, then compiled by
   into an fp32 artifact and held by the streaming verifier to the eager model (greedy tokens
   equal, top-1 agreement and the largest relative logit difference in the outcome column); not
   timed in the tokens/s loop (an fp32 decoder is the baseline, not a candidate);
+- with `--gptq`, planc again with `method = gptq, calibration = stdlib`: calibrated weights
+  streamed through GPTQ a layer at a time (its memory against the same bound; not timed in the
+  loop either: its graph is the round-to-nearest one's);
 - ONNX Runtime GenAI's model builder (`python -m onnxruntime_genai.models.builder -i DIR -o OUT
   -p int4 -e cpu`), when `--builder-python` names an interpreter that imports
   `onnxruntime_genai` (it pins its own onnxruntime, so it lives in its own environment);
@@ -65,7 +68,11 @@ target onnx {{
 PLANC_VARIANTS = {
     "planc": ("int4 weight-only decoder", "  quantize Linear { scheme = int4, group_size = 32 }\n", "none"),
     "planc fp32": ("fp32 decoder (no pipeline)", "", '">= 1.0"'),
+    "planc gptq": ("int4 GPTQ decoder", "  quantize Linear { scheme = int4, group_size = 32, method = gptq, calibration = stdlib }\n", "none"),
 }
+#: The variants the tokens/s loop drives (the others are not candidates: an fp32 baseline, and
+#: a GPTQ artifact whose graph is the round-to-nearest one's).
+TIMED = ("planc", "builder")
 
 
 def timed_command(command: list[str], log: Path) -> dict:
@@ -190,6 +197,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--fp32", nargs="*", default=[], choices=list(scale_models.CONFIGS),
                         help="also compile these checkpoints with an empty pipeline")
+    parser.add_argument("--gptq", nargs="*", default=[], choices=list(scale_models.CONFIGS),
+                        help="also compile these checkpoints with GPTQ calibrated on stdlib")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args(argv)
     from bench_builder import cpu_line
@@ -204,9 +213,10 @@ def main(argv: list[str] | None = None) -> dict:
     for name in args.models:
         checkpoint = scale_models.write_checkpoint(name, root / "checkpoints" / name)
         tools = {"planc": lambda: compile_planc(name, checkpoint, root / "artifacts" / f"{name}-planc", logs)}
-        if name in args.fp32:
-            tools["planc fp32"] = lambda: compile_planc(name, checkpoint, root / "artifacts" / f"{name}-planc-fp32", logs,
-                                                        "planc fp32")
+        for variant, selected in (("planc fp32", args.fp32), ("planc gptq", args.gptq)):
+            if name in selected:
+                tools[variant] = lambda variant=variant: compile_planc(
+                    name, checkpoint, root / "artifacts" / f"{name}-{variant.replace(' ', '-')}", logs, variant)
         if builder:
             tools["builder"] = lambda: compile_builder(args.builder_python, checkpoint, root / "artifacts" / f"{name}-builder", logs, name)
         built: dict[str, Path] = {}
@@ -214,7 +224,7 @@ def main(argv: list[str] | None = None) -> dict:
             row = {"checkpoint": name, "tool": tool, **run()}
             print(f"{name} {tool}: {row}", flush=True)
             rows.append(row)
-            if row["status"] == 0 and row["artifact_bytes"] and tool != "planc fp32":
+            if row["status"] == 0 and row["artifact_bytes"] and tool in TIMED:
                 built[tool] = root / "artifacts" / f"{name}-{tool}"
         if built:
             speeds = tokens_per_s(built, scale_models.CONFIGS[name], args.batch, args.prompt_len, args.new_tokens,

@@ -47,7 +47,7 @@ def build_decoder(checkpoint: Path, out_dir: Path, keep: list[int] | None = KEEP
     sys.path.insert(0, str(REPO / "tests"))
     from shared_models import example_gpt_module
 
-    from planc.backends.onnx.decoder import export_decoder
+    from planc.backends.onnx.decoder.exporter import export_decoder
     from planc.passes.quantize import Quantize
 
     model = example_gpt_module().gpt(n_layer=4, n_head=4, d_model=128)
@@ -62,8 +62,8 @@ def build_decoder(checkpoint: Path, out_dir: Path, keep: list[int] | None = KEEP
 
 def compare(target_dir: Path, drafts: dict[str, Path], batches: list[int], args: argparse.Namespace) -> list[dict]:
     """One row per batch size and decoding (plain, then each draft) for one target."""
-    from planc.backends.onnx.generate import DecoderSession, generate_ids
-    from planc.backends.onnx.speculative import SpeculativeStats, check_compatible, speculative_generate_ids
+    from planc.backends.onnx.decoder.generate import DecoderSession, generate_ids
+    from planc.backends.onnx.decoder.speculative import SpeculativeStats, check_compatible, speculative_generate_ids
     from planc.backends.onnx.timing import interleaved_medians
 
     target = DecoderSession(target_dir, providers=["cpu"], threads=args.threads)

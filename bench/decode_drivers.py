@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from planc.backends.onnx.decoder_serving import logits_to_keep_feed
+from planc.backends.onnx.decoder.serving import logits_to_keep_feed
 
 
 def session(path: Path, threads: int) -> ort.InferenceSession:

@@ -244,7 +244,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     directory = Path(args.dir)
     if (directory / "decoder.json").is_file():  # a decoder with a key/value cache: its next tokens
-        from planc.backends.onnx.generate import generate_cli
+        from planc.backends.onnx.decoder.generate import generate_cli
 
         generate_cli(directory, args.input, max_new_tokens=args.max_new_tokens)
         return 0
@@ -300,7 +300,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from planc.backends.onnx.generate import generate_cli
+    from planc.backends.onnx.decoder.generate import generate_cli
 
     prompts = list(args.prompt or [])
     if args.batch_file:

@@ -7,8 +7,8 @@ resident memory and its time from them, and refuses at the plan's `model` line a
 would not fit the memory available now. The report records the measured peak beside the
 prediction, so the model of the compile's memory is checked on every run.
 
-A decode target that quantizes every projection by round-to-nearest, or exports the model as
-it is, streams its weights (`streams_weights`, `compiler/model/deferred.py`): its prediction
+A decode target that quantizes every projection (round-to-nearest, gptq or awq), or exports the
+model as it is, streams its weights (`streams_weights`, `compiler/model/deferred.py`): its prediction
 follows what it holds, the projections as the artifact stores them (int4, int8 or fp32) and the
 rest (embeddings) in fp32, not the fp32 model.
 
@@ -53,6 +53,9 @@ class Checkpoint:
     #: Elements of the 2-D tensors that are not embedding tables: the projections a streamed
     #: compile reads one at a time (`streams_weights`).
     projection_params: int = 0
+    #: The largest input width of those projections (a Llama's MLP down projection reads the
+    #: intermediate size): a calibrated method's Hessian is this wide squared.
+    widest_input: int = 0
 
     @property
     def fp32_bytes(self) -> int:
@@ -87,14 +90,35 @@ class Cost:
         return self.fixed_seconds + self.seconds_per_gparam * checkpoint.params / 1e9
 
 
+def calibration_bytes(checkpoint: Checkpoint, tokens: int) -> int:
+    """What a streamed calibrated method (gptq, awq) holds beyond a round-to-nearest compile
+    while it solves the widest input: the Hessian and the fp64 factorization's workspace
+    (`HESSIAN_COPIES` fp32-sized copies), and the calibration activations the walk keeps live."""
+    width = checkpoint.widest_input
+    return int(4 * HESSIAN_COPIES * width * width + 4 * LIVE_ACTIVATIONS * tokens * width)
+
+
+def calibration_seconds(checkpoint: Checkpoint, tokens: int) -> float:
+    """A calibrated method's time: the Gram products and GPTQ's per-layer solves, which grow
+    with the parameters times the tokens (`CALIBRATION_SECONDS` per Gparam per 1k tokens)."""
+    return CALIBRATION_SECONDS * checkpoint.params / 1e9 * max(tokens, 1) / 1000
+
+
 #: Decoder graphs with up to this many bytes of weights are run fused and unfused to check the
-#: fusions (`backends/onnx/decoder_fusions.py`); larger ones keep them unchecked.
+#: fusions (`backends/onnx/decoder/fusions.py`); larger ones keep them unchecked.
 PROBE_BYTES = 1 << 30
 #: Bytes per projection weight in a streamed build's artifact: int4 is 4 bits plus an fp32 scale
 #: per group of 32; int8 a byte plus a scale per row; an empty pipeline exports fp32.
 PROJECTION_BYTES = {"int4": 0.5 + 4 / 32, "int8": 1.0, "fp32": 4.0}
 #: Names of the tensors a streamed compile loads whole (token and position tables).
 EMBEDDING_NAMES = ("embed", "wte", "wpe")
+#: A calibrated streamed compile (`calibration_bytes`): fp32-sized [in, in] copies alive at
+#: once while the widest input is solved (Gram, Hessian, fp64 Cholesky factor, identity and
+#: inverse), activations [tokens, width] live in the walk, and seconds per Gparam per 1k
+#: calibration tokens. Fitted to the 1B GPTQ compile in `bench/results/footprint.md`.
+HESSIAN_COPIES = 6
+LIVE_ACTIVATIONS = 6
+CALIBRATION_SECONDS = 80.0
 
 #: Fitted to the measurements in `bench/results/footprint.md` (2-core x86 machines, 24 GB).
 #: "streamed": `per_fp32_byte` multiplies `Checkpoint.streamed_bytes(...)`, not the fp32 bytes.
@@ -162,7 +186,7 @@ def read_checkpoint(directory: Path) -> Checkpoint | None:
     files = safetensors_files(directory)
     if not files or not all(f.is_file() for f in files):
         return None
-    params = stored = largest = projections = 0
+    params = stored = largest = projections = widest = 0
     dtypes: dict[str, int] = {}
     for file in files:
         for name, entry in read_header(file).items():
@@ -172,10 +196,11 @@ def read_checkpoint(directory: Path) -> Checkpoint | None:
             params += count
             if len(entry["shape"]) == 2 and not any(key in name for key in EMBEDDING_NAMES):
                 projections += count
+                widest = max(widest, entry["shape"][1])
             stored += count * DTYPE_BYTES.get(entry["dtype"], 4)
             dtypes[entry["dtype"]] = dtypes.get(entry["dtype"], 0) + count
             largest = max(largest, count)
-    return Checkpoint(directory, params, stored, dtypes, largest, projections)
+    return Checkpoint(directory, params, stored, dtypes, largest, projections, widest)
 
 
 def available_memory() -> int | None:
@@ -192,11 +217,15 @@ def available_memory() -> int | None:
     return None
 
 
-def predict(checkpoint: Checkpoint, build: str, projection_bytes: float | None = None) -> Footprint:
-    """`projection_bytes`: a streamed build's bytes per projection weight (`PROJECTION_BYTES`)."""
+def predict(checkpoint: Checkpoint, build: str, projection_bytes: float | None = None, calibration_tokens: int = 0) -> Footprint:
+    """`projection_bytes`: a streamed build's bytes per projection weight (`PROJECTION_BYTES`);
+    `calibration_tokens`: the tokens a streamed calibrated method walks through the model."""
     cost = COSTS[build]
-    return Footprint(checkpoint, build, cost.peak(checkpoint, projection_bytes), cost.seconds(checkpoint), available_memory(),
-                     projection_bytes)
+    peak, seconds = cost.peak(checkpoint, projection_bytes), cost.seconds(checkpoint)
+    if calibration_tokens:
+        peak += calibration_bytes(checkpoint, calibration_tokens)
+        seconds += calibration_seconds(checkpoint, calibration_tokens)
+    return Footprint(checkpoint, build, peak, seconds, available_memory(), projection_bytes)
 
 
 def peak_rss() -> int:
@@ -248,10 +277,12 @@ M_MMAP_THRESHOLD = -3
 def streamed_projections(plan: Any) -> str | None:
     """How a streamed compile stores the projections ("int4", "int8", "fp32"), or None when
     `plan` does not stream. A compile streams, its model loaded with the Linear weights
-    deferred (`compiler/model/deferred.py`), when it reads each projection's weight once: a
-    Hugging Face decoder compiled into one decode target whose pipeline is empty or a single
-    round-to-nearest quantize step (nothing runs the model on calibration data, nothing rewrites
-    its weights in place)."""
+    deferred (`compiler/model/deferred.py`), when it is a Hugging Face decoder compiled into
+    one decode target whose pipeline is empty or a single quantize step that reads each weight
+    where it is used: round-to-nearest, or a calibrated method (`gptq`, `awq`), whose
+    calibration walks the samples through the graph a layer at a time
+    (`passes/calibration.py`). Not streamed: static activation scales, `smooth`, a `fallback`
+    search, and gptq's `compensate`, which keeps a float copy of the graph."""
     onnx = plan.target("onnx")
     if plan.model.kind != "hf" or onnx is None or onnx.options.decode is None or len(plan.targets) != 1:
         return None
@@ -260,9 +291,18 @@ def streamed_projections(plan: Any) -> str | None:
     if len(plan.pipeline) != 1 or plan.pipeline[0].name != "quantize":
         return None
     options = plan.pipeline[0].options
-    if options.method == "rtn" and options.smooth is None and options.mode != "static" and not getattr(options, "fallback", None):
-        return options.scheme
-    return None
+    if options.smooth is not None or options.mode == "static" or getattr(options, "fallback", None) or options.compensate:
+        return None
+    return options.scheme
+
+
+def calibration_tokens(plan: Any) -> int:
+    """The tokens a plan's calibrated quantize step walks through the model (0: none): its
+    samples times the window of `stdlib` samples (a text file's lines are taken as long)."""
+    from planc.compiler.textdata import STDLIB_WINDOW
+
+    steps = [step.options for step in plan.pipeline if step.name == "quantize" and step.options.method != "rtn"]
+    return sum(options.calibration_samples * STDLIB_WINDOW for options in steps)
 
 
 def streams_weights(plan: Any) -> bool:
@@ -287,7 +327,7 @@ def plan_footprint(plan: Any) -> Footprint | None:
         return None
     projections = streamed_projections(plan)
     if projections is not None:
-        return predict(checkpoint, "streamed", PROJECTION_BYTES[projections])
+        return predict(checkpoint, "streamed", PROJECTION_BYTES[projections], calibration_tokens(plan))
     return predict(checkpoint, "decoder" if onnx.options.decode is not None else "encoder")
 
 

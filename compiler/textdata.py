@@ -24,6 +24,8 @@ logger = logging.getLogger(__name__)
 
 #: The value of `calibration`/`data.path` that names the standard library's sources, not a file.
 STDLIB = "stdlib"
+#: Tokens per window (and windows when no count is given) of the `stdlib` samples.
+STDLIB_WINDOW, STDLIB_WINDOWS = 128, 32
 
 #: Prose of very different lengths: a batch of them always has padding.
 EXAMPLE_SENTENCES: tuple[str, ...] = (

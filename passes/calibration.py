@@ -8,26 +8,34 @@ and, on request, a bounded sample of the rows themselves (to measure output erro
 padding tokens (attention mask 0, when a sample carries one) are left out of all of them: they
 are not text, and a batch padded to one length would otherwise weigh its padding.
 
-`sequential` processes the groups in graph order and captures each one's input only when its
-turn comes, on the graph as the earlier groups left it: a method that replaces the weights of a
-group (with their quantized or pruned values) makes the later groups calibrate on the outputs
-the compressed model really produces, as GPTQ and SparseGPT do block by block. Each capture
-stops the forward pass at the observed node, so a group costs a partial forward per sample.
+`sequential` processes the groups in graph order in one lockstep walk of the samples through
+the graph (`walk`): each group's input is measured when the walk reaches it, after the earlier
+groups were solved, so a method that replaces the weights of a group (with their quantized or
+pruned values) makes the later groups calibrate on the outputs the compressed model really
+produces, as GPTQ and SparseGPT do block by block. The walk costs one forward pass over the
+samples, reads each weight where it is used and frees each activation after its last reader:
+it holds one layer's weights and the samples' live activations at a time, which is how a
+real-sized decoder's projections, read from the checkpoint (`compiler/model/deferred.py`),
+are calibrated without loading the model.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
+import math
 import sys
 import time
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import fx, nn
+from torch.fx import _pytree as fx_pytree
 from tqdm import tqdm
 
 from planc.passes.base import PassContext, PassError
-from planc.passes.graph_utils import LinearSite
+from planc.passes.graph_utils import LinearSite, get_tensor
 
 log = logging.getLogger(__name__)
 
@@ -55,49 +63,42 @@ def group_by_input(gm: fx.GraphModule, linears: list[LinearSite]) -> list[tuple[
     return sorted(groups.items(), key=lambda item: order[item[0]])
 
 
-class InputStats(nn.Module):
-    """Pass-through observer of a Linear input; with `stop`, ends the forward pass once it has seen it."""
+class InputStats:
+    """What the calibrated methods need from the rows of a Linear input."""
 
-    def __init__(self, keep_rows: int = 0, stop: bool = False, gram: bool = True) -> None:
-        super().__init__()
+    def __init__(self, keep_rows: int = 0, gram: bool = True) -> None:
         self.keep_rows = keep_rows
-        self.stop = stop
         self.with_gram = gram
-        self.gram: torch.Tensor | None = None  # sum over rows of x x^T, float64
+        self.gram: torch.Tensor | None = None  # sum over rows of x x^T
         self.abs_sum: torch.Tensor | None = None
         self.count = 0
         self.rows: list[torch.Tensor] = []
         self.kept = 0
-        #: The current sample's attention mask [batch, seq] (set by `observe`): only the rows of
-        #: real tokens count, when the observed value is laid out [batch, seq, channels].
-        self.token_mask: torch.Tensor | None = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        mask = self.token_mask
-        if mask is not None and tuple(x.shape[:-1]) == tuple(mask.shape):
-            rows = x.detach()[mask].double()  # padding tokens carry no text: left out
-        else:
-            rows = x.detach().reshape(-1, x.shape[-1]).double()
-        if self.with_gram:
-            gram = rows.t() @ rows
-            self.gram = gram if self.gram is None else self.gram + gram
-        abs_sum = rows.abs().sum(0)
+    def add(self, values: list[torch.Tensor], masks: list[torch.Tensor | None]) -> None:
+        """Count the rows of `values` (one per sample), leaving out padding tokens: a value laid
+        out [batch, seq, channels] keeps the rows its sample's attention mask marks as text."""
+        rows = torch.cat([
+            value.detach()[mask] if mask is not None and tuple(value.shape[:-1]) == tuple(mask.shape)
+            else value.detach().reshape(-1, value.shape[-1])
+            for value, mask in zip(values, masks, strict=True)
+        ]).float()
+        if self.with_gram:  # fp32 products over all the samples' rows at once (BLAS speed)
+            self.gram = rows.t() @ rows if self.gram is None else self.gram.addmm_(rows.t(), rows)
+        abs_sum = rows.abs().sum(0, dtype=torch.float64)
         self.abs_sum = abs_sum if self.abs_sum is None else self.abs_sum + abs_sum
         self.count += rows.shape[0]
         if self.kept < self.keep_rows:
-            take = rows[: self.keep_rows - self.kept].float()
+            take = rows[: self.keep_rows - self.kept].clone()
             self.rows.append(take)
             self.kept += take.shape[0]
-        if self.stop:
-            raise Reached
-        return x
 
     @property
     def hessian(self) -> torch.Tensor:
         """Mean `x x^T` over the rows seen (GPTQ's H = 2 X^T X / n up to the factor 2), float32."""
         if self.gram is None:
             raise PassError("calibration never reached this layer's input")
-        return (self.gram / self.count).float()
+        return self.gram / self.count
 
     @property
     def norms(self) -> torch.Tensor:
@@ -119,92 +120,177 @@ class InputStats(nn.Module):
         return torch.cat(self.rows)
 
 
-class Reached(Exception):
-    """Raised by a stopping observer: the rest of the forward pass is not needed."""
+Visit = Callable[[list[torch.Tensor], list[torch.Tensor | None]], "dict[str, torch.Tensor] | None"]
 
 
-def observe(gm: fx.GraphModule, samples: Samples, nodes: list[fx.Node], factory: Callable[[], nn.Module]) -> dict[fx.Node, nn.Module]:
-    """Run `samples` through `gm` (the graph as it is now) with an observer made by `factory`
-    on each of `nodes`; the observers are removed again. An observer may raise `Reached` to end
-    a forward pass early (nothing after what it watches is needed)."""
-    observers: dict[fx.Node, nn.Module] = {}
-    inserted: list[fx.Node] = []
-    for index, source in enumerate(dict.fromkeys(nodes)):
-        name = f"planc_observer_{index}"
-        observers[source] = factory()
-        gm.add_submodule(name, observers[source])
-        with gm.graph.inserting_after(source):
-            inserted.append(gm.graph.call_module(name, (source,)))
-    gm.recompile()
-    try:
-        with torch.no_grad():
-            for sample in samples:
-                mask = sample.get("attention_mask")
-                for observer in observers.values():
-                    if hasattr(observer, "token_mask"):
-                        observer.token_mask = None if mask is None else mask.bool()
-                try:
-                    gm(**sample)
-                except Reached:
-                    pass
-    finally:
-        for node in inserted:
-            gm.graph.erase_node(node)
-            delattr(gm, str(node.target))
-        gm.recompile()
+def walk(gm: fx.GraphModule, samples: Samples, visits: dict[fx.Node, Visit], what: str | None = None) -> None:
+    """Run every sample through `gm` node by node, all samples in lockstep, calling
+    `visits[node](values, masks)` once a visited node's value is known for every sample (its
+    value per sample, and each sample's attention mask or None). The walk ends after the last
+    visited node: nothing later runs (not the LM head's logits, not the outputs).
+
+    Why lockstep rather than one forward pass per sample: a visit sees the node over all the
+    calibration data before anything after it runs, so it can change what follows. A visit may
+    return {weight name: tensor}, used in place of that weight by the rest of the walk (until
+    its last reader has run: gptq's rounded weights), or rewrite weights itself (`set_tensor`).
+    Weights are read where used (`graph_utils.get_tensor`; a deferred weight is read from its
+    checkpoint, one at a time) and every value is freed after its last reader, so the walk holds
+    one layer's weights and the live activations of the samples, never the model.
+    """
+    if not visits:
+        return
+    nodes = list(gm.graph.nodes)
+    position = {node: i for i, node in enumerate(nodes)}
+    end = max(position[node] for node in visits)
+    last_read = {node: max((position[u] for u in node.users if u.op != "output"), default=position[node]) for node in nodes}
+    freed_after: dict[int, list[fx.Node]] = {}
+    for node in nodes:
+        if node.op != "get_attr":
+            freed_after.setdefault(last_read[node], []).append(node)
+    readers: dict[str, int] = {}  # weight -> readers still to run (an override lives that long)
+    for node in nodes:
+        if node.op == "get_attr":
+            readers[str(node.target)] = readers.get(str(node.target), 0) + sum(u.op != "output" for u in node.users)
+    overrides: dict[str, torch.Tensor] = {}
+    envs = [dict(zip(_placeholders(gm), _flat_inputs(gm, sample), strict=True)) for sample in samples]
+    masks = [sample.get("attention_mask") for sample in samples]
+    masks = [None if mask is None else mask.bool() for mask in masks]
+    bar = tqdm(total=len(visits), desc=what, unit="input", disable=what is None or not sys.stderr.isatty(), leave=False)
+    with torch.no_grad():
+        for node in nodes[: end + 1]:
+            if node.op in ("call_function", "call_method", "call_module"):
+                weights = {arg: overrides.get(str(arg.target)) for arg in node.all_input_nodes if arg.op == "get_attr"}
+                for arg in weights:
+                    if weights[arg] is None:
+                        weights[arg] = get_tensor(gm, str(arg.target))
+                for env in envs:
+                    env[node] = _run_node(gm, node, lambda arg: weights[arg] if arg in weights else env[arg])  # noqa: B023
+                for arg in weights:
+                    target = str(arg.target)
+                    readers[target] -= 1
+                    if readers[target] <= 0:
+                        overrides.pop(target, None)
+                del weights
+            if node in visits:
+                bar.update()
+                replaced = visits[node]([env[node] for env in envs], masks)
+                overrides.update(replaced or {})
+            for done in freed_after.get(position[node], ()):
+                for env in envs:
+                    env.pop(done, None)
+    bar.close()
+
+
+def _placeholders(gm: fx.GraphModule) -> list[fx.Node]:
+    return [node for node in gm.graph.nodes if node.op == "placeholder"]
+
+
+def _flat_inputs(gm: fx.GraphModule, sample: dict[str, torch.Tensor]) -> list:
+    """The placeholder values `gm(**sample)` would bind (a torch.export module flattens its
+    keyword inputs by its input spec; a traced one binds them by name)."""
+    bound = inspect.signature(gm.forward).bind(**sample)
+    bound.apply_defaults()
+    spec = getattr(gm, "_in_spec", None)
+    if spec is None and isinstance(gm.graph._codegen, fx.graph._PyTreeCodeGen):
+        spec = gm.graph._codegen.pytree_info.in_spec
+    if spec is not None:  # (args, kwargs): the first parameters positional, as the module's code passes them
+        names, positional = list(bound.arguments), spec.child(0).num_children
+        args = [bound.arguments[name] for name in names[:positional]]
+        return fx_pytree.tree_flatten_spec((args, {name: bound.arguments[name] for name in names[positional:]}), spec)
+    return list(bound.arguments.values())
+
+
+def _run_node(gm: fx.GraphModule, node: fx.Node, value: Callable[[fx.Node], object]) -> object:
+    args = fx.node.map_arg(node.args, value)
+    kwargs = fx.node.map_arg(node.kwargs, value)
+    if node.op == "call_function":
+        return node.target(*args, **kwargs)
+    if node.op == "call_method":
+        this, *rest = args
+        return getattr(this, node.target)(*rest, **kwargs)
+    return gm.get_submodule(str(node.target))(*args, **kwargs)
+
+
+def _feed(observer: nn.Module | InputStats, values: list[torch.Tensor], masks: list[torch.Tensor | None]) -> None:
+    if isinstance(observer, InputStats):
+        observer.add(values, masks)
+        return
+    for value in values:
+        observer(value)
+
+
+def observe(gm: fx.GraphModule, samples: Samples, nodes: list[fx.Node], factory: Callable[[], nn.Module | InputStats]) -> dict[fx.Node, Any]:
+    """`samples` walked through `gm` (the graph as it is now) with an observer made by `factory`
+    fed each of `nodes`' values; the graph is not changed."""
+    observers = {node: factory() for node in dict.fromkeys(nodes)}
+    walk(gm, samples, {node: lambda values, masks, o=observers[node]: _feed(o, values, masks) for node in observers})
     return observers
 
 
 def capture(
     gm: fx.GraphModule, samples: Samples, nodes: list[fx.Node], keep_rows: int = 0, gram: bool = True
 ) -> dict[fx.Node, InputStats]:
-    """Statistics of `nodes`' values over `samples` (one forward pass per sample, the graph as it is now).
-
-    A single node is captured with a stopping observer: nothing after it runs. `gram = False`
-    skips the [in, in] Gram matrix (AWQ captures every input at once and needs only mean |X|).
-    """
-    stop = len(set(nodes)) == 1
-    return observe(gm, samples, nodes, lambda: InputStats(keep_rows, stop=stop, gram=gram))  # type: ignore[return-value]
+    """Statistics of `nodes`' values over `samples` (the graph as it is now; nothing after the
+    last of them runs). `gram = False` skips the [in, in] Gram matrix."""
+    return observe(gm, samples, nodes, lambda: InputStats(keep_rows, gram=gram))  # type: ignore[return-value]
 
 
 def sequential(
     gm: fx.GraphModule,
     samples: Samples,
     linears: list[LinearSite],
-    solve: Callable[[list[LinearSite], InputStats], None],
+    solve: Callable[[list[LinearSite], InputStats], "dict[str, torch.Tensor] | None"],
     what: str,
     keep_rows: int = 0,
+    gram: bool = True,
 ) -> float:
-    """Call `solve(sites, stats)` on each input group in graph order, capturing it just before.
-
-    `solve` may rewrite the weights of its sites in place (set_tensor); later groups see them.
-    Shows a progress bar on a terminal; returns the seconds spent.
-    """
+    """Call `solve(sites, stats)` on each input group in graph order, in one walk of the
+    samples: a group's input is measured with the earlier groups already solved. `solve` may
+    return {weight: tensor} to use for the rest of the walk (rounded weights) or rewrite weights
+    in place. Shows a progress bar on a terminal; returns the seconds spent."""
     start = time.perf_counter()
-    groups = group_by_input(gm, linears)
-    bar = tqdm(groups, desc=what, unit="input", disable=not sys.stderr.isatty(), leave=False)
-    for x, sites in bar:
-        bar.set_postfix_str(sites[0].module_path, refresh=False)
-        solve(sites, capture(gm, samples, [x], keep_rows)[x])
+
+    def visit(sites: list[LinearSite]) -> Visit:
+        def run(values: list[torch.Tensor], masks: list[torch.Tensor | None]) -> dict[str, torch.Tensor] | None:
+            stats = InputStats(keep_rows, gram=gram)
+            stats.add(values, masks)
+            return solve(sites, stats)
+
+        return run
+
+    walk(gm, samples, {x: visit(sites) for x, sites in group_by_input(gm, linears)}, what)
     return time.perf_counter() - start
 
 
 def output_error(w: torch.Tensor, w_new: torch.Tensor, hessian: torch.Tensor) -> float:
     """Relative output error ||X (W - W_new)^T|| / ||X W^T|| from H = X^T X / n (no rows needed)."""
-    diff, w, h = (w - w_new).double(), w.double(), hessian.double()
-    num = ((diff @ h) * diff).sum()
-    den = ((w @ h) * w).sum()
-    return float(torch.sqrt(num.clamp(min=0) / den)) if den > 0 else 0.0
+    (error,), norm = output_error_terms(w, [w_new], hessian)
+    return math.sqrt(error / norm) if norm > 0 else 0.0
+
+
+def output_error_terms(w: torch.Tensor, candidates: list[torch.Tensor], hessian: torch.Tensor) -> tuple[list[float], float]:
+    """([||X (W - W_c)^T||^2 / n per candidate], ||X W^T||^2 / n): summed over row blocks, they
+    give `output_error`. A report figure: fp32 products, summed in fp64."""
+    w, h = w.float(), hessian.float()
+    squares = [max(float(((diff @ h) * diff).sum(dtype=torch.float64)), 0.0) for diff in (w - c.float() for c in candidates)]
+    return squares, float(((w @ h) * w).sum(dtype=torch.float64))
 
 
 def damped_inverse_factor(hessian: torch.Tensor, damp: float) -> torch.Tensor:
     """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1; dead inputs get diag 1 first.
 
     GPTQ's error feedback and SparseGPT's OBS updates both read the rows of this factor.
+    Computed without forming the inverse: with J the order reversal and J H J = C C^T (C lower),
+    H^-1 = U^T U for U = J C^-1 J (one factorization and one triangular solve, in fp64, each in
+    place: two [in, in] fp64 buffers, 1 GB for a real-sized 8192-wide input).
     """
-    h = hessian.detach().double().clone()
-    dead = torch.diag(h) == 0
-    h[dead, dead] = 1.0
-    h += damp * torch.diag(h).mean() * torch.eye(h.shape[0], dtype=h.dtype)
-    inverse = torch.cholesky_inverse(torch.linalg.cholesky(h))
-    return torch.linalg.cholesky(inverse, upper=True).float()
+    h = hessian.detach().flip(0, 1).to(torch.float64, copy=True)  # J H J, in place from here (8192^2: 0.5 GB each)
+    diagonal = h.diagonal()
+    diagonal[diagonal == 0] = 1.0
+    diagonal += damp * diagonal.mean()
+    lower = torch.linalg.cholesky(h, out=h)  # both in place: LAPACK overwrites its input
+    del h, diagonal
+    inverse = torch.eye(lower.shape[0], dtype=lower.dtype)
+    torch.linalg.solve_triangular(lower, inverse, upper=False, out=inverse)
+    del lower
+    return inverse.float().flip(0, 1)

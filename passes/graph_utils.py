@@ -199,6 +199,18 @@ def stored_tensor(gm: torch.nn.Module, dotted: str) -> torch.Tensor:
     return getattr(module, name)
 
 
+def scale_columns(gm: torch.nn.Module, dotted: str, factors: torch.Tensor) -> None:
+    """Multiply the weight at `dotted` by `factors` per input column (W[:, j] * s_j). A deferred
+    weight stays deferred: its loader scales what it reads, so it is still read once, where used."""
+    loaders = getattr(gm, "meta", {}).get(DEFERRED_WEIGHTS, {})
+    load = loaders.get(dotted)
+    if load is not None:
+        loaders[dotted] = lambda: load().float().mul_(factors)
+        return
+    tensor = stored_tensor(gm, dotted)
+    set_tensor(gm, dotted, (tensor.detach().float() * factors).to(tensor.dtype))
+
+
 def set_tensor(gm: torch.nn.Module, dotted: str, value: torch.Tensor, *, buffer: bool | None = None) -> None:
     """Store `value` at `dotted`, creating plain intermediate modules as needed.
 

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from planc.backends.onnx import runtime
-from planc.backends.onnx.decoder_tokenizer import ByteTokenizer
+from planc.backends.onnx.decoder.tokenizer import ByteTokenizer
 from planc.backends.onnx.options import OnnxTarget
 from planc.backends.onnx.runtime import ProviderError
 from planc.compiler.model_source import load_tokenizer

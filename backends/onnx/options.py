@@ -91,7 +91,7 @@ class Decode(_Frozen):
     #: Held-out text for perplexity, one document per file; None = skip perplexity.
     heldout: str | None = None
     #: A smaller decoder artifact directory (relative to the plan, built by its own plan first:
-    #: layer-dropped and distilled) that speculates for this one (`speculative.py`); the report
+    #: layer-dropped and distilled) that speculates for this one (`decoder/speculative.py`); the report
     #: then gives its acceptance rate and tokens/s against plain decoding, and the build fails
     #: unless speculation reproduces plain greedy decoding token for token.
     draft: str | None = None

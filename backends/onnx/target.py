@@ -2,7 +2,7 @@
 
 Imports nothing heavy at module level: `planc check` reads `TARGET.options` and `TARGET.check`.
 Three builds, chosen by the plan: an encoder/LM graph after the plan's passes (`artifact.py`);
-a decoder with a key/value cache when the target has `decode { }` (`decoder_artifact.py`); and
+a decoder with a key/value cache when the target has `decode { }` (`decoder/artifact.py`); and
 either of them on trained weights when a `target train` ran first in the same compile.
 
 Every artifact is verified against the model as the `model` line loads it: the goal measures
@@ -101,8 +101,8 @@ class OnnxKind:
         """A decoder's graph is the key/value-cache graph it is exported from; else the default."""
         if not self.is_decoder(target):
             return None
-        from planc.backends.onnx.cache_adapter import UnsupportedDecoder
-        from planc.backends.onnx.decoder import capture_decoder
+        from planc.backends.onnx.decoder.cache_adapter import UnsupportedDecoder
+        from planc.backends.onnx.decoder.exporter import capture_decoder
 
         try:
             return capture_decoder(loaded.model)
@@ -114,8 +114,8 @@ class OnnxKind:
         (after the model rewrites, `share`, which shape the captured graph itself); else the default."""
         if not self.is_decoder(target):
             return None
-        from planc.backends.onnx.cache_adapter import UnsupportedDecoder, has_linear_projections
-        from planc.backends.onnx.decoder import quantize_with_planc
+        from planc.backends.onnx.decoder.cache_adapter import UnsupportedDecoder, has_linear_projections
+        from planc.backends.onnx.decoder.exporter import quantize_with_planc
 
         if any(s.name == stop_after and s.options.rewrites_model for s in job.plan.pipeline):
             return self.capture(target, loaded)  # the model was rewritten when it was loaded
@@ -266,7 +266,7 @@ class OnnxKind:
         """A key/value-cache graph plus generation, pruned and quantized as planned, its goal
         judged against the `model` line's model (a decoder trained on data alone: against the
         trained one); the export's fidelity to the rewritten (shared, pruned) model is reported too."""
-        from planc.backends.onnx.decoder_artifact import build_decoder_artifact
+        from planc.backends.onnx.decoder.artifact import build_decoder_artifact
         from planc.compiler.explain import explain
 
         loaded, original = self._model(job)
@@ -290,7 +290,7 @@ class OnnxKind:
         job.progress("exporting the decoder to ONNX, verifying generation against the original model")
         if step and quantize:
             summaries.append({"name": step.name, "summary": f"{quantize.method} {quantize.scheme} weights for every projection"})
-        from planc.backends.onnx.cache_adapter import UnsupportedDecoder
+        from planc.backends.onnx.decoder.cache_adapter import UnsupportedDecoder
 
         try:
             result = build_decoder_artifact(loaded.model, options, quantize, job.out_dir, heldout, summaries, explain(job.plan),

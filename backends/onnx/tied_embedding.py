@@ -91,6 +91,8 @@ def share_tied_embedding(model: ir.Model) -> str | None:
             continue
         if any(use.node is not node for use in table_value.uses()):
             continue  # the table is read elsewhere too: nothing would be saved
+        if isinstance(table_value.const_value, ir.LazyTensor):
+            continue  # still in the checkpoint: an untied table (a tied one is loaded, `compiler/model/deferred.py`)
         table = _const(table_value)
         if table is None or table.dtype != np.float32 or table.ndim != 2:
             continue

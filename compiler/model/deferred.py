@@ -1,24 +1,25 @@
-"""Projection weights read from the checkpoint where they are used, never all held at once.
+"""Weights read from the checkpoint where they are used, never all held at once.
 
 A real-sized decoder does not fit this machine in fp32 (Llama-3.1-8B: 32 GB), while its int4
-artifact does (5 GB). A decode target that reads each projection's weight once (an empty
-pipeline, or one round-to-nearest quantize step: no calibration run through the model;
-`compiler.footprint.streamed_projections`) therefore loads the model with its Linear weights
-*deferred*:
+artifact does (5 GB). A decode target that reads each projection's weight where it is used (an
+empty pipeline, or one quantize step: round-to-nearest, or gptq / awq calibrated by a walk
+through the graph a layer at a time; `compiler.footprint.streamed_projections`) therefore loads
+the model with its Linear weights and its untied token embedding *deferred*:
 
 - the model is built with its parameters on the meta device (buffers such as rotary tables are
-  computed as usual), then every parameter gets CPU storage: the checkpoint's values for
-  embeddings, norms and biases; for a deferred weight, storage that is never written (pages the
-  kernel never backs, so they cost no memory) and a loader that reads it from the safetensors
-  file in fp32 (`CheckpointTensors`: a file read, not a memory map);
+  computed as usual), then every parameter gets CPU storage: the checkpoint's values for norms,
+  biases and a tied embedding; for a deferred weight, storage that is never written (pages the
+  kernel never backs, so they cost no memory) and a loader (`DeferredWeight`) that reads it, or
+  some of its rows, from the safetensors file in fp32 (`CheckpointTensors`: file reads, not a
+  memory map);
 - graph passes read weights through `graph_utils.get_tensor`, which calls the loader of a
-  deferred weight (`deferred_loaders` puts them in the captured graph's `meta`), so the quantize
-  pass has one fp32 weight in memory at a time;
-- an export of the eager model itself (an empty pipeline) traces the never-written storage and
-  binds each initializer to its loader, read when the file is written
-  (`backends/onnx/decoder.py`: `bind_deferred_weights`);
-- the eager model runs (the verification reference) inside `streamed(model)`: each deferred
-  Linear's weight is loaded by a forward pre-hook and dropped again after its forward.
+  deferred weight (`deferred_loaders` puts them in the captured graph's `meta`), so a pass has
+  one fp32 weight in memory at a time (`passes/calibration.py`'s walk too);
+- the export traces the never-written storage and binds each initializer still read from it to
+  its loader, read when the file is written (`backends/onnx/decoder/exporter.py`: `bind_deferred_weights`);
+- the eager model runs (the verification reference) inside `streamed(model)`: a deferred
+  Linear's weight is loaded just before its forward and dropped after it (an LM head block of
+  rows at a time); an Embedding reads the rows of the looked-up tokens only.
 
 A tied embedding is loaded (its Embedding reads it), so an LM head that shares it is not deferred.
 """
@@ -26,6 +27,7 @@ A tied embedding is loaded (its Embedding reads it), so an LM head that shares i
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -77,6 +79,45 @@ class CheckpointTensors:
             f.readinto(data.numpy())
         return data.view(DTYPES[entry["dtype"]]).reshape(entry["shape"]).to(torch.float32)
 
+    def read_rows(self, key: str, rows: torch.Tensor) -> torch.Tensor:
+        """Rows `rows` (indices along the first axis) of the tensor `key`, in fp32 [len(rows), ...]:
+        each row is contiguous in the file, so only those bytes are read."""
+        path, start, entry = self._where[key]
+        shape = entry["shape"]
+        row_bytes = (entry["data_offsets"][1] - entry["data_offsets"][0]) // shape[0]
+        data = torch.empty(len(rows), row_bytes, dtype=torch.uint8)
+        buffer = data.numpy()
+        wanted = rows.tolist()
+        with path.open("rb", buffering=0) as f:
+            i = 0
+            while i < len(wanted):  # one read per run of consecutive rows
+                j = i + 1
+                while j < len(wanted) and wanted[j] == wanted[j - 1] + 1:
+                    j += 1
+                f.seek(start + entry["data_offsets"][0] + wanted[i] * row_bytes)
+                f.readinto(buffer[i:j])
+                i = j
+        return data.view(DTYPES[entry["dtype"]]).reshape(len(rows), *shape[1:]).to(torch.float32)
+
+
+class DeferredWeight:
+    """A weight left in its checkpoint: called, it reads the whole tensor (fp32); `rows` reads
+    some of its rows only (an embedding's looked-up tokens, an LM head block by block)."""
+
+    def __init__(self, checkpoint: CheckpointTensors, key: str):
+        self.checkpoint, self.key = checkpoint, key
+
+    def __call__(self) -> torch.Tensor:
+        return self.checkpoint.read(self.key)
+
+    def rows(self, rows: torch.Tensor) -> torch.Tensor:
+        return self.checkpoint.read_rows(self.key, rows)
+
+
+#: Output rows per block when the streamed eager model runs a deferred Linear this large (a
+#: real-sized LM head: 128256 rows, 2.1 GB in fp32 at 8B), so only one block is in memory.
+LINEAR_BLOCK_ROWS = 16384
+
 
 @contextlib.contextmanager
 def parameters_on_meta() -> Iterator[None]:
@@ -106,6 +147,16 @@ def _owners(model: nn.Module) -> dict[int, list[tuple[nn.Module, str, str]]]:
     return owners
 
 
+def _deferrable(module: nn.Module, attr: str) -> type | None:
+    """The kind of layer whose `attr` may stay in the checkpoint: a Linear's weight, or a plain
+    Embedding's table (a subclass may scale or reshape what it looks up: loaded)."""
+    if attr != "weight":
+        return None
+    if isinstance(module, nn.Linear):
+        return nn.Linear
+    return nn.Embedding if type(module) is nn.Embedding else None
+
+
 def load_deferred(directory: Path, auto_class: Any, config: Any) -> nn.Module:
     """`auto_class`'s model for `config` with the weights of `directory`, Linear weights deferred
     (see the module docstring); `CheckpointUnreadable` when a parameter has no tensor of its
@@ -121,11 +172,11 @@ def load_deferred(directory: Path, auto_class: Any, config: Any) -> nn.Module:
         if key is None:
             raise CheckpointUnreadable(f"the checkpoint has no tensor for {names[0]}")
         meta = holders[0][0]._parameters[holders[0][1]]
-        deferred = all(isinstance(module, nn.Linear) and attr == "weight" for module, attr, _ in holders)
-        if deferred:
+        kinds = {_deferrable(module, attr) for module, attr, _ in holders}
+        if kinds in ({nn.Linear}, {nn.Embedding}):  # a tied table (read by both) is loaded
             value = torch.empty(meta.shape, dtype=torch.float32)  # never written: no memory
             for dotted in names:
-                loaders[dotted] = (lambda k=key: checkpoint.read(k))
+                loaders[dotted] = DeferredWeight(checkpoint, key)
         else:
             value = checkpoint.read(key)
             if tuple(value.shape) != tuple(meta.shape):
@@ -137,7 +188,7 @@ def load_deferred(directory: Path, auto_class: Any, config: Any) -> nn.Module:
         if name in checkpoint:
             buffer.copy_(checkpoint.read(name))
     model._planc_deferred = loaders  # type: ignore[attr-defined]
-    logger.info("%d Linear weights deferred: read from %s where used", len(loaders), directory)
+    logger.info("%d weights deferred: read from %s where used", len(loaders), directory)
     return model.eval()
 
 
@@ -152,28 +203,54 @@ def has_deferred_weights(model: nn.Module) -> bool:
 
 @contextlib.contextmanager
 def streamed(model: nn.Module) -> Iterator[nn.Module]:
-    """Run `model` eagerly with each deferred Linear weight loaded just before its forward and
-    dropped right after: one weight in memory at a time (a no-op for a model with none)."""
+    """Run `model` eagerly with its deferred weights read where used and dropped right after:
+    a Linear's weight loaded just before its forward (one that large, by blocks of rows); an
+    Embedding's rows of the looked-up tokens only. A no-op for a model with none."""
     loaders = getattr(model, "_planc_deferred", {})
-    handles = []
+    handles, replaced = [], []
     for name, module in model.named_modules():
         load = loaders.get(f"{name}.weight" if name else "weight")
-        if load is None or not isinstance(module, nn.Linear):
+        if load is None:
             continue
-        empty = module._parameters["weight"]
+        if type(module) is nn.Embedding:
+            module.forward = functools.partial(_embedding_rows, module, load)
+            replaced.append(module)
+        elif type(module) is nn.Linear and module.out_features > LINEAR_BLOCK_ROWS:
+            module.forward = functools.partial(_linear_by_rows, module, load)
+            replaced.append(module)
+        elif isinstance(module, nn.Linear):
+            empty = module._parameters["weight"]
 
-        def before(mod: nn.Module, args: Any, load: Callable[[], torch.Tensor] = load) -> None:
-            mod._parameters["weight"] = nn.Parameter(load(), requires_grad=False)
+            def before(mod: nn.Module, args: Any, load: Callable[[], torch.Tensor] = load) -> None:
+                mod._parameters["weight"] = nn.Parameter(load(), requires_grad=False)
 
-        def after(mod: nn.Module, args: Any, output: Any, empty: nn.Parameter = empty) -> None:
-            mod._parameters["weight"] = empty
+            def after(mod: nn.Module, args: Any, output: Any, empty: nn.Parameter = empty) -> None:
+                mod._parameters["weight"] = empty
 
-        handles += [module.register_forward_pre_hook(before), module.register_forward_hook(after)]
+            handles += [module.register_forward_pre_hook(before), module.register_forward_hook(after)]
     try:
         yield model
     finally:
         for handle in handles:
             handle.remove()
+        for module in replaced:
+            del module.forward  # the class's own again
+
+
+def _embedding_rows(module: nn.Embedding, load: DeferredWeight, ids: torch.Tensor) -> torch.Tensor:
+    """The embedding of `ids` from the rows of its distinct tokens, read from the checkpoint."""
+    tokens, where = torch.unique(ids, return_inverse=True)
+    return load.rows(tokens)[where]
+
+
+def _linear_by_rows(module: nn.Linear, load: DeferredWeight, x: torch.Tensor) -> torch.Tensor:
+    """`module(x)` computed LINEAR_BLOCK_ROWS output features at a time."""
+    out = x.new_empty(*x.shape[:-1], module.out_features)
+    for start in range(0, module.out_features, LINEAR_BLOCK_ROWS):
+        rows = torch.arange(start, min(start + LINEAR_BLOCK_ROWS, module.out_features))
+        bias = None if module.bias is None else module.bias[rows]
+        out[..., start : start + len(rows)] = nn.functional.linear(x, load.rows(rows), bias)
+    return out
 
 
 __all__ = ["CheckpointUnreadable", "deferred_loaders", "has_deferred_weights", "load_deferred", "streamed"]

@@ -18,8 +18,6 @@ from planc.compiler import textdata
 from planc.compiler.model.common import FrontendError, logger, primary_output
 from planc.compiler.model.load import LoadedModel
 
-#: Tokens per window (and windows when no count is given) of the `stdlib` samples.
-STDLIB_WINDOW, STDLIB_WINDOWS = 128, 32
 
 
 def load_samples(
@@ -32,7 +30,7 @@ def load_samples(
     of the standard library's sources, as the training target reads them (`stdlib_windows`).
     """
     if str(path) == textdata.STDLIB:
-        return stdlib_windows(loaded, count or STDLIB_WINDOWS, seq or STDLIB_WINDOW)
+        return stdlib_windows(loaded, count or textdata.STDLIB_WINDOWS, seq or textdata.STDLIB_WINDOW)
     file = Path(path)
     if not file.is_absolute():
         file = loaded.source.base_dir / file

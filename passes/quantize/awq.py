@@ -15,16 +15,14 @@ alpha and how its factors were folded. The error is measured on the Linears' own
 
 from __future__ import annotations
 
-import time
-
 import torch
 from torch import fx
 
 from planc.passes.base import PassContext
-from planc.passes.calibration import capture
+from planc.passes.calibration import InputStats, sequential
 from planc.passes.graph_utils import LinearSite, get_tensor
-from planc.passes.quantize.rtn import QuantizePass
-from planc.passes.quantize.weights import QuantizedWeight, WeightFormat, rtn
+from planc.passes.quantize.rtn import Chosen, QuantizePass
+from planc.passes.quantize.weights import WeightFormat, rtn, rtn_by_rows
 
 #: Points of the alpha grid in [0, 1] (the paper's 20).
 GRID = 20
@@ -79,29 +77,35 @@ class AWQPass(QuantizePass):
     method = "awq"
 
     def _prepare(self, gm: fx.GraphModule, ctx: PassContext, linears: list[LinearSite]) -> dict[str, dict]:
-        start = time.perf_counter()
+        """Search each group's alpha when the calibration walk reaches its input (its rows and
+        weights in memory, one group at a time), then scale every group (rule 5)."""
         fmt = self.weight_format
         groups = self._smoothable(gm, linears)
-        stats = capture(gm, self._samples(ctx, "awq scales"), list(groups), keep_rows=ROWS, gram=False)
         self._errors: dict[str, dict] = {}
-        done: dict[str, dict] = {}
-        for x, sites in groups.items():
+        factors: dict[fx.Node, tuple[float, torch.Tensor]] = {}
+
+        def search(sites: list[LinearSite], stats: InputStats) -> None:
             weights = list(dict.fromkeys(site.weight for site in sites))
             tensors = [get_tensor(gm, w).detach().float() for w in weights]
-            rows = stats[x].sample
-            alpha, factors, errors = search_alpha(tensors, stats[x].mean_abs, rows, fmt)
+            rows = stats.sample
+            alpha, scale, errors = search_alpha(tensors, stats.mean_abs, rows, fmt)
             plain = relative_errors(rows, tensors, [rtn(w, fmt).w_hat for w in tensors])
             for weight, error, rtn_error in zip(weights, errors, plain, strict=True):
                 self._errors[weight] = {"alpha": alpha, "output_error": error, "rtn_output_error": rtn_error}
-            done[x.name] = {**self._scale_inputs(gm, x, sites, factors, ctx.source), "alpha": alpha}
-        self.method_details.update(seconds=round(time.perf_counter() - start, 3), grid=GRID)
+            factors[sites[0].input] = (alpha, scale)
+
+        selected = [site for sites in groups.values() for site in sites]
+        seconds = sequential(gm, self._samples(ctx, "awq scales"), selected, search, "awq", keep_rows=ROWS, gram=False)
+        done = {x.name: {**self._scale_inputs(gm, x, sites, factors[x][1], ctx.source), "alpha": factors[x][0]}
+                for x, sites in groups.items()}
+        self.method_details.update(seconds=round(seconds, 3), grid=GRID)
         return done
 
-    def _solve(self, gm: fx.GraphModule, ctx: PassContext, linears: list[LinearSite]) -> dict[str, tuple[QuantizedWeight, dict]]:
+    def _solve(self, gm: fx.GraphModule, ctx: PassContext, linears: list[LinearSite]) -> dict[str, Chosen]:
         """Round the scaled weights to nearest, reporting the errors measured by the search."""
-        fmt = self.weight_format
-        return {
-            site.weight: (rtn(get_tensor(gm, site.weight), fmt), self._errors[site.weight])
-            for site in linears
-            if site.weight in self._errors
-        }
+        solved: dict[str, Chosen] = {}
+        for site in linears:
+            if site.weight in self._errors and site.weight not in solved:
+                tensors, max_error = rtn_by_rows(get_tensor(gm, site.weight).detach().float(), self.weight_format)
+                solved[site.weight] = (tensors, {**self._errors[site.weight], "max_abs_error": max_error})
+        return solved

@@ -58,13 +58,14 @@ from planc.passes.graph_utils import (
     get_tensor,
     linear_sites,
     mark,
+    scale_columns,
     select_embeddings,
     select_linears,
     set_tensor,
     stored_tensor,
 )
 from planc.passes.quantize import Quantize
-from planc.passes.quantize.weights import QuantizedWeight, WeightFormat, rtn, rtn_by_rows
+from planc.passes.quantize.weights import WeightFormat, rtn_by_rows
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +79,9 @@ OP_INT4 = torch.ops.planc.linear_int4.default
 OP_EMBEDDING = torch.ops.planc.embedding_int8.default
 #: MatMulNBits accepts power-of-two block sizes from 16 up.
 MIN_INT4_GROUP = 16
+#: What a method chooses for one weight: its integer tensors (keyed as the rewritten op reads
+#: them) and the layer's details for the report (at least `max_abs_error`).
+Chosen = tuple[dict[str, torch.Tensor], dict]
 
 
 class MinMaxObserver(nn.Module):
@@ -144,9 +148,9 @@ class QuantizePass(GraphPass[Quantize]):
         """Rescale input channels before the weights are chosen (rule 5); {input: how}."""
         return self._smooth(gm, ctx, linears) if self.options.smooth is not None else {}
 
-    def _solve(self, gm: fx.GraphModule, ctx: PassContext, linears: list[LinearSite]) -> dict[str, tuple[QuantizedWeight, dict]]:
-        """Integer values chosen by the method, per weight, with per-layer details; rtn rounds
-        each weight when it is packed, so it chooses none here."""
+    def _solve(self, gm: fx.GraphModule, ctx: PassContext, linears: list[LinearSite]) -> dict[str, Chosen]:
+        """Integer tensors chosen by the method, per weight, with per-layer details (at least
+        `max_abs_error`); rtn rounds each weight when it is packed, so it chooses none here."""
         return {}
 
     def call(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
@@ -166,9 +170,7 @@ class QuantizePass(GraphPass[Quantize]):
         old_weights: set[str] = set()
         for site in linears:
             if site.weight not in packed:
-                chosen, extra = solved.get(site.weight, (None, {}))
-                packed[site.weight], layers[site.module_path] = self._pack_linear(gm, site.weight, chosen)
-                layers[site.module_path].update(extra)
+                packed[site.weight], layers[site.module_path] = self._pack_linear(gm, site.weight, solved.get(site.weight))
             info = layers.setdefault(site.module_path, {})
             if opts.mode == "static":
                 x_scale, x_zp = qops.quantize_activation_params(*ranges[site.node.name])
@@ -218,17 +220,19 @@ class QuantizePass(GraphPass[Quantize]):
 
     # ------------------------------------------------------------------ weights
 
-    def _pack_linear(self, gm: fx.GraphModule, weight: str, chosen: QuantizedWeight | None = None) -> tuple[dict[str, str], dict]:
+    def _pack_linear(self, gm: fx.GraphModule, weight: str, chosen: Chosen | None = None) -> tuple[dict[str, str], dict]:
         """Store the integer tensors of `weight` (`chosen` by the method, else rounded to nearest)."""
         opts = self.options
-        w = get_tensor(gm, weight).detach().float()
+        stored = stored_tensor(gm, weight)  # a deferred weight's is empty storage: its shape and dtype
         base = weight.rsplit(".", 1)[0]
-        info: dict = {"shape": list(w.shape), "bytes_before": w.numel() * stored_tensor(gm, weight).element_size()}
+        info: dict = {"shape": list(stored.shape), "bytes_before": stored.numel() * stored.element_size()}
         if chosen is None:
-            tensors, max_error = rtn_by_rows(w, self.weight_format)
+            w = get_tensor(gm, weight).detach().float()
+            tensors, info["max_abs_error"] = rtn_by_rows(w, self.weight_format)
+            del w  # a deferred weight was read for this call only (`graph_utils.get_tensor`)
         else:
-            tensors, max_error = chosen.tensors, float((w - chosen.w_hat).abs().max())
-        del w  # a deferred weight was read for this call only (`graph_utils.get_tensor`)
+            tensors, details = chosen
+            info.update(details)
         # Buffer names: the int4 codes are stored as `qweight` too.
         names = {key: f"{base}.{'qweight' if key == 'packed' else key}" for key in tensors}
         for key, tensor in tensors.items():
@@ -238,7 +242,6 @@ class QuantizePass(GraphPass[Quantize]):
         else:
             info.update(granularity=opts.granularity, weight_max=self._int8.weight_max)
         info["bytes_after"] = sum(t.numel() * t.element_size() for t in tensors.values())
-        info["max_abs_error"] = max_error
         return names, info
 
     def _pack_embedding(self, gm: fx.GraphModule, weight: str) -> tuple[dict[str, str], dict]:
@@ -344,8 +347,7 @@ class QuantizePass(GraphPass[Quantize]):
     def _scale_inputs(self, gm: fx.GraphModule, x: fx.Node, sites: list[LinearSite], factors: torch.Tensor, source: str) -> dict:
         """Multiply the group's weight columns by `factors` and divide its input by them (rule 5)."""
         for w in sorted({site.weight for site in sites}):
-            tensor = get_tensor(gm, w)
-            set_tensor(gm, w, (tensor.detach().float() * factors).to(tensor.dtype))
+            scale_columns(gm, w, factors)
         how = "layer_norm" if self._fold_into_layer_norm(gm, x, sites, factors) else "mul"
         if how == "mul":
             self._insert_divide(gm, x, sites, factors, source)

@@ -79,7 +79,7 @@ def gpt2_dir(models_dir) -> Path:
 
 @pytest.fixture(scope="session")
 def gpt2_model(gpt2_dir):
-    from planc.backends.onnx.decoder import load_hf_decoder
+    from planc.backends.onnx.decoder.exporter import load_hf_decoder
 
     return load_hf_decoder(gpt2_dir)
 
@@ -105,7 +105,7 @@ def llama_dir(models_dir) -> Path:
 
 @pytest.fixture(scope="session")
 def llama_model(llama_dir):
-    from planc.backends.onnx.decoder import load_hf_decoder
+    from planc.backends.onnx.decoder.exporter import load_hf_decoder
 
     return load_hf_decoder(llama_dir)
 
@@ -118,7 +118,7 @@ def decoders(gpt_model, gpt2_model, llama_model) -> dict:
 @pytest.fixture(scope="session")
 def artifacts(tmp_path_factory, decoders, gpt2_dir):
     """fp32 artifact of each model, exported on first use: name -> directory."""
-    from planc.backends.onnx.decoder import export_decoder
+    from planc.backends.onnx.decoder.exporter import export_decoder
 
     root = tmp_path_factory.mktemp("decode_artifacts")
     built: dict[str, Path] = {}

@@ -9,8 +9,8 @@ import onnx
 import pytest
 import torch
 
-from planc.backends.onnx.cache_adapter import adapt
-from planc.backends.onnx.decoder import DecoderSpec, export_decoder
+from planc.backends.onnx.decoder.cache_adapter import adapt
+from planc.backends.onnx.decoder.exporter import DecoderSpec, export_decoder
 
 
 def _dims(value_info) -> list:
@@ -84,7 +84,7 @@ def test_byte_level_spec(artifacts):
 
 def test_config_only_directory_gets_seeded_random_weights(tmp_path, gpt2_model):
     """A plan may name an untrained architecture: a directory with config.json alone."""
-    from planc.backends.onnx.decoder import load_hf_decoder
+    from planc.backends.onnx.decoder.exporter import load_hf_decoder
 
     gpt2_model.config.save_pretrained(tmp_path)
     first, second = load_hf_decoder(tmp_path), load_hf_decoder(tmp_path)
@@ -95,7 +95,7 @@ def test_config_only_directory_gets_seeded_random_weights(tmp_path, gpt2_model):
 
 
 def test_gpt2_artifact_matches_eager_logits(artifacts, gpt2_model):
-    from planc.backends.onnx.generate import DecoderSession
+    from planc.backends.onnx.decoder.generate import DecoderSession
 
     session = DecoderSession(artifacts("gpt2"))
     ids = np.array([[5, 9, 200, 17], [1, 2, 3, 4]], np.int64)
@@ -105,7 +105,7 @@ def test_gpt2_artifact_matches_eager_logits(artifacts, gpt2_model):
 
 
 def test_rejects_other_modules(tmp_path):
-    from planc.backends.onnx.cache_adapter import UnsupportedDecoder
+    from planc.backends.onnx.decoder.cache_adapter import UnsupportedDecoder
 
     with pytest.raises(UnsupportedDecoder, match="cannot export"):
         export_decoder(torch.nn.Linear(4, 4), tmp_path / "x")
@@ -117,8 +117,8 @@ def test_multi_query_and_alibi_decoders_serve_with_a_consistent_cache(tmp_path, 
     and generate what the eager model generates."""
     import transformers
 
-    from planc.backends.onnx.decoder import DecoderSpec
-    from planc.backends.onnx.decoder_verify import verify_decoder
+    from planc.backends.onnx.decoder.exporter import DecoderSpec
+    from planc.backends.onnx.decoder.verify import verify_decoder
 
     config = (transformers.FalconConfig(vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                                         multi_query=True, new_decoder_architecture=False)
@@ -145,7 +145,7 @@ def test_fusions_that_change_outputs_are_dropped(tmp_path, gpt_model, monkeypatc
     """A fusion that alters the numbers (as ORT's GQA does on left padding) is not kept."""
     import onnx_ir as ir
 
-    import planc.backends.onnx.decoder_fusions as decoder_fusions
+    import planc.backends.onnx.decoder.fusions as decoder_fusions
 
     def bad_fusion(model) -> dict[str, int]:
         weight = model.graph.initializers["model.tok_emb.weight"]
@@ -155,7 +155,7 @@ def test_fusions_that_change_outputs_are_dropped(tmp_path, gpt_model, monkeypatc
     monkeypatch.setattr(decoder_fusions, "apply_ort_fusions", bad_fusion)
     spec = export_decoder(gpt_model, tmp_path / "art")
     assert spec.fusions == {}
-    from planc.backends.onnx.generate import DecoderSession
+    from planc.backends.onnx.decoder.generate import DecoderSession
 
     ids = np.array([[3, 50, 7]], np.int64)
     with torch.no_grad():

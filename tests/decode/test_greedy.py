@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from planc.backends.onnx.cache_adapter import adapt, empty_past, position_ids_from_mask
-from planc.backends.onnx.decoder_verify import eager_greedy
-from planc.backends.onnx.generate import DecoderSession, generate_ids
+from planc.backends.onnx.decoder.cache_adapter import adapt, empty_past, position_ids_from_mask
+from planc.backends.onnx.decoder.generate import DecoderSession, generate_ids
+from planc.backends.onnx.decoder.verify import eager_greedy
 
 PROMPTS = ["def main(", "import os\n", "the cache", "x = [1, 2, 3]\nprint(x"]
 NEW_TOKENS = 12
@@ -79,7 +79,7 @@ def test_too_long_for_positions(sessions):
 
 def test_planc_run_on_a_decoder_prints_its_next_tokens(artifacts, decoders, capsys):
     """`planc run` on a key/value-cache artifact generates: the prompt and its greedy continuation."""
-    from planc.backends.onnx.decoder import DecoderSpec
+    from planc.backends.onnx.decoder.exporter import DecoderSpec
     from planc.compiler.cli import main
 
     art = artifacts("gpt")

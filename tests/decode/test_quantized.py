@@ -10,8 +10,8 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from planc.backends.onnx.decoder import DecoderSpec
-from planc.backends.onnx.decoder_verify import verify_decoder
+from planc.backends.onnx.decoder.exporter import DecoderSpec
+from planc.backends.onnx.decoder.verify import verify_decoder
 
 # llama: nn.Linear projections; gpt2: Conv1D, captured as Linears: both quantized by planc's
 # pass; ONNX Runtime's tools (quantizer = ort) on the exported GPT-2 graph for comparison.

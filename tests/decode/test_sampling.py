@@ -7,7 +7,7 @@ import io
 import numpy as np
 import pytest
 
-from planc.backends.onnx.generate import DecoderSession, Sampling, generate, generate_cli, generate_ids, next_tokens
+from planc.backends.onnx.decoder.generate import DecoderSession, Sampling, generate, generate_cli, generate_ids, next_tokens
 
 PROMPTS = ["def main(", "import os\n", "x"]
 
@@ -93,7 +93,7 @@ def test_empty_prompt_is_an_error(session):
 
 
 def test_batch_file(tmp_path, artifacts):
-    from planc.backends.onnx.generate import read_prompts
+    from planc.backends.onnx.decoder.generate import read_prompts
 
     batch = tmp_path / "prompts.txt"
     batch.write_text("def f(\\n    return\n\nimport os\n")

@@ -11,10 +11,10 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from planc.backends.onnx.cache_adapter import adapt, empty_past, position_ids_from_mask
-from planc.backends.onnx.decoder import DecoderSpec
-from planc.backends.onnx.decoder_verify import eager_greedy
-from planc.backends.onnx.generate import DecoderSession
+from planc.backends.onnx.decoder.cache_adapter import adapt, empty_past, position_ids_from_mask
+from planc.backends.onnx.decoder.exporter import DecoderSpec
+from planc.backends.onnx.decoder.generate import DecoderSession
+from planc.backends.onnx.decoder.verify import eager_greedy
 
 
 def _eager_logits(model, ids: torch.Tensor, mask: torch.Tensor) -> np.ndarray:
@@ -123,7 +123,7 @@ def test_graphs_without_the_logits_to_keep_input_still_generate(tmp_path, artifa
     `logits_to_keep` = 1 in its prefill generates."""
     import shutil
 
-    from planc.backends.onnx.generate import generate_ids
+    from planc.backends.onnx.decoder.generate import generate_ids
 
     shutil.copytree(artifacts("llama"), tmp_path / "art")
     model = onnx.load(tmp_path / "art" / "model.onnx")
@@ -145,7 +145,7 @@ def test_a_fusion_that_changes_only_padded_positions_is_kept(tmp_path, gpt_model
     (issue 14: exact fusions were refused on left-padded input for that reason)."""
     import onnx_ir as ir
 
-    import planc.backends.onnx.decoder_fusions as decoder_fusions
+    import planc.backends.onnx.decoder.fusions as decoder_fusions
 
     real_fusions = decoder_fusions.apply_ort_fusions
 
@@ -179,7 +179,7 @@ def test_a_fusion_that_changes_only_padded_positions_is_kept(tmp_path, gpt_model
         return {**applied, "scribble": 1}
 
     monkeypatch.setattr(decoder_fusions, "apply_ort_fusions", fuse_and_scribble_on_padding)
-    from planc.backends.onnx.decoder import export_decoder
+    from planc.backends.onnx.decoder.exporter import export_decoder
 
     spec = export_decoder(gpt_model, tmp_path / "art")
     assert spec.fusions.get("scribble") == 1  # kept: real positions are unchanged
@@ -195,9 +195,9 @@ def test_plain_causal_bias_probe(llama_model):
     """Llama's mask is causal + padding; a sliding window of 2 is more, and the probe says so."""
     import transformers
 
-    from planc.backends.onnx.decoder import _with_weights_as_matmul, export_onnx
-    from planc.backends.onnx.decoder_fusions import apply_ort_fusions
-    from planc.backends.onnx.decoder_patterns import plain_causal_bias
+    from planc.backends.onnx.decoder.exporter import _with_weights_as_matmul, export_onnx
+    from planc.backends.onnx.decoder.fusions import apply_ort_fusions
+    from planc.backends.onnx.decoder.patterns import plain_causal_bias
 
     config = transformers.MistralConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
@@ -217,8 +217,8 @@ def test_plain_causal_bias_probe(llama_model):
 
 def test_merged_int4_projections_compute_what_separate_ones_do(tmp_path, llama_model, monkeypatch):
     """q|k|v and gate|up in one MatMulNBits each: the logits equal the separate projections'."""
-    import planc.backends.onnx.decoder_serving as decoder_serving
-    from planc.backends.onnx.decoder import export_decoder
+    import planc.backends.onnx.decoder.serving as decoder_serving
+    from planc.backends.onnx.decoder.exporter import export_decoder
 
     merged = export_decoder(llama_model, tmp_path / "merged", quantize="int4")
     assert merged.fusions["merged_int4_projections"] == llama_model.config.num_hidden_layers

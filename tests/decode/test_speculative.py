@@ -18,9 +18,9 @@ from torch import nn
 from decode_text import generated_text
 from shared_models import example_gpt_module
 
-from planc.backends.onnx.decoder_verify import eager_greedy
-from planc.backends.onnx.generate import DecoderSession, generate, generate_ids
-from planc.backends.onnx.speculative import SpeculativeStats, speculative_generate_ids
+from planc.backends.onnx.decoder.generate import DecoderSession, generate, generate_ids
+from planc.backends.onnx.decoder.speculative import SpeculativeStats, speculative_generate_ids
+from planc.backends.onnx.decoder.verify import eager_greedy
 
 PROMPTS = ["def main(", "the cache", "x", "import os\nclass Config:"]
 NEW_TOKENS = 20
@@ -57,7 +57,7 @@ def full_model():
 
 @pytest.fixture(scope="module")
 def dirs(tmp_path_factory, full_model):
-    from planc.backends.onnx.decoder import export_decoder
+    from planc.backends.onnx.decoder.exporter import export_decoder
 
     root = tmp_path_factory.mktemp("speculative")
     torch.manual_seed(1)
@@ -129,7 +129,7 @@ def test_end_of_sequence_and_stop_as_plain(sessions):
 
 
 def test_bad_drafts_and_options_say_why(tmp_path, sessions, dirs):
-    from planc.backends.onnx.decoder import export_decoder
+    from planc.backends.onnx.decoder.exporter import export_decoder
 
     full = sessions["full"]
     torch.manual_seed(2)
@@ -159,7 +159,7 @@ def test_cli_generate_with_draft(dirs, capsys):
 
 
 def test_cli_draft_of_another_vocabulary_is_a_usage_error(tmp_path, dirs, capsys):
-    from planc.backends.onnx.decoder import export_decoder
+    from planc.backends.onnx.decoder.exporter import export_decoder
     from planc.compiler.cli import main
 
     torch.manual_seed(2)
@@ -172,7 +172,7 @@ def test_cli_draft_of_another_vocabulary_is_a_usage_error(tmp_path, dirs, capsys
 def test_plan_int8_target_reports_a_flip_and_fp32_fails(tmp_path, full_model, dirs, monkeypatch):
     """A speculation that differs fails an fp32 build; an int8 one (per-call activation scales) is
     reported with its reason. The difference is forced here: it is rare and cannot be planned."""
-    from planc.backends.onnx import speculative
+    from planc.backends.onnx.decoder import speculative
     from planc.compiler.driver import compile_plan
 
     monkeypatch.setattr(speculative, "measure", lambda *a, **k: {"greedy_equal": False, "batches": {}})

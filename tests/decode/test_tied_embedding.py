@@ -12,7 +12,7 @@ import onnxruntime as ort
 import torch
 from onnx import helper, numpy_helper
 
-from planc.backends.onnx.decoder import export_decoder
+from planc.backends.onnx.decoder.exporter import export_decoder
 
 
 def _llama(tied: bool):

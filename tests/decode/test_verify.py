@@ -6,9 +6,9 @@ import math
 
 import pytest
 
-from planc.backends.onnx.cache_adapter import adapt
-from planc.backends.onnx.decoder_verify import eager_greedy, greedy_by_drafts, read_heldout, token_windows, verify_decoder
-from planc.backends.onnx.generate import DecoderSession, generate_ids
+from planc.backends.onnx.decoder.cache_adapter import adapt
+from planc.backends.onnx.decoder.generate import DecoderSession, generate_ids
+from planc.backends.onnx.decoder.verify import eager_greedy, greedy_by_drafts, read_heldout, token_windows, verify_decoder
 
 
 def test_fp32_verification(artifacts, decoders, heldout_files):

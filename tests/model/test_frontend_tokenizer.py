@@ -23,7 +23,7 @@ def test_byte_tokenizer_round_trips_text():
 def test_both_byte_tokenizers_read_id_0_as_padding_and_end_of_text():
     """The compiler's tokenizer pads with 0; the decoder runtime reads the same ids (padded
     prompts, finished rows fed padding) and must give the same text: 0 is left out by both."""
-    from planc.backends.onnx.decoder_tokenizer import ByteTokenizer as RuntimeByteTokenizer
+    from planc.backends.onnx.decoder.tokenizer import ByteTokenizer as RuntimeByteTokenizer
 
     compiler, runtime = ByteTokenizer(inputs("input_ids", "attention_mask"), None), RuntimeByteTokenizer()
     ids = [0, 0, *"héllo".encode("utf-8"), 0, ord("!"), 0]

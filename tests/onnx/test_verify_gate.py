@@ -79,7 +79,7 @@ def test_every_sample_is_scored_and_recorded(tiny_bert, tmp_path):
 def test_a_decoder_judged_by_perplexity_needs_held_out_text(tmp_path):
     """`planc check` rejects the plan (tests/compile/test_heldout_check.py); called directly, the
     builder says why instead of failing on a missing number."""
-    from planc.backends.onnx.decoder_artifact import build_decoder_artifact
+    from planc.backends.onnx.decoder.artifact import build_decoder_artifact
 
     target = OnnxTarget.model_validate({"decode": {}, "verify": {"metric": "perplexity_delta"}})
     with pytest.raises(VerificationFailed, match="perplexity_delta needs held-out text"):

@@ -11,10 +11,10 @@ import onnx
 import pytest
 import torch
 
-from planc.backends.onnx.cache_adapter import adapt
-from planc.backends.onnx.decoder import export_decoder
-from planc.backends.onnx.decoder_verify import verify_decoder
-from planc.backends.onnx.generate import generate_ids
+from planc.backends.onnx.decoder.cache_adapter import adapt
+from planc.backends.onnx.decoder.exporter import export_decoder
+from planc.backends.onnx.decoder.generate import generate_ids
+from planc.backends.onnx.decoder.verify import verify_decoder
 from planc.compiler.cli import render
 from planc.compiler.driver import compile_plan
 from planc.dsl.source import PlanError

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from planc.backends.onnx.cache_adapter import (
+from planc.backends.onnx.decoder.cache_adapter import (
     GPTCacheAdapter,
     adapt,
     empty_past,
@@ -31,7 +31,7 @@ from planc.backends.onnx.cache_adapter import (
     left_padded_batch,
     position_ids_from_mask,
 )
-from planc.backends.onnx.generate import DecoderSession, generate_ids, open_session
+from planc.backends.onnx.decoder.generate import DecoderSession, generate_ids, open_session
 
 logger = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""Batched text generation on ONNX Runtime from a decoder artifact (see `decoder.py`).
+"""Batched text generation on ONNX Runtime from a decoder artifact (see `exporter.py`).
 
 Prompts are left-padded (attention_mask 0, position_ids = cumsum(mask) - 1 clamped at 0), so
 every row's newest token sits in the last column and one graph call advances the whole batch.
@@ -26,9 +26,9 @@ from typing import Literal, TextIO
 
 import numpy as np
 
-from planc.backends.onnx.decoder import MODEL_FILE, DecoderSpec, input_names, output_names
-from planc.backends.onnx.decoder_serving import LOGITS_TO_KEEP, logits_to_keep_feed
-from planc.backends.onnx.decoder_tokenizer import Tokenizer, load_tokenizer
+from planc.backends.onnx.decoder.exporter import MODEL_FILE, DecoderSpec, input_names, output_names
+from planc.backends.onnx.decoder.serving import LOGITS_TO_KEEP, logits_to_keep_feed
+from planc.backends.onnx.decoder.tokenizer import Tokenizer, load_tokenizer
 from planc.backends.onnx.runtime import create_session, resolve_providers
 
 logger = logging.getLogger(__name__)
@@ -377,7 +377,7 @@ def generate_ids(
     same tokens).
     """
     if draft is not None:
-        from planc.backends.onnx.speculative import speculative_generate_ids
+        from planc.backends.onnx.decoder.speculative import speculative_generate_ids
 
         if strategy != "greedy":
             raise ValueError("speculative decoding (a draft) is greedy only: drop the draft or use strategy='greedy'")

@@ -1,4 +1,4 @@
-"""Graph patterns the serving rewrites (`decoder_serving.py`) look for in an exported decoder,
+"""Graph patterns the serving rewrites (`serving.py`) look for in an exported decoder,
 and the facts about them that need a run to establish.
 
 - `rotary`: `x * cos + rotate_half(x) * sin`, the rotary embedding of Llama-like models, and
@@ -191,7 +191,7 @@ def plain_causal_bias(model: ir.Model, bias: ir.Value) -> bool:
     left-padded batches with and without a past; rows of padded queries are not checked (no
     real token reads them). Masks that depend on more than that (a sliding window shorter than
     the probe, chunked attention) fail; a window longer than the probe cannot be seen here, so
-    `decoder_fusions` only asks about models whose config names no window."""
+    `fusions` only asks about models whose config names no window."""
     import onnxruntime as ort
 
     from planc.backends.onnx.optimize import _subgraph_proto

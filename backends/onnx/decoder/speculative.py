@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from planc.backends.onnx.generate import DecoderSession, commit_position, generate_ids, open_session
+from planc.backends.onnx.decoder.generate import DecoderSession, commit_position, generate_ids, open_session
 
 #: Tokens the draft proposes per round when the caller does not say.
 DEFAULT_DRAFT_TOKENS = 4

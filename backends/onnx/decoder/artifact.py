@@ -1,6 +1,6 @@
 """The decoder artifact of `target onnx { decode { ... } }`: export, verify, measure, publish.
 
-Like the encoder artifact (`artifact.py`), the directory is built in a hidden temporary sibling
+Like the encoder artifact (`backends/onnx/artifact.py`), the directory is built in a hidden temporary sibling
 and renamed into place only after verification passed:
 
 - the fp32 graph must reproduce the eager model's greedy tokens for every prompt;
@@ -72,10 +72,10 @@ def build_decoder_artifact(
     `reference` (default: `model`) is the eager model the goal is measured against: the model the
     plan names, before its rewrites and pruning; the export itself is checked against `model`."""
     from planc.backends.onnx import runtime
-    from planc.backends.onnx.decoder import export_decoder
-    from planc.backends.onnx.decoder_verify import verify_decoder
+    from planc.backends.onnx.decoder.exporter import export_decoder
+    from planc.backends.onnx.decoder.generate import DecoderSession
+    from planc.backends.onnx.decoder.verify import verify_decoder
     from planc.backends.onnx.export import files_size
-    from planc.backends.onnx.generate import DecoderSession
 
     decode = target.decode
     assert decode is not None
@@ -136,7 +136,7 @@ def build_decoder_artifact(
         speed = _tokens_per_s(session, prompt, tokens)
         speculative = None
         if draft is not None:
-            from planc.backends.onnx.speculative import measure
+            from planc.backends.onnx.decoder.speculative import measure
 
             try:
                 speculative = measure(temporary, draft, decode.prompts, decode.max_new_tokens, decode.draft_tokens,
@@ -191,7 +191,7 @@ def kv_cache_bytes_per_token(kv_heads: list[int], head_dim: int, itemsize: int =
 
 def _tokens_per_s(session: Any, prompt: list[list[int]], tokens: int, rounds: int = 3) -> float:
     """Generation speed of the artifact: one warm-up, then the median of `rounds` runs."""
-    from planc.backends.onnx.generate import generate_ids
+    from planc.backends.onnx.decoder.generate import generate_ids
 
     generate_ids(session, prompt, tokens)
     seconds = []

@@ -5,7 +5,7 @@
 1. onnxscript's ONNX Runtime fusions (`optimize_for_ort`: RMS/skip normalization, SDPA ->
    MultiHeadAttention, GELU, ...);
 2. GroupQueryAttention in place of MultiHeadAttention over the present cache, and a past/present
-   buffer that may be shared; int4 projections of one input as one MatMulNBits (`decoder_serving.py`);
+   buffer that may be shared; int4 projections of one input as one MatMulNBits (`serving.py`);
 
 then runs both graphs on a probe the way planc serves them: a left-padded prefill (past 0), two
 decode steps and a chunk of three tokens over the past (speculative decoding's verification call),
@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from planc.backends.onnx.cache_adapter import CacheAdapter, empty_past, position_ids_from_mask
+from planc.backends.onnx.decoder.cache_adapter import CacheAdapter, empty_past, position_ids_from_mask
 from planc.backends.onnx.export import initializer_bytes
 from planc.compiler.footprint import PROBE_BYTES
 
@@ -165,7 +165,7 @@ def fuse_if_exact(model, adapter: CacheAdapter, attention: bool = True) -> Fused
     """
     import onnx_ir as ir
 
-    from planc.backends.onnx.decoder_serving import fuse_gqa, merge_int4_siblings, share_buffers
+    from planc.backends.onnx.decoder.serving import fuse_gqa, merge_int4_siblings, share_buffers
 
     probed = initializer_bytes(model) <= PROBE_BYTES
 

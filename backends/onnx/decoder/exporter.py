@@ -8,8 +8,8 @@ The graph follows Optimum's `ORTModelForCausalLM` naming, so other runtimes can 
 - outputs `logits` [batch, seq, vocab], `present.{i}.key` / `.value` [batch, kv_heads, past + seq,
   head_dim].
 
-Where the serving rewrites apply (`decoder_serving.py`, checked by `decoder_fusions.py`), the
-graph also takes `logits_to_keep`, which every caller feeds (`decoder_serving.logits_to_keep_feed`),
+Where the serving rewrites apply (`serving.py`, checked by `fusions.py`), the
+graph also takes `logits_to_keep`, which every caller feeds (`serving.logits_to_keep_feed`),
 and lets one max-length buffer serve as past and present (`DecoderSpec.kv_buffer`, the README's
 "Decoder graphs" section).
 
@@ -33,7 +33,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from planc.backends.onnx.cache_adapter import (
+from planc.backends.onnx.decoder.cache_adapter import (
     CacheAdapter,
     UnsupportedDecoder,
     adapt,
@@ -42,9 +42,9 @@ from planc.backends.onnx.cache_adapter import (
     is_hf_model,
     position_ids_from_mask,
 )
-from planc.backends.onnx.decoder_fusions import fuse_if_exact, optimized
-from planc.backends.onnx.decoder_serving import LOGITS_TO_KEEP, add_logits_to_keep
-from planc.backends.onnx.decoder_tokenizer import HF_TOKENIZER_FILES
+from planc.backends.onnx.decoder.fusions import fuse_if_exact, optimized
+from planc.backends.onnx.decoder.serving import LOGITS_TO_KEEP, add_logits_to_keep
+from planc.backends.onnx.decoder.tokenizer import HF_TOKENIZER_FILES
 from planc.backends.onnx.export import save_model
 from planc.compiler.model.deferred import deferred_loaders, has_deferred_weights
 from planc.passes.graph_utils import DEFERRED_WEIGHTS, conv1d_as_linear
@@ -362,7 +362,7 @@ def _with_weights_as_matmul(model):
     graph, not a copy, when it has none to rewrite (a copy of a real-sized model costs GBs)."""
     import onnx_ir as ir
 
-    from planc.backends.onnx.decoder_quantize import weights_as_matmul
+    from planc.backends.onnx.decoder.quantize import weights_as_matmul
 
     def rewritable(node) -> bool:
         weight = node.inputs[0] if node.op_type == "Transpose" else (node.inputs[1] if len(node.inputs) > 1 else None)
@@ -482,21 +482,25 @@ def export_decoder(
     # Unoptimized: the optimizer's constant folding must not read a deferred weight's empty
     # storage before `bind_deferred_weights` gives it the checkpoint's bytes.
     onnx_model = export_onnx(adapter, opset, graph, optimize=False)
-    if graph is None:
-        bind_deferred_weights(onnx_model, deferred_loaders(model, "model."))  # the adapter holds the model as `model`
+    # The adapter holds the model as `model`; a captured graph carries its own loaders.
+    bind_deferred_weights(onnx_model, deferred_loaders(model, "model.") if graph is None else graph.meta.get(DEFERRED_WEIGHTS, {}))
+    transformed = graph is not None
+    # Exported: the initializers hold what the graph's weights were. Let the graph go, so that
+    # the weights the serving rewrites merge (q/k/v, gate/up) are not kept twice (gigabytes at 8B).
+    del graph
     store_transposed(onnx_model)
     # Plain MatMuls first: quantizers need them, and onnxscript's MHA fusion drops the Reshape
     # that feeds a 2-D Gemm (GPT-2's Conv1D), which leaves the Gemm a 3-D input.
     onnx_model = _with_weights_as_matmul(onnx_model)
     fused = fuse_if_exact(onnx_model, adapter) if fusions else optimized(onnx_model)
     onnx_model = fused.model
-    if graph is not None:
+    if transformed:
         from planc.backends.onnx.optimize import lower_int8
 
         lowered = lower_int8(onnx_model)  # planc int8 weights -> DynamicQuantizeMatMul
         logger.info("planc int8 weights lowered to ORT kernels: %s", lowered or "none")
     tied = None
-    if graph is not None and scheme == "int4":
+    if transformed and scheme == "int4":
         from planc.backends.onnx.tied_embedding import share_tied_embedding
 
         tied = share_tied_embedding(onnx_model)  # one int4 table for a tied embedding and LM head
@@ -516,7 +520,7 @@ def export_decoder(
             value.const_value = None
 
         if quantize is not None and quantizer == "ort":
-            from planc.backends.onnx.decoder_quantize import quantize_decoder
+            from planc.backends.onnx.decoder.quantize import quantize_decoder
 
             quantize_decoder(path, path, scheme, group_size=group_size, cpu=cpu)
             if int4_compute is not None:

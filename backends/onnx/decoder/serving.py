@@ -1,7 +1,7 @@
 """Rewrites that make an exported decoder cheap to serve: ONNX Runtime's GroupQueryAttention, a
 key/value buffer shared between past and present, logits of the last positions only.
 
-After onnxscript's fusions (`decoder.apply_ort_fusions`) every attention of a Hugging Face
+After onnxscript's fusions (`fusions.apply_ort_fusions`) every attention of a Hugging Face
 decoder is a `MultiHeadAttention` whose keys and values are the layer's present cache, repeated
 to the query heads when the model uses grouped-query attention, and whose additive bias is the
 model's own causal + padding mask. Two rewrites take it from there:
@@ -48,8 +48,8 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from planc.backends.onnx import decoder_patterns as patterns
-from planc.backends.onnx.decoder_patterns import const, ints, length, op_is
+from planc.backends.onnx.decoder import patterns
+from planc.backends.onnx.decoder.patterns import const, ints, length, op_is
 from planc.backends.onnx.lowering import MS_DOMAIN
 
 logger = logging.getLogger(__name__)
