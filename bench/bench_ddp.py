@@ -73,6 +73,9 @@ def hand_written_worker(args: argparse.Namespace) -> None:
     tokens = args.batch * args.seq * dist.get_world_size() * (args.steps - 1)
     if dist.get_rank() == 0:
         print(json.dumps({"tokens_per_s": tokens / elapsed, "loss": loss.item()}), flush=True)
+    # Every rank done with its collectives before the group is torn down: one slow-suite run saw
+    # rank 0 abort in gloo's teardown ("terminate called without an active exception").
+    dist.barrier()
     dist.destroy_process_group()
 
 
