@@ -140,6 +140,8 @@ class Footprint:
     available_bytes: int | None
     #: A streamed build's bytes per projection weight (`PROJECTION_BYTES`).
     projection_bytes: float | None = None
+    #: What a calibrated method adds to the peak (`calibration_bytes`; 0 without one).
+    calibration_bytes: int = 0
 
     @property
     def fits(self) -> bool:
@@ -221,11 +223,10 @@ def predict(checkpoint: Checkpoint, build: str, projection_bytes: float | None =
     """`projection_bytes`: a streamed build's bytes per projection weight (`PROJECTION_BYTES`);
     `calibration_tokens`: the tokens a streamed calibrated method walks through the model."""
     cost = COSTS[build]
-    peak, seconds = cost.peak(checkpoint, projection_bytes), cost.seconds(checkpoint)
-    if calibration_tokens:
-        peak += calibration_bytes(checkpoint, calibration_tokens)
-        seconds += calibration_seconds(checkpoint, calibration_tokens)
-    return Footprint(checkpoint, build, peak, seconds, available_memory(), projection_bytes)
+    calibration = calibration_bytes(checkpoint, calibration_tokens) if calibration_tokens else 0
+    seconds = cost.seconds(checkpoint) + (calibration_seconds(checkpoint, calibration_tokens) if calibration_tokens else 0.0)
+    return Footprint(checkpoint, build, cost.peak(checkpoint, projection_bytes) + calibration, seconds, available_memory(),
+                     projection_bytes, calibration)
 
 
 def peak_rss() -> int:
@@ -337,9 +338,15 @@ def fit_notes(footprint: Footprint) -> tuple[str, ...]:
     weights = (f"what a streamed compile holds ({footprint.checkpoint.streamed_bytes(streamed) / GB:.1f} GB: the projections at "
                f"{streamed:g} bytes per weight, the rest in fp32)" if streamed is not None
                else f"the model's fp32 bytes ({footprint.checkpoint.fp32_bytes / GB:.1f} GB)")
-    return (
-        f"the prediction is {COSTS[footprint.build].per_fp32_byte:g} x {weights} + {COSTS[footprint.build].fixed_bytes / GB:.1f} GB, "
-        "from the checkpoint's headers",
-        "compile on a machine with more free memory, or a smaller model; close other programs first "
-        "(PLANC_AVAILABLE_MEMORY=BYTES overrides the memory planc assumes is free)",
-    )
+    calibration = (f" + {footprint.calibration_bytes / GB:.1f} GB for the calibrated method (the widest input's Hessian, "
+                   f"{footprint.checkpoint.widest_input} wide, its factorization and the calibration activations)"
+                   if footprint.calibration_bytes else "")
+    notes = [
+        f"the prediction is {COSTS[footprint.build].per_fp32_byte:g} x {weights} + {COSTS[footprint.build].fixed_bytes / GB:.1f} GB"
+        f"{calibration}, from the checkpoint's headers",
+    ]
+    if footprint.calibration_bytes:
+        notes.append(f"method = rtn needs no calibration: about {(footprint.peak_bytes - footprint.calibration_bytes) / GB:.1f} GB")
+    notes.append("compile on a machine with more free memory, or a smaller model; close other programs first "
+                 "(PLANC_AVAILABLE_MEMORY=BYTES overrides the memory planc assumes is free)")
+    return tuple(notes)

@@ -123,7 +123,8 @@ def _initializers(artifact: Path) -> dict[str, np.ndarray]:
     ('prune Linear { method = magnitude, sparsity = 0.5 }\n  quantize Linear { scheme = int4 }', False),
 ])
 def test_only_a_plan_that_reads_each_weight_once_streams(checkpoints, tmp_path, pipeline, streams):
-    from planc.compiler.footprint import PROJECTION_BYTES, calibration_bytes, plan_footprint, streamed_projections, streams_weights
+    from planc.compiler.footprint import (PROJECTION_BYTES, calibration_bytes, fit_notes, plan_footprint, streamed_projections,
+                                          streams_weights)
     from planc.compiler.validate import load_plan
 
     plan, _ = load_plan(_plan(tmp_path, checkpoints[False], pipeline))
@@ -137,6 +138,8 @@ def test_only_a_plan_that_reads_each_weight_once_streams(checkpoints, tmp_path, 
         plain = plan_footprint(load_plan(_plan(tmp_path, checkpoints[False], "quantize Linear { scheme = int4 }"))[0])
         assert footprint.peak_bytes == plain.peak_bytes + calibration_bytes(footprint.checkpoint, 32 * 128)
         assert footprint.seconds > plain.seconds
+        notes = fit_notes(footprint)  # a refusal says what the calibration costs and what would fit instead
+        assert "calibrated method" in notes[0] and notes[1] == f"method = rtn needs no calibration: about {plain.peak_bytes / 1e9:.1f} GB"
 
 
 CALIBRATED = "calibration = stdlib, calibration_samples = 4"
