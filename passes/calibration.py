@@ -143,16 +143,16 @@ def walk(gm: fx.GraphModule, samples: Samples, visits: dict[fx.Node, Visit], wha
     position = {node: i for i, node in enumerate(nodes)}
     end = max(position[node] for node in visits)
     last_read = {node: max((position[u] for u in node.users if u.op != "output"), default=position[node]) for node in nodes}
-    freed_after: dict[int, list[fx.Node]] = {}
-    for node in nodes:
-        if node.op != "get_attr":
-            freed_after.setdefault(last_read[node], []).append(node)
+    freed_after: dict[int, list[fx.Node]] = {}  # position -> values no node after it reads
     readers: dict[str, int] = {}  # weight -> readers still to run (an override lives that long)
     for node in nodes:
-        if node.op == "get_attr":
+        if node.op == "get_attr":  # weights are read where used, never kept in the environments
             readers[str(node.target)] = readers.get(str(node.target), 0) + sum(u.op != "output" for u in node.users)
+        else:
+            freed_after.setdefault(last_read[node], []).append(node)
     overrides: dict[str, torch.Tensor] = {}
-    envs = [dict(zip(_placeholders(gm), _flat_inputs(gm, sample), strict=True)) for sample in samples]
+    placeholders = [node for node in nodes if node.op == "placeholder"]
+    envs = [dict(zip(placeholders, _flat_inputs(gm, sample), strict=True)) for sample in samples]
     masks = [sample.get("attention_mask") for sample in samples]
     masks = [None if mask is None else mask.bool() for mask in masks]
     bar = tqdm(total=len(visits), desc=what, unit="input", disable=what is None or not sys.stderr.isatty(), leave=False)
@@ -179,10 +179,6 @@ def walk(gm: fx.GraphModule, samples: Samples, visits: dict[fx.Node, Visit], wha
                 for env in envs:
                     env.pop(done, None)
     bar.close()
-
-
-def _placeholders(gm: fx.GraphModule) -> list[fx.Node]:
-    return [node for node in gm.graph.nodes if node.op == "placeholder"]
 
 
 def _flat_inputs(gm: fx.GraphModule, sample: dict[str, torch.Tensor]) -> list:
