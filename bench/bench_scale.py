@@ -13,6 +13,9 @@ random-init bf16 checkpoint is written tensor by tensor, then compiled by
 - with `--gptq`, planc again with `method = gptq, calibration = stdlib`: calibrated weights
   streamed through GPTQ a layer at a time (its memory against the same bound; not timed in the
   loop either: its graph is the round-to-nearest one's);
+- with `--wanda`, planc again with the projections pruned 50% by wanda (stdlib calibration)
+  before int4: pruned weights spilled to a temporary file and read back to be quantized (its
+  memory against the same bound; not timed either: zeros stored dense decode at int4's speed);
 - ONNX Runtime GenAI's model builder (`python -m onnxruntime_genai.models.builder -i DIR -o OUT
   -p int4 -e cpu`), when `--builder-python` names an interpreter that imports
   `onnxruntime_genai` (it pins its own onnxruntime, so it lives in its own environment);
@@ -69,6 +72,9 @@ PLANC_VARIANTS = {
     "planc": ("int4 weight-only decoder", "  quantize Linear { scheme = int4, group_size = 32 }\n", "none"),
     "planc fp32": ("fp32 decoder (no pipeline)", "", '">= 1.0"'),
     "planc gptq": ("int4 GPTQ decoder", "  quantize Linear { scheme = int4, group_size = 32, method = gptq, calibration = stdlib }\n", "none"),
+    "planc wanda": ("int4 decoder pruned 50% by wanda",
+                    '  prune Linear - name("lm_head") { method = wanda, sparsity = 0.5, calibration = "stdlib" }\n'
+                    "  quantize Linear { scheme = int4, group_size = 32 }\n", "none"),
 }
 #: The variants the tokens/s loop drives (the others are not candidates: an fp32 baseline, and
 #: a GPTQ artifact whose graph is the round-to-nearest one's).
@@ -199,6 +205,8 @@ def main(argv: list[str] | None = None) -> dict:
                         help="also compile these checkpoints with an empty pipeline")
     parser.add_argument("--gptq", nargs="*", default=[], choices=list(scale_models.CONFIGS),
                         help="also compile these checkpoints with GPTQ calibrated on stdlib")
+    parser.add_argument("--wanda", nargs="*", default=[], choices=list(scale_models.CONFIGS),
+                        help="also compile these checkpoints pruned 50%% by wanda (stdlib), then int4")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args(argv)
     from bench_builder import cpu_line
@@ -213,7 +221,7 @@ def main(argv: list[str] | None = None) -> dict:
     for name in args.models:
         checkpoint = scale_models.write_checkpoint(name, root / "checkpoints" / name)
         tools = {"planc": lambda: compile_planc(name, checkpoint, root / "artifacts" / f"{name}-planc", logs)}
-        for variant, selected in (("planc fp32", args.fp32), ("planc gptq", args.gptq)):
+        for variant, selected in (("planc fp32", args.fp32), ("planc gptq", args.gptq), ("planc wanda", args.wanda)):
             if name in selected:
                 tools[variant] = lambda variant=variant: compile_planc(
                     name, checkpoint, root / "artifacts" / f"{name}-{variant.replace(' ', '-')}", logs, variant)

@@ -76,13 +76,15 @@ class Captured:
     table: list[tuple[str, str]]
 
 
-def load_model(plan: ir.Plan, model: Any = None, rewrite: bool = True) -> Any:
+def load_model(plan: ir.Plan, model: Any = None, rewrite: bool = True, stream: bool = False) -> Any:
     """The plan's eager model (or `model`, if the caller passed one), with tokenizer and inputs,
-    rewritten by the plan's architecture passes (`share`) unless `rewrite` is False."""
+    rewritten by the plan's architecture passes (`share`) unless `rewrite` is False. `stream`:
+    the compile's own load, whose Linear weights stay in the checkpoint when the plan streams
+    (`streams_weights`); such a model runs only inside `deferred.streamed`."""
     from planc.compiler import model as model_source
 
     try:
-        loaded = model_source.load_model(plan.model, module=model, defer_linear_weights=streams_weights(plan))
+        loaded = model_source.load_model(plan.model, module=model, defer_linear_weights=stream and streams_weights(plan))
     except model_source.FrontendError as error:
         raise error_at(plan.model.span, f"model '{plan.model.name}': {error}") from error
     return rewrite_model(plan, loaded, copy=model is not None) if rewrite else loaded
@@ -256,8 +258,8 @@ def make_job(plan: ir.Plan, out_dir: Path, model: Any = None, progress: Progress
         plan=plan,
         out_dir=out_dir,
         progress=progress or (lambda message: log.info(message)),
-        load=lambda: load_model(plan, model),
-        load_original=lambda: load_model(plan, model, rewrite=False),
+        load=lambda: load_model(plan, model, stream=True),
+        load_original=lambda: load_model(plan, model, rewrite=False, stream=True),
         table=module_table_of,
         resolve=lambda loaded: resolve_steps(plan, module_table_of(loaded)),
         capture=lambda loaded: capture_loaded(plan, loaded),
@@ -367,6 +369,11 @@ def check_footprint(plan: ir.Plan, progress: Progress) -> Any:
         raise error_at(plan.model.span, f"model '{plan.model.name}' does not fit this machine's memory: the compile needs "
                        f"about {footprint.peak_bytes / GB:.1f} GB, {footprint.available_bytes / GB:.1f} GB is available",
                        *fit_notes(footprint))
+    if not footprint.spill_fits:
+        raise error_at(plan.model.span, f"model '{plan.model.name}': the pruned weights need {footprint.spill_bytes / GB:.1f} GB "
+                       f"of temporary disk, {footprint.spill_free_bytes / GB:.1f} GB is free",
+                       "a streamed compile keeps pruned weights in fp32 in a temporary file until they are written out",
+                       "point TMPDIR at a disk with more room")
     return footprint
 
 

@@ -15,7 +15,7 @@ Embeddings are mean-pooled over real tokens and L2-normalized, as `compiler.mode
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -114,23 +114,3 @@ def eager_embeddings(model: Any, tokenizer: Any, texts: Sequence[str], batch: in
             outputs = model(**inputs)
         rows.append(embed(outputs, inputs["attention_mask"]).numpy())
     return np.concatenate(rows)
-
-
-def artifact_embeddings(directory: str | Path, texts: Sequence[str], batch: int = 16, threads: int = 2) -> np.ndarray:
-    """Sentence embeddings of a planc ONNX artifact, tokenized with the tokenizer saved in it."""
-    from planc.backends.onnx.artifact import run_artifact
-
-    rows = [
-        run_artifact(directory, list(texts[start : start + batch]), threads=threads)["sentence_embedding"]
-        for start in range(0, len(texts), batch)
-    ]
-    return np.concatenate(rows)
-
-
-def evaluate_encoder(
-    reference: Callable[[Sequence[str]], np.ndarray],
-    candidate: Callable[[Sequence[str]], np.ndarray],
-    sentences: Sequence[str],
-) -> Agreement:
-    """Agreement of `candidate` with `reference`, each a function texts -> embeddings."""
-    return agreement(reference(sentences), candidate(sentences))

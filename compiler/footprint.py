@@ -7,8 +7,8 @@ resident memory and its time from them, and refuses at the plan's `model` line a
 would not fit the memory available now. The report records the measured peak beside the
 prediction, so the model of the compile's memory is checked on every run.
 
-A decode target that quantizes every projection (round-to-nearest, gptq or awq), or exports the
-model as it is, streams its weights (`streams_weights`, `compiler/model/deferred.py`): its prediction
+A decode target that prunes in place and quantizes every projection (round-to-nearest, gptq or
+awq), or exports the model as it is, streams its weights (`streams_weights`, `compiler/model/deferred.py`): its prediction
 follows what it holds, the projections as the artifact stores them (int4, int8 or fp32) and the
 rest (embeddings) in fp32, not the fp32 model.
 
@@ -27,7 +27,7 @@ from __future__ import annotations
 import json
 import os
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -142,6 +142,14 @@ class Footprint:
     projection_bytes: float | None = None
     #: What a calibrated method adds to the peak (`calibration_bytes`; 0 without one).
     calibration_bytes: int = 0
+    #: Temporary disk a streamed compile that prunes needs for the pruned weights (fp32), and
+    #: what the temporary directory has free (`spill_room`).
+    spill_bytes: int = 0
+    spill_free_bytes: int | None = None
+
+    @property
+    def spill_fits(self) -> bool:
+        return self.spill_free_bytes is None or self.spill_bytes <= self.spill_free_bytes
 
     @property
     def fits(self) -> bool:
@@ -203,6 +211,17 @@ def read_checkpoint(directory: Path) -> Checkpoint | None:
             dtypes[entry["dtype"]] = dtypes.get(entry["dtype"], 0) + count
             largest = max(largest, count)
     return Checkpoint(directory, params, stored, dtypes, largest, projections, widest)
+
+
+def spill_room() -> int | None:
+    """Free bytes in the temporary directory (`TMPDIR`), where pruned weights are spilled."""
+    import shutil
+    import tempfile
+
+    try:
+        return shutil.disk_usage(tempfile.gettempdir()).free
+    except OSError:
+        return None
 
 
 def available_memory() -> int | None:
@@ -279,31 +298,39 @@ def streamed_projections(plan: Any) -> str | None:
     """How a streamed compile stores the projections ("int4", "int8", "fp32"), or None when
     `plan` does not stream. A compile streams, its model loaded with the Linear weights
     deferred (`compiler/model/deferred.py`), when it is a Hugging Face decoder compiled into
-    one decode target whose pipeline is empty or a single quantize step that reads each weight
-    where it is used: round-to-nearest, or a calibrated method (`gptq`, `awq`), whose
-    calibration walks the samples through the graph a layer at a time
-    (`passes/calibration.py`). Not streamed: static activation scales, `smooth`, a `fallback`
-    search, and gptq's `compensate`, which keeps a float copy of the graph."""
+    one decode target whose pipeline reads and rewrites each weight where it is used: prune
+    steps that zero weights in place a weight at a time (magnitude per layer, nm, or wanda and
+    sparsegpt calibrated by a walk through the graph a layer at a time, `passes/calibration.py`;
+    the pruned weights wait in a spill file), then at most one quantize step, round-to-nearest
+    or calibrated (`gptq`, `awq`). Not streamed: global magnitude, static activation scales,
+    `smooth`, a `fallback` search, and gptq's `compensate`, which keeps a float copy of the graph."""
     onnx = plan.target("onnx")
     if plan.model.kind != "hf" or onnx is None or onnx.options.decode is None or len(plan.targets) != 1:
         return None
-    if not plan.pipeline:
-        return "fp32"
-    if len(plan.pipeline) != 1 or plan.pipeline[0].name != "quantize":
+    *prunes, last = plan.pipeline or [None]
+    quantize = last if last is not None and last.name == "quantize" else None
+    if quantize is None and last is not None:
+        prunes.append(last)
+    if not all(step.name == "prune" and step.options.streams for step in prunes):
         return None
-    options = plan.pipeline[0].options
+    if quantize is None:
+        return "fp32"
+    options = quantize.options
     if options.smooth is not None or options.mode == "static" or getattr(options, "fallback", None) or options.compensate:
         return None
     return options.scheme
 
 
 def calibration_tokens(plan: Any) -> int:
-    """The tokens a plan's calibrated quantize step walks through the model (0: none): its
-    samples times the window of `stdlib` samples (a text file's lines are taken as long)."""
+    """The tokens the plan's calibrated steps (a quantize method other than rtn, wanda or
+    sparsegpt pruning) walk through the model (0: none): samples times the window of `stdlib`
+    samples (a text file's lines are taken as long)."""
     from planc.compiler.textdata import STDLIB_WINDOW
 
-    steps = [step.options for step in plan.pipeline if step.name == "quantize" and step.options.method != "rtn"]
-    return sum(options.calibration_samples * STDLIB_WINDOW for options in steps)
+    def calibrated(step: Any) -> bool:
+        return step.options.method != "rtn" if step.name == "quantize" else step.name == "prune" and step.options.calibration is not None
+
+    return sum(step.options.calibration_samples * STDLIB_WINDOW for step in plan.pipeline if calibrated(step))
 
 
 def streams_weights(plan: Any) -> bool:
@@ -328,7 +355,10 @@ def plan_footprint(plan: Any) -> Footprint | None:
         return None
     projections = streamed_projections(plan)
     if projections is not None:
-        return predict(checkpoint, "streamed", PROJECTION_BYTES[projections], calibration_tokens(plan))
+        footprint = predict(checkpoint, "streamed", PROJECTION_BYTES[projections], calibration_tokens(plan))
+        if any(step.name == "prune" for step in plan.pipeline):  # the pruned weights wait in a spill file
+            footprint = replace(footprint, spill_bytes=4 * checkpoint.projection_params, spill_free_bytes=spill_room())
+        return footprint
     return predict(checkpoint, "decoder" if onnx.options.decode is not None else "encoder")
 
 
@@ -346,7 +376,8 @@ def fit_notes(footprint: Footprint) -> tuple[str, ...]:
         f"{calibration}, from the checkpoint's headers",
     ]
     if footprint.calibration_bytes:
-        notes.append(f"method = rtn needs no calibration: about {(footprint.peak_bytes - footprint.calibration_bytes) / GB:.1f} GB")
+        notes.append("methods without calibration (quantize method = rtn, prune method = magnitude or nm) need about "
+                     f"{(footprint.peak_bytes - footprint.calibration_bytes) / GB:.1f} GB")
     notes.append("compile on a machine with more free memory, or a smaller model; close other programs first "
                  "(PLANC_AVAILABLE_MEMORY=BYTES overrides the memory planc assumes is free)")
     return tuple(notes)

@@ -152,7 +152,6 @@ def resolve_precision(plan: ir.Plan, job: Any, run_trial: Callable[[ir.Plan, Any
         return plan, None
     from tqdm import tqdm
 
-    from planc.backends.onnx.verify import goal_met
     from planc.compiler import model as model_source
     from planc.passes.cpu import portable
 
@@ -203,7 +202,7 @@ def resolve_precision(plan: ir.Plan, job: Any, run_trial: Callable[[ir.Plan, Any
             sensitivity[layer] = (all_int8 - value) if higher_is_better else (value - all_int8)
             bar.update()
     order = sorted(layers, key=lambda layer: sensitivity[layer])
-    count, value, met = most_int4(order, check, lambda v: goal_met(v, goal))
+    count, value, met = most_int4(order, check, goal.met)
     int4 = sorted(order[:count])
     resolved = plan.model_copy(update={"pipeline": tuple(prefix + split_step(step, int4, sorted(set(layers) - set(int4))) + list(plan.pipeline[index + 1 :]))})
     report = {

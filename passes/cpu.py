@@ -25,10 +25,10 @@ import platform
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 CpuName = Literal["x86_avx2", "x86_vnni", "arm64"]
-CPU_NAMES: tuple[CpuName, ...] = ("x86_avx2", "x86_vnni", "arm64")
+CPU_NAMES: tuple[CpuName, ...] = get_args(CpuName)
 Arithmetic = Literal["exact", "u8s8_sat16"]
 
 #: Largest |activation byte x weight| pair sum that still fits an int16: 2 * 255 * 63 = 32130.

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
+from planc.compiler.model.deferred import DEFERRED_WEIGHTS, SpillFile
+
 LINEAR = torch.ops.aten.linear.default
 EMBEDDING = torch.ops.aten.embedding.default
 #: Ops that only move or view data: they follow their input's dtype and carry no cost.
@@ -181,9 +183,8 @@ def select_embeddings(gm: fx.GraphModule, targets: Iterable[str]) -> list[Embedd
 # ----------------------------------------------------------------------------- tensors
 
 
-#: `gm.meta` key of {weight name: loader} for weights the graph holds only as empty storage:
-#: a real-sized model's projections, read from the checkpoint where used (`compiler/model/deferred.py`).
-DEFERRED_WEIGHTS = "planc_deferred_weights"
+#: `gm.meta` key of the `SpillFile` holding deferred weights that passes edited.
+SPILLED_WEIGHTS = "planc_spilled_weights"
 
 
 def get_tensor(gm: torch.nn.Module, dotted: str) -> torch.Tensor:
@@ -215,8 +216,17 @@ def set_tensor(gm: torch.nn.Module, dotted: str, value: torch.Tensor, *, buffer:
     """Store `value` at `dotted`, creating plain intermediate modules as needed.
 
     `buffer=None` keeps the kind (parameter or buffer) of what is there, defaulting to a
-    parameter for floating tensors and a buffer for integer ones.
+    parameter for floating tensors and a buffer for integer ones. A deferred weight given an
+    fp32 value of its shape (pruned, updated) stays deferred: the value goes to the graph's
+    spill file and is read back where used, so a streamed compile never holds all edited weights.
     """
+    loaders = getattr(gm, "meta", {}).get(DEFERRED_WEIGHTS, {})
+    if dotted in loaders:
+        if value.dtype == torch.float32 and value.shape == stored_tensor(gm, dotted).shape:
+            spill = gm.meta.get(SPILLED_WEIGHTS) or gm.meta.setdefault(SPILLED_WEIGHTS, SpillFile())
+            loaders[dotted] = spill.store(value)
+            return
+        del loaders[dotted]  # a new shape or dtype: held like any tensor
     owner_path_, _, name = dotted.rpartition(".")
     module = gm
     for part in owner_path_.split(".") if owner_path_ else []:

@@ -90,6 +90,9 @@ def test_imports_point_down(path: Path) -> None:
         private = {n for n in imported if n.startswith("compiler.model.") and not n.startswith("compiler.model.load_hf")}
         assert not {n for n in private if n.split(".")[2] in ("load", "capture", "outputs", "common", "tokenizers")}, (
             f"backends use compiler.model's public API, not its modules: {sorted(private)}")
+    if module.startswith("compiler") and not _within(module, ("compiler.cli", "compiler.driver", "compiler.api", "compiler.targets")):
+        wrong = {n for n in imported if n.startswith("backends")}
+        assert not wrong, f"{module}: only the CLI, the driver's API and target discovery import backends: {sorted(wrong)}"
     if module not in ("compiler.cli", "compiler.api") and not module.startswith("compiler.cli"):
         assert not {n for n in imported if _within(n, ("compiler.cli",))}, "nothing imports the CLI"
     if not module.startswith(("compiler.cli", "compiler.driver")) and module != "compiler.api":

@@ -413,6 +413,14 @@ def run_artifact(directory: str | Path, inputs: dict[str, Any] | list[str], thre
     return outputs
 
 
+def artifact_embeddings(directory: str | Path, texts: list[str], batch: int = 16, threads: int = 2) -> np.ndarray:
+    """Sentence embeddings of an encoder artifact, `batch` texts at a time (what
+    `compiler.evaluate.agreement` compares with the eager model's)."""
+    rows = [run_artifact(directory, texts[start : start + batch], threads=threads)["sentence_embedding"]
+            for start in range(0, len(texts), batch)]
+    return np.concatenate(rows)
+
+
 def detokenizer(directory: str | Path) -> Any:
     """ids -> text with the tokenizer saved in the artifact (a function of a list of ids)."""
     directory = Path(directory)

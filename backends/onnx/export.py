@@ -23,8 +23,10 @@ from planc.backends.onnx.lowering import translation_table
 
 logger = logging.getLogger(__name__)
 
-#: Protobuf cannot hold more than 2 GiB; weights move to an external data file well before that.
-EXTERNAL_DATA_THRESHOLD = 1 << 30
+#: Weights past this go to an external data file: protobuf cannot hold more than 2 GiB, and
+#: writing tensors straight to a file is far faster than serializing them into the message (an
+#: 0.8 GB int4 1B decoder: 0.3-0.6 s against 6.5-7.7 s). Smaller models stay one file.
+EXTERNAL_DATA_THRESHOLD = 256 << 20
 
 
 class ExportError(Exception):

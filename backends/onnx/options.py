@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+import math
+import operator
 import re
+from collections.abc import Callable
 from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from planc.passes.cpu import CPU_NAMES
+
+#: `cpu = ...`: a CPU family (`passes/cpu.py`), or `auto`, this machine's.
+CpuChoice = Literal[("auto", *CPU_NAMES)]  # type: ignore[valid-type]
+
 _GOAL = re.compile(r"^\s*(>=|<=|>|<|==)\s*(-?\d+(\.\d*)?([eE][-+]?\d+)?)\s*$")
+_OPERATORS: dict[str, Callable[[float, float], bool]] = {
+    ">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": operator.lt, "==": operator.eq,
+}
 
 #: The goal of a plan that names none, per metric: loose enough for int8 and int4 weights of a
 #: trained model, tight enough that a broken export (or a ruinous technique) fails the compile.
@@ -73,6 +84,14 @@ class Verify(_Frozen):
         assert match is not None
         return match.group(1), float(match.group(2))
 
+    def met(self, value: float) -> bool | None:
+        """Whether `value` meets the judged goal (None for `goal = none`; never for NaN)."""
+        parts = self.goal_parts()
+        if parts is None:
+            return None
+        op, threshold = parts
+        return bool(_OPERATORS[op](value, threshold)) and not math.isnan(value)
+
 
 class Bench(_Frozen):
     """Shape and protocol of the latency measurement in the report."""
@@ -111,7 +130,7 @@ class OnnxTarget(_Frozen):
     fusions: bool = True
     #: The CPU the artifact will run on (`passes/cpu.py`): it decides the int8 weight format that
     #: ONNX Runtime sums exactly there. `auto` = the compiling machine.
-    cpu: Literal["auto", "x86_avx2", "x86_vnni", "arm64"] = "auto"
+    cpu: CpuChoice = "auto"
     #: How ONNX Runtime multiplies int4 weights (`backends/onnx/int4_compute.py`): `fp32`, or
     #: `int8` activations inside the kernel (faster, a little less exact); `auto` builds both and
     #: keeps the faster one that meets the verify goal.

@@ -245,15 +245,23 @@ class OnnxKind:
     @staticmethod
     def _prune_decoder(job: Job, loaded: Any, prunes: list[tuple[ir.PassStep, list[str]]]) -> list[dict[str, Any]]:
         """Run the pruning steps on the model's graph and write the pruned weights back into the
-        eager model (no shape changes), which the decoder is exported (and quantized) from."""
+        eager model (no shape changes), which the decoder is exported (and quantized) from. A
+        streamed model's pruned weights stay in the graph's spill file: the model's loaders
+        are pointed at them."""
         import torch
+
+        from planc.passes.graph_utils import DEFERRED_WEIGHTS
 
         graph, records = job.run_passes(job.capture(loaded), [step for step, _ in prunes])
         weights = dict(graph.named_parameters())
+        deferred, spilled = getattr(loaded.model, "_planc_deferred", {}), graph.meta.get(DEFERRED_WEIGHTS, {})
         for step, targets in prunes:
             for path in targets:
-                module = loaded.model.get_submodule(path)
-                pruned = weights.get(f"{path}.weight")
+                name, module = f"{path}.weight", loaded.model.get_submodule(path)
+                if name in deferred and name in spilled:
+                    deferred[name] = spilled[name]
+                    continue
+                pruned = weights.get(name)
                 if pruned is None or not isinstance(getattr(module, "weight", None), torch.Tensor):
                     raise _error(step.span, f"cannot write the pruned weights of '{path}' back into the decoder")
                 if type(module).__name__ == "Conv1D":
@@ -285,7 +293,9 @@ class OnnxKind:
         reference = original.model if original is not loaded else None  # None: the model before pruning
         if prunes:
             job.progress("pruning the decoder's weights")
-            reference = copy.deepcopy(loaded.model) if reference is None else reference
+            from planc.compiler.model.deferred import sharing_deferred
+
+            reference = copy.deepcopy(loaded.model, sharing_deferred(loaded.model)) if reference is None else reference
             summaries += self._prune_decoder(job, loaded, prunes)
         job.progress("exporting the decoder to ONNX, verifying generation against the original model")
         if step and quantize:

@@ -21,9 +21,7 @@ from __future__ import annotations
 
 import logging
 import math
-import operator
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -38,14 +36,6 @@ log = logging.getLogger(__name__)
 
 #: Random-id samples when the plan names no verification text.
 RANDOM_SAMPLES = 16
-
-_OPERATORS: dict[str, Callable[[float, float], bool]] = {
-    ">=": operator.ge,
-    "<=": operator.le,
-    ">": operator.gt,
-    "<": operator.lt,
-    "==": operator.eq,
-}
 
 
 class OutOfTime(VerificationFailed):
@@ -74,15 +64,6 @@ class Verification:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def goal_met(value: float, verify: Verify) -> bool | None:
-    """Whether `value` meets the judged goal (None when the plan says `goal = none`)."""
-    parts = verify.goal_parts()
-    if parts is None:
-        return None  # goal = none
-    op, threshold = parts
-    return bool(_OPERATORS[op](value, threshold)) and not math.isnan(value)
 
 
 def similarity_spearman(got: np.ndarray, reference: np.ndarray) -> float:
@@ -221,7 +202,7 @@ def verify_session(loaded: Any, session: Any, samples: list[dict[str, torch.Tens
         metric=metric,
         value=value,
         goal=verify.judged_goal,
-        passed=goal_met(value, verify),
+        passed=verify.met(value),
         min=float(np.nanmin(values)),
         mean=float(np.nanmean(values)),
         samples=len(per_sample),

@@ -20,11 +20,8 @@ import torch.fx
 from torch import nn
 from torch.utils import _pytree as pytree
 
-
-logger = logging.getLogger(__name__)
-
-
 from planc.compiler.model.common import FrontendError, logger
+from planc.compiler.model.deferred import DEFERRED_WEIGHTS, deferred_loaders, sharing_deferred
 from planc.compiler.model.load import LoadedModel
 
 #: Tolerances of the capture check: the graph computes the same ops as eager, so only
@@ -35,7 +32,9 @@ _CAPTURE_ATOL = 1e-4
 def capture(loaded: LoadedModel) -> torch.fx.GraphModule:
     """The model as an fx graph with dynamic batch/seq, checked against eager.
 
-    The graph owns a copy of the weights: rewriting it never changes `loaded.model`.
+    The graph owns a copy of the weights: rewriting it never changes `loaded.model`. A streamed
+    model's deferred weights are not copied (their storage is never written): the graph reads
+    them through its own loaders (`DEFERRED_WEIGHTS`), and a pass that rewrites one replaces its loader.
 
     `torch.export` first; if it fails, `torch.fx.symbolic_trace` with untraceable submodules
     kept as opaque leaves (listed in `gm.meta["planc_capture"]`, passes cannot see inside them).
@@ -43,7 +42,7 @@ def capture(loaded: LoadedModel) -> torch.fx.GraphModule:
     try:
         # The graph gets its own weights: passes rewrite them in place, and `loaded.model` must
         # stay the untouched reference that verification compares against.
-        model = copy.deepcopy(loaded.model)
+        model = copy.deepcopy(loaded.model, sharing_deferred(loaded.model))
     except Exception as error:
         raise FrontendError(
             f"cannot copy model '{loaded.source.name}' for capture: {type(error).__name__}: {error}"
@@ -66,7 +65,9 @@ def capture(loaded: LoadedModel) -> torch.fx.GraphModule:
             export_summary,
         )
         gm = _symbolic_capture(loaded, model, export_summary)
-    _check_capture(loaded, gm)
+    gm.meta[DEFERRED_WEIGHTS] = deferred_loaders(model)
+    if not gm.meta[DEFERRED_WEIGHTS]:  # a streamed graph holds no weights to run; its artifact is verified end to end
+        _check_capture(loaded, gm)
     return gm
 
 

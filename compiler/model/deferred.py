@@ -1,10 +1,10 @@
 """Weights read from the checkpoint where they are used, never all held at once.
 
 A real-sized decoder does not fit this machine in fp32 (Llama-3.1-8B: 32 GB), while its int4
-artifact does (5 GB). A decode target that reads each projection's weight where it is used (an
-empty pipeline, or one quantize step: round-to-nearest, or gptq / awq calibrated by a walk
-through the graph a layer at a time; `compiler.footprint.streamed_projections`) therefore loads
-the model with its Linear weights and its untied token embedding *deferred*:
+artifact does (5 GB). A decode target that reads each projection's weight where it is used (in-place
+pruning, then round-to-nearest, or gptq / awq calibrated by a walk through the graph a layer at
+a time; `compiler.footprint.streamed_projections`) therefore loads the model with its Linear
+weights and its untied token embedding *deferred*:
 
 - the model is built with its parameters on the meta device (buffers such as rotary tables are
   computed as usual), then every parameter gets CPU storage: the checkpoint's values for norms,
@@ -14,7 +14,8 @@ the model with its Linear weights and its untied token embedding *deferred*:
   memory map);
 - graph passes read weights through `graph_utils.get_tensor`, which calls the loader of a
   deferred weight (`deferred_loaders` puts them in the captured graph's `meta`), so a pass has
-  one fp32 weight in memory at a time (`passes/calibration.py`'s walk too);
+  one fp32 weight in memory at a time (`passes/calibration.py`'s walk too); a pass that rewrites
+  one (`graph_utils.set_tensor`: pruning) writes it to a `SpillFile` and its loader reads it back;
 - the export traces the never-written storage and binds each initializer still read from it to
   its loader, read when the file is written (`backends/onnx/decoder/exporter.py`: `bind_deferred_weights`);
 - the eager model runs (the verification reference) inside `streamed(model)`: a deferred
@@ -29,6 +30,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import math
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -69,46 +72,112 @@ class CheckpointTensors:
     def __contains__(self, key: str) -> bool:
         return key in self._where
 
-    def read(self, key: str) -> torch.Tensor:
-        """The tensor `key` in fp32 (a new tensor)."""
+    def read(self, key: str, buffers: ReadBuffers | None = None) -> torch.Tensor:
+        """The tensor `key` in fp32: a new tensor, or a view of `buffers` (valid until their next read)."""
         path, start, entry = self._where[key]
         begin, end = entry["data_offsets"]
-        data = torch.empty(end - begin, dtype=torch.uint8)  # not zeroed first, as a bytearray is
-        with path.open("rb", buffering=0) as f:
+        dtype, shape = DTYPES[entry["dtype"]], entry["shape"]
+        data = torch.empty(end - begin, dtype=torch.uint8) if buffers is None else buffers.raw(end - begin)
+        with path.open("rb", buffering=0) as f:  # torch.empty is not zeroed first, as a bytearray is
             f.seek(start + begin)
             f.readinto(data.numpy())
-        return data.view(DTYPES[entry["dtype"]]).reshape(entry["shape"]).to(torch.float32)
+        stored = data.view(dtype).reshape(shape)
+        return stored.to(torch.float32) if buffers is None else buffers.values(shape).copy_(stored)
 
     def read_rows(self, key: str, rows: torch.Tensor) -> torch.Tensor:
         """Rows `rows` (indices along the first axis) of the tensor `key`, in fp32 [len(rows), ...]:
         each row is contiguous in the file, so only those bytes are read."""
         path, start, entry = self._where[key]
-        shape = entry["shape"]
-        row_bytes = (entry["data_offsets"][1] - entry["data_offsets"][0]) // shape[0]
-        data = torch.empty(len(rows), row_bytes, dtype=torch.uint8)
-        buffer = data.numpy()
-        wanted = rows.tolist()
         with path.open("rb", buffering=0) as f:
-            i = 0
-            while i < len(wanted):  # one read per run of consecutive rows
-                j = i + 1
-                while j < len(wanted) and wanted[j] == wanted[j - 1] + 1:
-                    j += 1
-                f.seek(start + entry["data_offsets"][0] + wanted[i] * row_bytes)
-                f.readinto(buffer[i:j])
-                i = j
-        return data.view(DTYPES[entry["dtype"]]).reshape(len(rows), *shape[1:]).to(torch.float32)
+            return _read_rows(f, start + entry["data_offsets"][0], DTYPES[entry["dtype"]], entry["shape"], rows)
+
+
+def _read_rows(f: Any, offset: int, dtype: torch.dtype, shape: list[int], rows: torch.Tensor) -> torch.Tensor:
+    """Rows `rows` of the [shape] tensor of `dtype` stored at `offset` of the open file `f`, in
+    fp32: one read per run of consecutive rows."""
+    row_bytes = math.prod(shape[1:]) * dtype.itemsize
+    data = torch.empty(len(rows), row_bytes, dtype=torch.uint8)
+    buffer = data.numpy()
+    wanted = rows.tolist()
+    i = 0
+    while i < len(wanted):
+        j = i + 1
+        while j < len(wanted) and wanted[j] == wanted[j - 1] + 1:
+            j += 1
+        f.seek(offset + wanted[i] * row_bytes)
+        f.readinto(buffer[i:j])
+        i = j
+    return data.view(dtype).reshape(len(rows), *shape[1:]).to(torch.float32)
+
+
+class ReadBuffers:
+    """Memory that reads reuse: the file's bytes and their fp32 values, grown to the largest
+    tensor read. A fresh tensor per read costs more than the read itself: memory of 1 MB or more
+    comes from the kernel (`footprint.return_freed_memory`), which must fault in and zero every
+    page (a 1B model's weights: 2.6 s a pass, against 0.6 s into reused buffers)."""
+
+    def __init__(self) -> None:
+        self._raw = torch.empty(0, dtype=torch.uint8)
+        self._values = torch.empty(0, dtype=torch.float32)
+
+    def raw(self, nbytes: int) -> torch.Tensor:
+        if self._raw.numel() < nbytes:
+            self._raw = torch.empty(nbytes, dtype=torch.uint8)
+        return self._raw[:nbytes]
+
+    def values(self, shape: list[int]) -> torch.Tensor:
+        count = math.prod(shape)
+        if self._values.numel() < count:
+            self._values = torch.empty(count, dtype=torch.float32)
+        return self._values[:count].view(shape)
+
+
+class SpillFile:
+    """Deferred weights that a pass edited (pruned, updated), kept in fp32 in an unnamed
+    temporary file instead of memory, read back like checkpoint tensors: a streamed compile
+    that prunes holds one edited weight at a time, as it holds one read weight. The file goes
+    when the last weight read from it does."""
+
+    def __init__(self) -> None:
+        self._file = tempfile.TemporaryFile(prefix="planc-spill-")
+        self._where: dict[str, tuple[int, list[int]]] = {}
+        self._end = 0
+
+    def __deepcopy__(self, memo: dict) -> SpillFile:
+        return self  # a copied graph reads the same stored weights (entries are never rewritten)
+
+    def store(self, value: torch.Tensor) -> DeferredWeight:
+        """Write `value` (as fp32) and return the loader that reads it back."""
+        data = value.detach().to(torch.float32).contiguous()
+        key = str(len(self._where))
+        self._file.seek(self._end)
+        self._file.write(data.numpy().data)
+        self._where[key] = (self._end, list(data.shape))
+        self._end += data.nbytes
+        return DeferredWeight(self, key)
+
+    def read(self, key: str, buffers: ReadBuffers | None = None) -> torch.Tensor:
+        offset, shape = self._where[key]
+        data = torch.empty(shape, dtype=torch.float32) if buffers is None else buffers.values(shape)
+        self._file.seek(offset)
+        self._file.readinto(data.numpy().data.cast("B"))
+        return data
+
+    def read_rows(self, key: str, rows: torch.Tensor) -> torch.Tensor:
+        offset, shape = self._where[key]
+        return _read_rows(self._file, offset, torch.float32, shape, rows)
 
 
 class DeferredWeight:
-    """A weight left in its checkpoint: called, it reads the whole tensor (fp32); `rows` reads
-    some of its rows only (an embedding's looked-up tokens, an LM head block by block)."""
+    """A weight left in its checkpoint (or a `SpillFile`): called, it reads the whole tensor
+    (fp32); `rows` reads some of its rows only (an embedding's looked-up tokens, an LM head block
+    by block)."""
 
-    def __init__(self, checkpoint: CheckpointTensors, key: str):
+    def __init__(self, checkpoint: CheckpointTensors | SpillFile, key: str):
         self.checkpoint, self.key = checkpoint, key
 
-    def __call__(self) -> torch.Tensor:
-        return self.checkpoint.read(self.key)
+    def __call__(self, buffers: ReadBuffers | None = None) -> torch.Tensor:
+        return self.checkpoint.read(self.key, buffers)
 
     def rows(self, rows: torch.Tensor) -> torch.Tensor:
         return self.checkpoint.read_rows(self.key, rows)
@@ -192,6 +261,11 @@ def load_deferred(directory: Path, auto_class: Any, config: Any) -> nn.Module:
     return model.eval()
 
 
+#: `GraphModule.meta` key of {weight name: loader} for weights a captured graph holds only as
+#: empty storage, read where used (`passes/graph_utils.get_tensor`).
+DEFERRED_WEIGHTS = "planc_deferred_weights"
+
+
 def deferred_loaders(model: nn.Module, prefix: str = "") -> dict[str, Callable[[], torch.Tensor]]:
     """{dotted name (with `prefix`): loader} of the model's deferred weights ({} when none)."""
     return {prefix + name: load for name, load in getattr(model, "_planc_deferred", {}).items()}
@@ -201,12 +275,20 @@ def has_deferred_weights(model: nn.Module) -> bool:
     return bool(getattr(model, "_planc_deferred", None))
 
 
+def sharing_deferred(model: nn.Module) -> dict[int, Any]:
+    """A `copy.deepcopy` memo under which the copy shares `model`'s deferred parameters: their
+    storage is never written, and copying it would cost the memory that deferring saves."""
+    loaders = getattr(model, "_planc_deferred", {})
+    return {id(param): param for name, param in model.named_parameters(remove_duplicate=False) if name in loaders}
+
+
 @contextlib.contextmanager
 def streamed(model: nn.Module) -> Iterator[nn.Module]:
     """Run `model` eagerly with its deferred weights read where used and dropped right after:
     a Linear's weight loaded just before its forward (one that large, by blocks of rows); an
     Embedding's rows of the looked-up tokens only. A no-op for a model with none."""
     loaders = getattr(model, "_planc_deferred", {})
+    buffers = ReadBuffers()  # one Linear's weight at a time: each read reuses the last one's memory
     handles, replaced = [], []
     for name, module in model.named_modules():
         load = loaders.get(f"{name}.weight" if name else "weight")
@@ -221,8 +303,8 @@ def streamed(model: nn.Module) -> Iterator[nn.Module]:
         elif isinstance(module, nn.Linear):
             empty = module._parameters["weight"]
 
-            def before(mod: nn.Module, args: Any, load: Callable[[], torch.Tensor] = load) -> None:
-                mod._parameters["weight"] = nn.Parameter(load(), requires_grad=False)
+            def before(mod: nn.Module, args: Any, load: DeferredWeight = load) -> None:
+                mod._parameters["weight"] = nn.Parameter(load(buffers), requires_grad=False)
 
             def after(mod: nn.Module, args: Any, output: Any, empty: nn.Parameter = empty) -> None:
                 mod._parameters["weight"] = empty
@@ -253,4 +335,5 @@ def _linear_by_rows(module: nn.Linear, load: DeferredWeight, x: torch.Tensor) ->
     return out
 
 
-__all__ = ["CheckpointUnreadable", "deferred_loaders", "has_deferred_weights", "load_deferred", "streamed"]
+__all__ = ["DEFERRED_WEIGHTS", "CheckpointUnreadable", "SpillFile", "deferred_loaders", "has_deferred_weights", "load_deferred",
+           "sharing_deferred", "streamed"]

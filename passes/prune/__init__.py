@@ -114,6 +114,13 @@ class Prune(PassOptions):
         return self.method in ("magnitude", "nm", "wanda", "sparsegpt")
 
     @property
+    def streams(self) -> bool:
+        """Whether the step reads and rewrites one weight at a time, so a streamed compile
+        (`compiler/footprint.py`) may hold it: every in-place method but global magnitude,
+        which ranks all the weights together."""
+        return self.keeps_shapes and self.schedule == "oneshot" and self.scope != "global"
+
+    @property
     def measures_activations(self) -> bool:
         """Whether the step needs activations on real text (only the training program has them)."""
         return self.importance == "activation" or self.reconstruct

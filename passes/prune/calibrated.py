@@ -18,7 +18,7 @@ from torch import fx
 
 from planc.passes.base import PassContext, PassError, PassResult
 from planc.passes.calibration import InputStats, load_calibration, output_error, sequential
-from planc.passes.graph_utils import LinearSite, get_tensor, select_linears, set_tensor
+from planc.passes.graph_utils import LinearSite, get_tensor, select_linears, set_tensor, stored_tensor
 from planc.passes.prune.common import PruneMethodPass, mark_users, selected_weights, unique_weights
 
 
@@ -45,28 +45,31 @@ class CalibratedPrunePass(PruneMethodPass):
         samples = load_calibration(ctx, opts.calibration, opts.calibration_samples, f"{opts.method} pruning")
         sparsity: dict[str, float] = {}
         errors: dict[str, float] = {}
+        zeros: dict[str, tuple[int, int]] = {}  # weight: (zeros, entries)
 
         def solve(sites: list[LinearSite], stats: InputStats) -> None:
             for site in sites:
-                if site.module_path in sparsity:  # already pruned on an earlier input
+                if site.weight in zeros:  # already pruned on an earlier input
                     continue
-                weight = get_tensor(gm, site.weight)
-                w = weight.detach().float()
+                w = get_tensor(gm, site.weight).detach().float()
                 pruned = self.prune_weight(w, stats)
                 errors[site.module_path] = output_error(w, pruned, stats.hessian)
-                sparsity[site.module_path] = round(float((pruned == 0).float().mean()), 6)
-                set_tensor(gm, site.weight, pruned.to(weight.dtype))
+                zeros[site.weight] = (int((pruned == 0).sum()), pruned.numel())
+                sparsity[site.module_path] = round(zeros[site.weight][0] / pruned.numel(), 6)
+                set_tensor(gm, site.weight, pruned.to(stored_tensor(gm, site.weight).dtype))
 
         seconds = sequential(gm, samples, linears, solve, opts.method)
         weights = unique_weights(gm, ctx)
         mark_users(gm, weights, ctx.source)
-        total = sum(get_tensor(gm, name).numel() for name in weights)
-        zeros = sum(int((get_tensor(gm, name) == 0).sum()) for name in weights)
+        for name in set(weights) - set(zeros):  # a weight no sample reached keeps its values
+            w = get_tensor(gm, name)
+            zeros[name] = (int((w == 0).sum()), w.numel())
+        zero_count, total = (sum(counts) for counts in zip(*(zeros[name] for name in weights), strict=True))
         pattern = f"{opts.n}:{opts.m}" if self.nm else f"{opts.sparsity:.1%} per {'block' if opts.scope == 'block' else 'row'}"
-        summary = f"pruned {len(weights)} Linear to {zeros / total:.1%} sparsity ({self.label}, {pattern}) in {seconds:.1f}s"
+        summary = f"pruned {len(weights)} Linear to {zero_count / total:.1%} sparsity ({self.label}, {pattern}) in {seconds:.1f}s"
         details = {
             "method": opts.method, "structure": opts.structure, "scope": opts.scope, "sparsity": sparsity, "output_error": errors,
-            "zeros": zeros, "total": total, "seconds": round(seconds, 3),
+            "zeros": zero_count, "total": total, "seconds": round(seconds, 3),
         }
         return PassResult(summary, details)
 

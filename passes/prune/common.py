@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import fx
 
 from planc.passes.base import GraphPass, PassContext, PassError
-from planc.passes.graph_utils import get_tensor, linear_sites, mark, select_linears
+from planc.passes.graph_utils import linear_sites, mark, select_linears, stored_tensor
 from planc.passes.prune import Prune
 
 
@@ -31,7 +31,7 @@ def selected_weights(gm: fx.GraphModule, ctx: PassContext, method: str, nm: int 
     weights = unique_weights(gm, ctx)
     if not weights:
         raise PassError(f"prune ({method}) found no Linear layer in the selection {sorted(ctx.targets)[:5]}")
-    bad = [name.rsplit(".", 1)[0] for name in weights if nm and get_tensor(gm, name).shape[1] % nm]
+    bad = [name.rsplit(".", 1)[0] for name in weights if nm and stored_tensor(gm, name).shape[1] % nm]
     if bad:
         raise PassError(f"N:M pruning with m = {nm} needs in_features divisible by {nm}; not so for {bad[:3]}")
     return weights

@@ -22,6 +22,12 @@ def _keep_mask(magnitudes: torch.Tensor, drop: int) -> torch.Tensor:
     return mask
 
 
+def _prune_local(tensor: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """`tensor` with its `round(sparsity * numel)` smallest |w| set to 0."""
+    mask = _keep_mask(tensor.abs().flatten().float(), round(sparsity * tensor.numel()))
+    return tensor * mask.reshape(tensor.shape).to(tensor.dtype)
+
+
 class MagnitudePass(PruneMethodPass):
     """See the module docstring."""
 
@@ -33,28 +39,29 @@ class MagnitudePass(PruneMethodPass):
     def call(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         sparsity, scope = self.options.sparsity, self.options.scope
         weights = unique_weights(gm, ctx)
-        tensors = [get_tensor(gm, name).detach() for name in weights]
-        if scope == "global":
+        if scope == "global":  # one ranking over every weight: all of them in memory at once
+            tensors = [get_tensor(gm, name).detach() for name in weights]
             flat = torch.cat([t.abs().flatten().float() for t in tensors])
-            masks = list(torch.split(_keep_mask(flat, round(sparsity * flat.numel())), [t.numel() for t in tensors]))
-        else:
-            masks = [_keep_mask(t.abs().flatten().float(), round(sparsity * t.numel())) for t in tensors]
-        per_layer = {}
-        for name, tensor, mask in zip(weights, tensors, masks, strict=True):
-            pruned = tensor * mask.reshape(tensor.shape).to(tensor.dtype)
-            set_tensor(gm, name, pruned)
-            per_layer[name.rsplit(".", 1)[0]] = round(float((pruned == 0).float().mean()), 6)
+            masks = torch.split(_keep_mask(flat, round(sparsity * flat.numel())), [t.numel() for t in tensors])
+            pruned = ((name, tensor * mask.reshape(tensor.shape).to(tensor.dtype)) for name, tensor, mask in zip(weights, tensors, masks, strict=True))
+        else:  # a weight at a time (a streamed compile reads and spills each in turn)
+            pruned = ((name, _prune_local(get_tensor(gm, name).detach(), sparsity)) for name in weights)
+        per_layer, zeros, total = {}, 0, 0
+        for name, tensor in pruned:
+            set_tensor(gm, name, tensor)
+            per_layer[name.rsplit(".", 1)[0]] = round(float((tensor == 0).float().mean()), 6)
+            zeros, total = zeros + int((tensor == 0).sum()), total + tensor.numel()
         mark_users(gm, weights, ctx.source)
-        total = sum(t.numel() for t in tensors)
-        zeros = sum(int((get_tensor(gm, n) == 0).sum()) for n in weights)
         summary = f"pruned {len(weights)} Linear to {zeros / total:.1%} sparsity ({scope} magnitude)"
         return PassResult(summary, {"method": "magnitude", "scope": scope, "sparsity": per_layer, "zeros": zeros, "total": total})
 
     def ensures(self, gm: fx.GraphModule, ctx: PassContext) -> None:
         opts = self.options
-        weights = [get_tensor(gm, name) for name in unique_weights(gm, ctx)]
-        zeros = sum(int((w == 0).sum()) for w in weights)
-        total = sum(w.numel() for w in weights)
-        needed = sum(round(opts.sparsity * w.numel()) for w in weights) if opts.scope == "local" else round(opts.sparsity * total)
+        zeros = total = needed = 0
+        for name in unique_weights(gm, ctx):  # one weight in memory at a time
+            w = get_tensor(gm, name)
+            zeros, total = zeros + int((w == 0).sum()), total + w.numel()
+            needed += round(opts.sparsity * w.numel()) if opts.scope == "local" else 0
+        needed = needed if opts.scope == "local" else round(opts.sparsity * total)
         if zeros < needed:
             raise PassError(f"magnitude pruning reached {zeros}/{total} zeros, expected at least {needed}")

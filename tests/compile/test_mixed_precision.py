@@ -11,7 +11,6 @@ import pytest
 from pydantic import ValidationError
 
 from planc.backends.onnx.options import Verify
-from planc.backends.onnx.verify import goal_met
 from planc.compiler import ir
 from planc.compiler.mixed_precision import most_int4, search_goal, split_step
 from planc.dsl.source import Span
@@ -50,12 +49,12 @@ def test_most_int4_is_the_brute_force_optimum_and_never_returns_a_miss(seed):
     order = sorted(layers, key=costs.get)
     goal = Verify(metric="cosine", goal=f">= {rng.uniform(0.97, 0.9995):.4f}")
     check, calls = additive_metric(costs)
-    count, value, met = most_int4(order, check, lambda v: goal_met(v, goal))
-    brute = max((k for k in range(len(order) + 1) if goal_met(check(set(order[:k])), goal)), default=None)
+    count, value, met = most_int4(order, check, goal.met)
+    brute = max((k for k in range(len(order) + 1) if goal.met(check(set(order[:k])))), default=None)
     if brute is None:  # even all-int8 misses: nothing at int4, reported as a miss
         assert (count, met) == (0, False)
     else:
-        assert count == brute and met and goal_met(value, goal)
+        assert count == brute and met and goal.met(value)
     # Every returned assignment was itself checked, with exactly the value reported.
     assert set(order[:count]) in calls and value == check(set(order[:count]))
 

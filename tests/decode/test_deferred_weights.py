@@ -120,7 +120,10 @@ def _initializers(artifact: Path) -> dict[str, np.ndarray]:
     ("quantize Linear { scheme = int4, method = awq, calibration = stdlib }", "int4"),
     ("quantize Linear { scheme = int4, method = gptq, compensate = true, calibration = stdlib }", False),
     ("quantize Linear { scheme = int4, smooth = 0.5 }", False),
-    ('prune Linear { method = magnitude, sparsity = 0.5 }\n  quantize Linear { scheme = int4 }', False),
+    ('prune Linear { method = magnitude, sparsity = 0.5 }\n  quantize Linear { scheme = int4 }', "int4"),
+    ('prune Linear { method = wanda, calibration = "stdlib" }', "fp32"),
+    ('prune Linear { method = magnitude, sparsity = 0.5, scope = global }\n  quantize Linear { scheme = int4 }', False),
+    ('quantize Linear { scheme = int4 }\n  prune Linear { method = magnitude }', False),
 ])
 def test_only_a_plan_that_reads_each_weight_once_streams(checkpoints, tmp_path, pipeline, streams):
     from planc.compiler.footprint import (PROJECTION_BYTES, calibration_bytes, fit_notes, plan_footprint, streamed_projections,
@@ -135,48 +138,61 @@ def test_only_a_plan_that_reads_each_weight_once_streams(checkpoints, tmp_path, 
     if streams and "calibration" in pipeline:  # the Hessian of the widest input (the MLP's down projection) on top
         config = json.loads((checkpoints[False] / "config.json").read_text())
         assert footprint.checkpoint.widest_input == config["intermediate_size"]
-        plain = plan_footprint(load_plan(_plan(tmp_path, checkpoints[False], "quantize Linear { scheme = int4 }"))[0])
+        uncalibrated = "quantize Linear { scheme = int4 }" if streams == "int4" else ""
+        plain = plan_footprint(load_plan(_plan(tmp_path, checkpoints[False], uncalibrated))[0])
         assert footprint.peak_bytes == plain.peak_bytes + calibration_bytes(footprint.checkpoint, 32 * 128)
         assert footprint.seconds > plain.seconds
         notes = fit_notes(footprint)  # a refusal says what the calibration costs and what would fit instead
-        assert "calibrated method" in notes[0] and notes[1] == f"method = rtn needs no calibration: about {plain.peak_bytes / 1e9:.1f} GB"
+        assert "calibrated method" in notes[0] and notes[1].endswith(f"need about {plain.peak_bytes / 1e9:.1f} GB")
 
 
 CALIBRATED = "calibration = stdlib, calibration_samples = 4"
 
 
-@pytest.mark.parametrize(("tied", "method"), [(False, "rtn"), (True, "rtn"), (False, "gptq"), (True, "awq")])
-def test_a_streamed_compile_writes_the_same_artifact_as_a_full_load(checkpoints, tied, method, tmp_path, monkeypatch):
-    """Round-to-nearest reads each weight once; gptq and awq read each one where the calibration
-    walk reaches it (gptq: the later layers calibrated on the rounded earlier ones). Either way
-    the streamed compile's bytes are the full load's."""
+PRUNE = 'prune Linear { method = %s, sparsity = 0.5, calibration = "stdlib", calibration_samples = 4 }\n  '
+
+
+@pytest.mark.parametrize(("tied", "pipeline", "solver"), [
+    (False, "quantize Linear { scheme = int4, group_size = 32 }", None),
+    (True, "quantize Linear { scheme = int4, group_size = 32 }", None),
+    (False, f"quantize Linear {{ scheme = int4, group_size = 32, method = gptq, {CALIBRATED} }}", "quantize.gptq:gptq_by_rows"),
+    (True, f"quantize Linear {{ scheme = int4, group_size = 32, method = awq, {CALIBRATED} }}", "quantize.awq:search_alpha"),
+    (False, PRUNE % "wanda" + "quantize Linear { scheme = int4, group_size = 32 }", "prune.wanda:wanda_mask"),
+    (True, PRUNE % "sparsegpt", "prune.sparsegpt:sparsegpt"),
+], ids=["rtn", "rtn-tied", "gptq", "awq-tied", "wanda-rtn", "sparsegpt-tied"])
+def test_a_streamed_compile_writes_the_same_artifact_as_a_full_load(checkpoints, tied, pipeline, solver, tmp_path, monkeypatch):
+    """Round-to-nearest reads each weight once; gptq, awq, wanda and sparsegpt read each one
+    where the calibration walk reaches it (gptq: the later layers calibrated on the rounded
+    earlier ones); pruned weights wait in the spill file until they are quantized or written.
+    Either way the streamed compile's bytes are the full load's."""
     from planc.compiler import driver
     from planc.compiler.model import load as loading
 
-    options = "" if method == "rtn" else f", method = {method}, {CALIBRATED}"
-    plan = _plan(tmp_path, checkpoints[tied], f"quantize Linear {{ scheme = int4, group_size = 32{options} }}")
+    plan = _plan(tmp_path, checkpoints[tied], pipeline)
     deferred = []
     original = loading._load_hf
     monkeypatch.setattr(loading, "_load_hf", lambda source, defer=False: deferred.append(defer) or original(source, defer))
     solved = []
-    if method != "rtn":  # the method itself ran on the streamed weights
-        module = importlib.import_module(f"planc.passes.quantize.{method}")
-        name = {"gptq": "gptq_by_rows", "awq": "search_alpha"}[method]
+    if solver is not None:  # the method itself ran on the streamed weights
+        module_name, name = solver.split(":")
+        module = importlib.import_module(f"planc.passes.{module_name}")
         real = getattr(module, name)
         monkeypatch.setattr(module, name, lambda *args, **kwargs: solved.append(args[0]) or real(*args, **kwargs))
     streamed_result = driver.compile_plan(plan, tmp_path / "streamed")
-    assert (len(solved) > 0) is (method != "rtn")
+    assert (len(solved) > 0) is (solver is not None)
     monkeypatch.setattr(driver, "streams_weights", lambda plan: False)
     full_result = driver.compile_plan(plan, tmp_path / "full")
-    assert deferred == [True, False]  # the plan's quantize step streamed the first compile only
+    assert deferred == [True, False]  # the plan streamed the first compile only
     got, want = _initializers(streamed_result.artifact), _initializers(full_result.artifact)
     assert got.keys() == want.keys()
     for name in want:
         np.testing.assert_array_equal(got[name], want[name], err_msg=name)
     assert streamed_result.report["accuracy"] == full_result.report["accuracy"]
-    assert streamed_result.report["decoder"]["quantization"] == "int4"
+    assert streamed_result.report["decoder"]["quantization"] == ("int4" if "quantize" in pipeline else None)
     spec = json.loads((streamed_result.artifact / "decoder.json").read_text())
-    assert (spec["tied_embedding"] is not None) is tied  # the tied table found by value, block by block
+    assert (spec["tied_embedding"] is not None) is (tied and "quantize" in pipeline)  # the tied table found by value
+    if "prune" in pipeline:
+        assert any(s["name"] == "prune" and "50.0% sparsity" in s["summary"] for s in streamed_result.report["passes"])
 
 
 @pytest.mark.parametrize("tied", [False, True])
@@ -206,3 +222,26 @@ def test_an_empty_pipeline_streams_the_checkpoint_into_an_exact_fp32_decoder(che
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
     assert sum(v.nbytes for v in _initializers(streamed_result.artifact).values()) == \
         sum(v.nbytes for v in _initializers(full_result.artifact).values())
+
+
+def test_an_edited_deferred_weight_goes_to_the_spill_file_not_memory():
+    """A pass's new value for a deferred weight (pruned, updated) is written to the spill file
+    and read back where used; the graph keeps its never-written storage, a copied graph reads
+    the same value, and a value of another shape is held like any tensor."""
+    from planc.passes.graph_utils import DEFERRED_WEIGHTS, get_tensor, quiet_deepcopy, set_tensor, stored_tensor
+
+    gm = torch.fx.symbolic_trace(torch.nn.Sequential(torch.nn.Linear(8, 6, bias=False)))
+    empty = stored_tensor(gm, "0.weight")
+    reads = []
+    original = torch.randn(6, 8)
+    gm.meta[DEFERRED_WEIGHTS] = {"0.weight": lambda: reads.append(1) or original.clone()}
+    pruned = get_tensor(gm, "0.weight").masked_fill(original.abs() < 0.5, 0.0)
+    set_tensor(gm, "0.weight", pruned)
+    assert stored_tensor(gm, "0.weight") is empty and len(reads) == 1
+    torch.testing.assert_close(get_tensor(gm, "0.weight"), pruned, rtol=0, atol=0)
+    torch.testing.assert_close(get_tensor(quiet_deepcopy(gm), "0.weight"), pruned, rtol=0, atol=0)
+    torch.testing.assert_close(get_tensor(gm, "0.weight").index_select(0, torch.tensor([1, 2, 4])),
+                               gm.meta[DEFERRED_WEIGHTS]["0.weight"].rows(torch.tensor([1, 2, 4])), rtol=0, atol=0)
+    assert len(reads) == 1  # read back from the spill file, not the checkpoint
+    set_tensor(gm, "0.weight", pruned[:3])
+    assert "0.weight" not in gm.meta[DEFERRED_WEIGHTS] and get_tensor(gm, "0.weight").shape == (3, 8)

@@ -79,6 +79,24 @@ def test_a_compile_that_does_not_fit_is_refused_at_the_model_line(gpt2_dir, tmp_
     assert not out.exists()
 
 
+def test_a_pruning_compile_without_disk_for_its_spill_file_is_refused_at_the_model_line(gpt2_dir, tmp_path, monkeypatch):
+    """A streamed compile that prunes keeps the pruned weights in a temporary file: it needs
+    4 bytes per projection weight of free temporary disk, checked before anything loads."""
+    from planc.compiler import footprint
+    from planc.compiler.driver import compile_plan
+
+    plan = _plan(tmp_path, gpt2_dir)
+    plan.write_text(plan.read_text().replace("pipeline { ", 'pipeline { prune Conv1D { method = magnitude, sparsity = 0.5 }\n  '))
+    monkeypatch.setattr(footprint, "spill_room", lambda: 1000)
+    with pytest.raises(PlanError) as raised:
+        compile_plan(plan, tmp_path / "out")
+    (diagnostic,) = raised.value.diagnostics
+    checkpoint = footprint.read_checkpoint(gpt2_dir)
+    assert diagnostic.span.line == 2 and f"need {4 * checkpoint.projection_params / 1e9:.1f} GB of temporary disk" in diagnostic.message
+    assert any("TMPDIR" in note for note in diagnostic.notes)
+    assert not (tmp_path / "out").exists()
+
+
 def test_the_cli_says_so_without_a_traceback(gpt2_dir, tmp_path):
     env = {"PLANC_AVAILABLE_MEMORY": "1000000", "PATH": "/usr/bin:/bin"}
     done = subprocess.run([sys.executable, "-m", "planc.compiler.cli", "compile", str(_plan(tmp_path, gpt2_dir)),

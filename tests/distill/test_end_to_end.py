@@ -47,7 +47,8 @@ target onnx {
 @pytest.mark.slow
 def test_distil_then_compile_beats_the_untrained_cut(tmp_path, monkeypatch):
     from planc.compiler.driver import compile_plan
-    from planc.compiler.evaluate import agreement, artifact_embeddings, eager_embeddings, read_sentences
+    from planc.backends.onnx.artifact import artifact_embeddings
+    from planc.compiler.evaluate import agreement, eager_embeddings, read_sentences
     from planc.compiler.model import load_model
     from planc.compiler.validate import load_plan
 

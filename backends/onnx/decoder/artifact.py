@@ -35,7 +35,6 @@ from planc.compiler.footprint import trim_freed_memory
 from planc.compiler.model.deferred import streamed
 from planc.compiler.publish import staged_dir
 from planc.backends.onnx.options import OnnxTarget
-from planc.backends.onnx.verify import goal_met
 from planc.passes.quantize import Quantize
 
 logger = logging.getLogger(__name__)
@@ -107,7 +106,7 @@ def build_decoder_artifact(
                 with streamed(model):
                     alone = verify_decoder(session, model, decode.prompts, decode.max_new_tokens, heldout=heldout)
             figure = float(measured[DECODER_METRICS[target.verify.metric]])
-            return measured, alone, figure, goal_met(figure, target.verify)
+            return measured, alone, figure, target.verify.met(figure)
 
         metrics, exported, value, passed = verify()
         if scheme is None and not exported["greedy_equal"]:

@@ -58,9 +58,6 @@ class HFTokenizer:
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=True)
 
-    def token_id(self, token: str) -> int | None:
-        return self._tok.token_to_id(token)
-
 
 def load_tokenizer(artifact_dir: str | Path, spec: dict) -> Tokenizer:
     """The tokenizer that `decoder.json`'s `tokenizer` entry names."""
