@@ -99,7 +99,8 @@ def own_runtime(directory: Path, prompts: np.ndarray, new_tokens: int, threads: 
     """A function running the artifact's own tool's generation loop; returns the new ids."""
     if (directory / "genai_config.json").exists():
         return drivers.genai_generate(directory, prompts, new_tokens, threads)
-    from planc.backends.onnx.decoder.generate import DecoderSession, generate_ids
+    from planc.backends.onnx.decoder.generate import generate_ids
+    from planc.backends.onnx.decoder.session import DecoderSession
 
     session = DecoderSession(directory, providers=["cpu"], threads=threads)
     return lambda: np.asarray(generate_ids(session, prompts.tolist(), new_tokens, eos_token_ids=[]))

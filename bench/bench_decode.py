@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error("--new-tokens must be at least 2: decode tok/s is t(N) - t(1)")
 
     from planc.backends.onnx.decoder.exporter import export_decoder
-    from planc.backends.onnx.decoder.generate import DecoderSession
+    from planc.backends.onnx.decoder.session import DecoderSession
     from planc.backends.onnx.timing import interleaved_medians
 
     source = results_file.provenance(__file__, argv)

@@ -28,7 +28,8 @@ import torch  # noqa: E402
 import results_file  # noqa: E402
 from planc.backends.onnx import int4_compute  # noqa: E402
 from planc.backends.onnx.decoder.exporter import MODEL_FILE, export_decoder  # noqa: E402
-from planc.backends.onnx.decoder.generate import DecoderSession, generate_ids  # noqa: E402
+from planc.backends.onnx.decoder.generate import generate_ids  # noqa: E402
+from planc.backends.onnx.decoder.session import DecoderSession  # noqa: E402
 from planc.backends.onnx.timing import interleaved_medians  # noqa: E402
 
 PROMPT = list(b"def main(argv):\n    return run(argv) + 1\n")[:32]

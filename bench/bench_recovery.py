@@ -109,7 +109,8 @@ def gpt_rows(weights: Path, scratch: Path) -> list[dict]:
     import torch
 
     from planc.backends.onnx.decoder.exporter import export_decoder
-    from planc.backends.onnx.decoder.generate import DecoderSession, generate_ids
+    from planc.backends.onnx.decoder.generate import generate_ids
+    from planc.backends.onnx.decoder.session import DecoderSession
     from planc.backends.onnx.decoder.verify import verify_decoder
     from planc.compiler import model as model_source
     from planc.compiler.validate import load_plan
@@ -181,7 +182,8 @@ def gpt_prune_rows(weights: Path, scratch: Path, rounds: int) -> list[dict]:
     import statistics
     import time
 
-    from planc.backends.onnx.decoder.generate import DecoderSession, generate_ids
+    from planc.backends.onnx.decoder.generate import generate_ids
+    from planc.backends.onnx.decoder.session import DecoderSession
 
     rows, sessions = [], {}
     for name, options in GPT_PRUNING.items():

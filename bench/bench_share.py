@@ -43,7 +43,8 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from planc.backends.onnx.decoder.generate import DecoderSession, generate_ids  # noqa: E402
+from planc.backends.onnx.decoder.generate import generate_ids  # noqa: E402
+from planc.backends.onnx.decoder.session import DecoderSession  # noqa: E402
 from planc.backends.train import planc_runtime as rt  # noqa: E402
 from planc.compiler.driver import compile_plan  # noqa: E402
 from planc.passes.share.gqa import share_kv_heads  # noqa: E402

@@ -62,7 +62,8 @@ def build_decoder(checkpoint: Path, out_dir: Path, keep: list[int] | None = KEEP
 
 def compare(target_dir: Path, drafts: dict[str, Path], batches: list[int], args: argparse.Namespace) -> list[dict]:
     """One row per batch size and decoding (plain, then each draft) for one target."""
-    from planc.backends.onnx.decoder.generate import DecoderSession, generate_ids
+    from planc.backends.onnx.decoder.generate import generate_ids
+    from planc.backends.onnx.decoder.session import DecoderSession
     from planc.backends.onnx.decoder.speculative import SpeculativeStats, check_compatible, speculative_generate_ids
     from planc.backends.onnx.timing import interleaved_medians
 

@@ -328,7 +328,9 @@ def calibration_tokens(plan: Any) -> int:
     from planc.compiler.textdata import STDLIB_WINDOW
 
     def calibrated(step: Any) -> bool:
-        return step.options.method != "rtn" if step.name == "quantize" else step.name == "prune" and step.options.calibration is not None
+        if step.name == "quantize":
+            return step.options.method != "rtn"
+        return step.name == "prune" and step.options.calibration is not None
 
     return sum(step.options.calibration_samples * STDLIB_WINDOW for step in plan.pipeline if calibrated(step))
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-from planc.compiler.model.deferred import DEFERRED_WEIGHTS, SpillFile
+from planc.compiler.model.deferred import DEFERRED_WEIGHTS, DeferredWeight, ReadBuffers, SpillFile
 
 LINEAR = torch.ops.aten.linear.default
 EMBEDDING = torch.ops.aten.embedding.default
@@ -187,10 +187,13 @@ def select_embeddings(gm: fx.GraphModule, targets: Iterable[str]) -> list[Embedd
 SPILLED_WEIGHTS = "planc_spilled_weights"
 
 
-def get_tensor(gm: torch.nn.Module, dotted: str) -> torch.Tensor:
-    """The tensor at `dotted`; a deferred weight is read from its checkpoint (a new fp32 tensor)."""
+def get_tensor(gm: torch.nn.Module, dotted: str, buffers: ReadBuffers | None = None) -> torch.Tensor:
+    """The tensor at `dotted`; a deferred weight is read from its checkpoint or spill file (a new
+    fp32 tensor; with `buffers`, a view of them valid until their next read)."""
     load = getattr(gm, "meta", {}).get(DEFERRED_WEIGHTS, {}).get(dotted)
-    return load() if load is not None else stored_tensor(gm, dotted)
+    if load is None:
+        return stored_tensor(gm, dotted)
+    return load(buffers) if buffers is not None and isinstance(load, DeferredWeight) else load()
 
 
 def stored_tensor(gm: torch.nn.Module, dotted: str) -> torch.Tensor:

@@ -43,7 +43,8 @@ class MagnitudePass(PruneMethodPass):
             tensors = [get_tensor(gm, name).detach() for name in weights]
             flat = torch.cat([t.abs().flatten().float() for t in tensors])
             masks = torch.split(_keep_mask(flat, round(sparsity * flat.numel())), [t.numel() for t in tensors])
-            pruned = ((name, tensor * mask.reshape(tensor.shape).to(tensor.dtype)) for name, tensor, mask in zip(weights, tensors, masks, strict=True))
+            pruned = ((name, tensor * mask.reshape(tensor.shape).to(tensor.dtype))
+                      for name, tensor, mask in zip(weights, tensors, masks, strict=True))
         else:  # a weight at a time (a streamed compile reads and spills each in turn)
             pruned = ((name, _prune_local(get_tensor(gm, name).detach(), sparsity)) for name in weights)
         per_layer, zeros, total = {}, 0, 0

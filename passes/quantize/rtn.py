@@ -46,6 +46,7 @@ import torch
 from torch import fx, nn
 
 import planc.passes.qops as qops
+from planc.compiler.model.deferred import ReadBuffers
 from planc.passes.base import GraphPass, PassContext, PassError, PassResult
 from planc.passes.calibration import load_calibration, observe
 from planc.passes.cpu import int8_format
@@ -165,6 +166,7 @@ class QuantizePass(GraphPass[Quantize]):
             linears = select_linears(gm, ctx.targets)  # the sites now read the smoothed inputs
         solved = self._solve(gm, ctx, linears) if linears else {}
         ranges = self._calibrate(gm, ctx, linears) if opts.mode == "static" else {}
+        self._reads = ReadBuffers()  # deferred weights are rounded one at a time
         layers: dict[str, dict] = {}
         packed: dict[str, dict[str, str]] = {}  # weight -> names of its integer tensors
         old_weights: set[str] = set()
@@ -182,6 +184,7 @@ class QuantizePass(GraphPass[Quantize]):
                 packed[site.weight], layers[site.module_path] = self._pack_embedding(gm, site.weight)
             self._rewrite_embedding(gm, site, packed[site.weight], ctx.source)
             old_weights.add(site.weight)
+        del self._reads
         for weight in old_weights:
             for node in list(gm.graph.find_nodes(op="get_attr", target=weight)):
                 erase_if_unused(gm, node)
@@ -227,9 +230,9 @@ class QuantizePass(GraphPass[Quantize]):
         base = weight.rsplit(".", 1)[0]
         info: dict = {"shape": list(stored.shape), "bytes_before": stored.numel() * stored.element_size()}
         if chosen is None:
-            w = get_tensor(gm, weight).detach().float()
+            w = get_tensor(gm, weight, self._reads).detach().float()
             tensors, info["max_abs_error"] = rtn_by_rows(w, self.weight_format)
-            del w  # a deferred weight was read for this call only (`graph_utils.get_tensor`)
+            del w  # a deferred weight was read into `_reads` for this call only (`graph_utils.get_tensor`)
         else:
             tensors, details = chosen
             info.update(details)

@@ -52,15 +52,20 @@ def rtn(w: torch.Tensor, fmt: WeightFormat) -> QuantizedWeight:
     return QuantizedWeight({"qweight": q, "w_scale": scale}, q.float() * (scale[:, None] if scale.numel() > 1 else scale))
 
 
-#: Rows per block when round-to-nearest runs block by block: bounded temporaries on a
-#: real-sized LM head (Llama-3.1-8B's is 128256 x 4096, 2.1 GB in fp32).
+#: Rows per block when a calibrated method rounds block by block (`gptq_by_rows`): bounded
+#: temporaries on a real-sized LM head (Llama-3.1-8B's is 128256 x 4096, 2.1 GB in fp32).
 RTN_BLOCK_ROWS = 8192
+#: Elements per block of round-to-nearest (`rtn_by_rows`): each block's temporaries (4 MB in
+#: fp32) stay in the CPU's cache across rounding's passes over them, 2-4x faster than 8192-row
+#: blocks on 2048- and 14336-wide weights (and bounded on any LM head).
+RTN_BLOCK_ELEMENTS = 1 << 20
 
 
 def rtn_by_rows(w: torch.Tensor, fmt: WeightFormat) -> tuple[dict[str, torch.Tensor], float]:
     """`rtn`'s integer tensors and its max |w - w_hat|, computed block by block over rows (int4
     groups and int8 per-channel scales never cross a row; a per-tensor scale does: one block)."""
-    rows = RTN_BLOCK_ROWS if fmt.scheme == "int4" or fmt.granularity == "per_channel" else w.shape[0]
+    by_rows = fmt.scheme == "int4" or fmt.granularity == "per_channel"
+    rows = max(1, RTN_BLOCK_ELEMENTS // max(1, w[0].numel())) if by_rows else w.shape[0]
     parts: list[dict[str, torch.Tensor]] = []
     error = 0.0
     for start in range(0, w.shape[0], rows):

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from planc.backends.onnx.decoder.generate import DecoderSession
+from planc.backends.onnx.decoder.session import DecoderSession
 from planc.compiler.driver import compile_plan, load_model
 from planc.compiler.validate import load_plan
 from planc.dsl.source import PlanError

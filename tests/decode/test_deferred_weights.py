@@ -89,7 +89,7 @@ def test_round_to_nearest_by_row_blocks_equals_the_whole_weight(scheme, monkeypa
            else weights.WeightFormat("int8", layout, 32, True, 127))
     w = torch.randn(37, 64, generator=torch.Generator().manual_seed(0)) * torch.linspace(0.1, 3, 37)[:, None]
     whole = weights.rtn(w, fmt)
-    monkeypatch.setattr(weights, "RTN_BLOCK_ROWS", 8)
+    monkeypatch.setattr(weights, "RTN_BLOCK_ELEMENTS", 8 * 64)  # blocks of 8 rows of 64
     tensors, error = weights.rtn_by_rows(w, fmt)
     assert tensors.keys() == whole.tensors.keys()
     for key in tensors:
@@ -200,7 +200,7 @@ def test_an_empty_pipeline_streams_the_checkpoint_into_an_exact_fp32_decoder(che
     """No quantization: the exporter traces the deferred weights' empty storage, each initializer
     is bound to the checkpoint and written from there; the artifact computes the full load's
     logits, and the driver's own check (greedy tokens equal to eager's, or no artifact) passed."""
-    from planc.backends.onnx.decoder.generate import DecoderSession
+    from planc.backends.onnx.decoder.session import DecoderSession
     from planc.compiler import driver
 
     plan = _plan(tmp_path, checkpoints[tied], "")

@@ -95,7 +95,7 @@ def test_config_only_directory_gets_seeded_random_weights(tmp_path, gpt2_model):
 
 
 def test_gpt2_artifact_matches_eager_logits(artifacts, gpt2_model):
-    from planc.backends.onnx.decoder.generate import DecoderSession
+    from planc.backends.onnx.decoder.session import DecoderSession
 
     session = DecoderSession(artifacts("gpt2"))
     ids = np.array([[5, 9, 200, 17], [1, 2, 3, 4]], np.int64)
@@ -155,7 +155,7 @@ def test_fusions_that_change_outputs_are_dropped(tmp_path, gpt_model, monkeypatc
     monkeypatch.setattr(decoder_fusions, "apply_ort_fusions", bad_fusion)
     spec = export_decoder(gpt_model, tmp_path / "art")
     assert spec.fusions == {}
-    from planc.backends.onnx.decoder.generate import DecoderSession
+    from planc.backends.onnx.decoder.session import DecoderSession
 
     ids = np.array([[3, 50, 7]], np.int64)
     with torch.no_grad():

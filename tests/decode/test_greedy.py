@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from planc.backends.onnx.decoder.cache_adapter import adapt, empty_past, position_ids_from_mask
-from planc.backends.onnx.decoder.generate import DecoderSession, generate_ids
+from planc.backends.onnx.decoder.generate import generate_ids
+from planc.backends.onnx.decoder.session import DecoderSession
 from planc.backends.onnx.decoder.verify import eager_greedy
 
 PROMPTS = ["def main(", "import os\n", "the cache", "x = [1, 2, 3]\nprint(x"]

@@ -7,7 +7,8 @@ import io
 import numpy as np
 import pytest
 
-from planc.backends.onnx.decoder.generate import DecoderSession, Sampling, generate, generate_cli, generate_ids, next_tokens
+from planc.backends.onnx.decoder.generate import Sampling, generate, generate_cli, generate_ids, next_tokens
+from planc.backends.onnx.decoder.session import DecoderSession
 
 PROMPTS = ["def main(", "import os\n", "x"]
 

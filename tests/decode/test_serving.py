@@ -13,7 +13,7 @@ import torch
 
 from planc.backends.onnx.decoder.cache_adapter import adapt, empty_past, position_ids_from_mask
 from planc.backends.onnx.decoder.exporter import DecoderSpec
-from planc.backends.onnx.decoder.generate import DecoderSession
+from planc.backends.onnx.decoder.session import DecoderSession
 from planc.backends.onnx.decoder.verify import eager_greedy
 
 

@@ -18,7 +18,8 @@ from torch import nn
 from decode_text import generated_text
 from shared_models import example_gpt_module
 
-from planc.backends.onnx.decoder.generate import DecoderSession, generate, generate_ids
+from planc.backends.onnx.decoder.generate import generate, generate_ids
+from planc.backends.onnx.decoder.session import DecoderSession
 from planc.backends.onnx.decoder.speculative import SpeculativeStats, speculative_generate_ids
 from planc.backends.onnx.decoder.verify import eager_greedy
 

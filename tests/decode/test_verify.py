@@ -7,7 +7,8 @@ import math
 import pytest
 
 from planc.backends.onnx.decoder.cache_adapter import adapt
-from planc.backends.onnx.decoder.generate import DecoderSession, generate_ids
+from planc.backends.onnx.decoder.generate import generate_ids
+from planc.backends.onnx.decoder.session import DecoderSession
 from planc.backends.onnx.decoder.verify import eager_greedy, greedy_by_drafts, read_heldout, token_windows, verify_decoder
 
 

@@ -11,7 +11,8 @@ Import the modules themselves (this package re-exports nothing and imports nothi
 - `quantize`: int8/int4 weights with ONNX Runtime's quantization tools;
 - `tokenizer`: text <-> token ids (raw bytes or a Hugging Face `tokenizer.json`);
 - `verify`: the artifact checked against the eager model it was exported from;
-- `generate`: batched generation on ONNX Runtime (`DecoderSession`, `generate_ids`, the CLI);
+- `session`: one artifact in ONNX Runtime (`DecoderSession`: prefill, decode steps, extension);
 - `speculative`: speculative decoding with a draft decoder (greedy, exact);
+- `generate`: batched generation, plain or speculative (`generate_ids`, `measure`, the CLI);
 - `artifact`: the decoder artifact of `target onnx { decode { ... } }`: export, verify, measure, publish.
 """

@@ -72,7 +72,7 @@ def build_decoder_artifact(
     plan names, before its rewrites and pruning; the export itself is checked against `model`."""
     from planc.backends.onnx import runtime
     from planc.backends.onnx.decoder.exporter import export_decoder
-    from planc.backends.onnx.decoder.generate import DecoderSession
+    from planc.backends.onnx.decoder.session import DecoderSession
     from planc.backends.onnx.decoder.verify import verify_decoder
     from planc.backends.onnx.export import files_size
 
@@ -135,7 +135,7 @@ def build_decoder_artifact(
         speed = _tokens_per_s(session, prompt, tokens)
         speculative = None
         if draft is not None:
-            from planc.backends.onnx.decoder.speculative import measure
+            from planc.backends.onnx.decoder.generate import measure
 
             try:
                 speculative = measure(temporary, draft, decode.prompts, decode.max_new_tokens, decode.draft_tokens,

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from planc.backends.onnx.decoder.generate import DecoderSession, commit_position, generate_ids, open_session
+from planc.backends.onnx.decoder.session import DecoderSession, commit_position, open_session
 
 #: Tokens the draft proposes per round when the caller does not say.
 DEFAULT_DRAFT_TOKENS = 4
@@ -179,57 +179,3 @@ def speculative_generate_ids(
         commit(np.concatenate([drafted[:, :n], bonus[:, None]], axis=1))
         pending = bonus
     return outputs
-
-
-def measure(
-    target_dir: str | Path,
-    draft_dir: str | Path,
-    prompts: Sequence[str],
-    max_new_tokens: int,
-    draft_tokens: int = DEFAULT_DRAFT_TOKENS,
-    *,
-    batches: Sequence[int] | None = None,
-    providers: Sequence[str] = ("auto",),
-    threads: int | None = None,
-    rounds: int = 3,
-) -> dict:
-    """Plain against speculative greedy decoding of `prompts`, at each batch size of `batches`
-    (default: 1 and all the prompts; a batch takes the prompts in turn, repeating them).
-
-    Per batch: whether the tokens are equal, the acceptance figures of `SpeculativeStats`, and
-    tokens/s of both, each the median of `rounds` runs in a shuffled order after one warm-up of
-    each (`timing.interleaved_medians`), so that a shared machine's load falls on both alike."""
-    from planc.backends.onnx.timing import interleaved_medians
-
-    target = DecoderSession(target_dir, providers=providers, threads=threads)
-    draft = DecoderSession(draft_dir, providers=providers, threads=threads)
-    check_compatible(target, draft)
-    rows = target.encode(prompts)
-    sizes = list(dict.fromkeys(batches or (1, len(rows))))
-    result: dict = {"draft": str(draft_dir), "layers": target.spec.n_layer, "draft_layers": draft.spec.n_layer,
-                    "draft_tokens": draft_tokens, "max_new_tokens": max_new_tokens, "greedy_equal": True, "batches": {}}
-    for size in sizes:
-        batch = [rows[i % len(rows)] for i in range(size)]
-        stats = SpeculativeStats()
-        plain = _plain(target, batch, max_new_tokens)
-        speculated = speculative_generate_ids(target, draft, batch, max_new_tokens, draft_tokens=draft_tokens, stats=stats)
-        milliseconds = interleaved_medians({
-            "plain": lambda: _plain(target, batch, max_new_tokens),
-            "speculative": lambda: speculative_generate_ids(target, draft, batch, max_new_tokens, draft_tokens=draft_tokens),
-        }, rounds=rounds, warmup=1)
-        tokens = sum(len(r) for r in plain)
-        speed = {name: 1000.0 * tokens / ms for name, ms in milliseconds.items()}
-        equal = speculated == plain
-        result["greedy_equal"] &= equal
-        result["batches"][str(size)] = {
-            "greedy_equal": equal,
-            **stats.as_dict(),
-            "plain_tokens_per_s": round(speed["plain"], 1),
-            "speculative_tokens_per_s": round(speed["speculative"], 1),
-            "speedup": round(speed["speculative"] / speed["plain"], 3),
-        }
-    return result
-
-
-def _plain(session: DecoderSession, rows: Sequence[Sequence[int]], max_new_tokens: int) -> list[list[int]]:
-    return generate_ids(session, rows, max_new_tokens)

@@ -31,7 +31,8 @@ from planc.backends.onnx.decoder.cache_adapter import (
     left_padded_batch,
     position_ids_from_mask,
 )
-from planc.backends.onnx.decoder.generate import DecoderSession, generate_ids, open_session
+from planc.backends.onnx.decoder.generate import generate_ids
+from planc.backends.onnx.decoder.session import DecoderSession, open_session
 
 logger = logging.getLogger(__name__)
 
