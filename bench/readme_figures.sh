@@ -34,5 +34,5 @@ $py bench/bench_speculative.py
 $py bench/bench_ddp.py
 run_to bench/results/cluster4_vs_int4.md python bench/bench_cluster.py --rounds 40 --json bench/results/cluster4_vs_int4.json
 # shellcheck disable=SC2086
-run_to bench/results/scale.md python bench/bench_scale.py --models qwen2.5-0.5b llama-3.2-1b llama-3.2-3b --fp32 llama-3.2-1b --gptq llama-3.2-1b --root /tmp/planc_scale $builder \
+run_to bench/results/scale.md python bench/bench_scale.py --models qwen2.5-0.5b llama-3.2-1b llama-3.2-3b --fp32 llama-3.2-1b --gptq llama-3.2-1b --wanda llama-3.2-1b --root /tmp/planc_scale $builder \
     --json bench/results/scale.json

@@ -8,8 +8,8 @@ A model *spec* is a small JSON-able dict that names a model without holding it:
                                                          the package is installed on the machine)
 
 `spec_of` resolves a plan's `model` block into a spec (paths made absolute, the task decided) and
-`load` rebuilds the model from it. The emitted training program carries this file unchanged as
-`planc_runtime/model_source.py` (a test checks the copy is byte-identical), so the program and the
+`load` rebuilds the model from it. Emit copies this file into the training program's runtime as
+`planc_runtime/model_source.py` (`backends/train/cache.SHARED_MODULES`), so the program and the
 compiler find the model, pick the task and build the tokenizer the same way.
 
 Standard library only at import time: torch and transformers are imported when a model is built.

@@ -1,8 +1,8 @@
 """The rank a low-rank factorization keeps: one rule for the compiler and the training program.
 
-Imports only torch: the training runtime carries a byte-identical copy (`planc_runtime/ranks.py`,
-kept identical by a test), so a plan's `lowrank { energy = 90% }` cuts the same rank at compile
-time and in training.
+Imports only torch: emit copies this file into the training program's runtime
+(`backends/train/cache.SHARED_MODULES`), so a plan's `lowrank { energy = 90% }` cuts the same
+rank at compile time and in training.
 """
 
 from __future__ import annotations

@@ -107,9 +107,12 @@ def test_planc_imports_itself_by_its_installed_name(path: Path) -> None:
 
 
 def test_the_training_runtime_imports_no_planc() -> None:
+    """An emitted program runs without planc. The one exception is the package's `__init__` in
+    planc's own tree, where the modules emit copies in are absent: it imports planc's."""
     runtime = python_files("backends/train/planc_runtime") or [RUNTIME.with_suffix(".py")]
     for path in runtime:
-        assert not _planc(imports_of(path)), f"{path.name} must run without planc installed"
+        allowed = {"backends.train.cache", "backends.train.cache.SHARED_MODULES"} if path == RUNTIME / "__init__.py" else set()
+        assert not _planc(imports_of(path)) - allowed, f"{path.name} must run without planc installed"
 
 
 @pytest.mark.parametrize("path", python_files(*PLANC), ids=[module_of(p) for p in python_files(*PLANC)])

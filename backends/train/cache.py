@@ -32,9 +32,33 @@ _TRAINING_CODE = (
 CACHE_VERSION = "1"
 
 
+#: Modules the runtime shares with planc, {name in the runtime: planc's module}: they import only
+#: torch and the standard library, and emit copies planc's own file in (in planc's tree the
+#: runtime imports planc's: `planc_runtime/__init__.py`), so the compiler and the training
+#: program run one analysis of heads and channels, one rank rule, one model source and one
+#: grouped-query rewrite.
+SHARED_MODULES = {"structure": "planc.passes.structure", "ranks": "planc.passes.ranks",
+                  "model_source": "planc.compiler.model_source", "gqa": "planc.passes.share.gqa"}
+#: Where planc's folders are (the repository, or the installed `planc` package).
+_PLANC_ROOT = Path(__file__).resolve().parents[2]
+
+
+def shared_module_file(module: str) -> Path:
+    """The file of one of planc's modules named in `SHARED_MODULES`."""
+    return _PLANC_ROOT.joinpath(*module.split(".")[1:]).with_suffix(".py")
+
+
+def runtime_sources() -> dict[str, Path]:
+    """What emit writes into a program's runtime package, {path inside it: planc's file}: the
+    package's own files and the shared modules, sorted by path (what plan_key hashes too)."""
+    files = {path.relative_to(RUNTIME).as_posix(): path for path in runtime_files()}
+    files.update({f"{name}.py": shared_module_file(module) for name, module in SHARED_MODULES.items()})
+    return dict(sorted(files.items()))
+
+
 def runtime_files(root: Path = RUNTIME) -> list[Path]:
     """The files of a runtime package (planc's own, or one emitted next to a train.py), without
-    bytecode caches, sorted by their path inside it: what emit copies and what plan_key hashes."""
+    bytecode caches, sorted by their path inside it."""
     files = [p for p in root.rglob("*") if p.is_file() and "__pycache__" not in p.relative_to(root).parts]
     return sorted((p for p in files if p.suffix != ".pyc"), key=lambda p: p.relative_to(root).as_posix())
 
@@ -47,8 +71,8 @@ def cache_dir() -> Path:
 def plan_key(resolved_plan: str, model: ModelSource, corpus: str = "") -> str:
     """The cache key of a plan's trained weights; `corpus` is `corpus_fingerprint(...)` (or '')."""
     digest = hashlib.sha256(f"planc-train-v{CACHE_VERSION}\n{resolved_plan}\ncorpus:{corpus}\n".encode())
-    for path in runtime_files():
-        digest.update(f"planc_runtime/{path.relative_to(RUNTIME).as_posix()}\n".encode())
+    for name, path in runtime_sources().items():
+        digest.update(f"planc_runtime/{name}\n".encode())
         digest.update(path.read_bytes())
     for path in _TRAINING_CODE:
         digest.update(path.read_bytes())

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from planc.backends.train.cache import RUNTIME, runtime_files
+from planc.backends.train.cache import RUNTIME, runtime_files, runtime_sources
 from planc.backends.train.checks import TrainPlanError, mesh_of, tensor_parallel_size
 from planc.backends.train.options import TrainTarget
 from planc.backends.train.render import Program, render_launch_sh, render_train_py
@@ -93,9 +93,10 @@ def emit_training_program(
 
 
 def _copy_runtime(dest: Path) -> None:
-    """The runtime package, file by file (no bytecode caches), into `dest`."""
-    for path in runtime_files():
-        copy = dest / path.relative_to(RUNTIME)
+    """The runtime package, file by file (no bytecode caches), and the modules it shares with
+    planc (`SHARED_MODULES`), into `dest`."""
+    for name, path in runtime_sources().items():
+        copy = dest / name
         copy.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(path, copy)
 

@@ -6,7 +6,7 @@ Unlike the graph passes, share changes the model's architecture (the key/value p
 and the cache shrink), so it rewrites the EAGER model right after loading, before anything is
 captured (`rewrites_model`): the compiler's driver applies it in `load_model`, so the ONNX
 export (a decoder's key/value-cache graph included) and every later pass see the grouped
-model; the training program applies the same `gqa.py` (vendored into planc_runtime) to its
+model; the training program applies the same `gqa.py` (copied into planc_runtime at emit) to its
 student after copying the unmodified teacher, so `target train { distill { } }` uptrains the
 grouped model against the original; the compile after training rebuilds the grouped model the
 same way and loads the trained weights into it.

@@ -25,8 +25,8 @@ fused q/k/v projection (GPT-2's `c_attn`, GPT-NeoX's `query_key_value`) cannot b
 without rewriting the attention's code, and an attention that does not repeat heads (BERT, ...)
 would compute wrong shapes.
 
-Torch only: the training program carries this file unchanged (`planc_runtime/gqa.py`, a test
-keeps the two identical), so the compiler and the trainer build the same grouped model.
+Torch only: emit copies this file into the training program's runtime (`planc_runtime/gqa.py`;
+`backends/train/cache.SHARED_MODULES`), so the compiler and the trainer build the same grouped model.
 """
 
 from __future__ import annotations

@@ -173,10 +173,10 @@ def test_cli_draft_of_another_vocabulary_is_a_usage_error(tmp_path, dirs, capsys
 def test_plan_int8_target_reports_a_flip_and_fp32_fails(tmp_path, full_model, dirs, monkeypatch):
     """A speculation that differs fails an fp32 build; an int8 one (per-call activation scales) is
     reported with its reason. The difference is forced here: it is rare and cannot be planned."""
-    from planc.backends.onnx.decoder import speculative
+    from planc.backends.onnx.decoder import generate
     from planc.compiler.driver import compile_plan
 
-    monkeypatch.setattr(speculative, "measure", lambda *a, **k: {"greedy_equal": False, "batches": {}})
+    monkeypatch.setattr(generate, "measure", lambda *a, **k: {"greedy_equal": False, "batches": {}})
     decode = f'prompts = ["x"], max_new_tokens = 4, draft = "{dirs["draft"]}"'
     with pytest.raises(Exception, match="did not reproduce plain greedy decoding"):
         compile_plan(_plan(tmp_path, full_model, decode), tmp_path / "fp32")

@@ -47,11 +47,12 @@ def test_emits_program_launcher_runtime_and_plan(tmp_path: Path) -> None:
                   micro_batch=4, accumulation=2, global_batch=32)
     out = emit_training_program(plan, gpt_source(), [], None, tmp_path / "run", "model gpt = ...\n")
     assert sorted(p.name for p in out.iterdir()) == ["launch.sh", "plan.resolved", "planc_runtime", "train.py"]
-    from planc.backends.train.cache import RUNTIME, runtime_files
+    from planc.backends.train.cache import runtime_files, runtime_sources
 
-    copied = runtime_files(out / "planc_runtime")
-    assert [p.relative_to(out / "planc_runtime") for p in copied] == [p.relative_to(RUNTIME) for p in runtime_files()]
-    assert all(p.read_bytes() == (RUNTIME / p.relative_to(out / "planc_runtime")).read_bytes() for p in copied)
+    copied = {p.relative_to(out / "planc_runtime").as_posix(): p for p in runtime_files(out / "planc_runtime")}
+    sources = runtime_sources()  # the package's files and the modules it shares with planc
+    assert list(copied) == list(sources) and {"structure.py", "ranks.py", "model_source.py", "gqa.py"} <= set(copied)
+    assert all(copied[name].read_bytes() == sources[name].read_bytes() for name in copied)
     assert (out / "planc_runtime" / "everyday_text.py").is_file()
     assert (out / "plan.resolved").read_text() == "model gpt = ...\n"
     values = constants(out / "train.py")

@@ -20,13 +20,14 @@ module per concern, in the order a run meets them:
                       example_batch, input_gram, output_energy, refit_columns), layers.py
                       (LowRankLinear, FakeQuantLinear, factor_low_rank, fake_quantize), masks.py
                       (PruneMasks), regularize.py (group lasso / L1 while training: regularizer)
-   structure.py       the coupled heads/channels of a traced graph: a byte-for-byte copy of
-                      planc's passes/structure.py (tests/train/test_vendored_structure.py)
-   ranks.py           choose_rank, the low-rank rule: a byte-for-byte copy of passes/ranks.py
-   model_source.py    finding and rebuilding the model, its task and tokenizer: a byte-for-byte
-                      copy of planc's compiler/model_source.py
+   structure.py       the coupled heads/channels of a traced graph: planc's passes/structure.py
+   ranks.py           choose_rank, the low-rank rule: planc's passes/ranks.py
+   model_source.py    finding and rebuilding the model, its task and tokenizer: planc's
+                      compiler/model_source.py
    gqa.py             share_kv_heads, grouped-query attention by mean-pooling key/value heads:
-                      a byte-for-byte copy of planc's passes/share/gqa.py
+                      planc's passes/share/gqa.py
+                      (these four are planc's own files, which emit copies in: SHARED_MODULES in
+                      planc's backends/train/cache.py)
 6. distill.py         distillation: Distiller, EncoderDistiller, the teacher cache
 7. steps.py           step mechanics: make_optimizer, lr_multiplier, make_grad_scaler,
                       clip_grad_norm, autocast, checkpoint_blocks
@@ -40,6 +41,18 @@ The names below are those `train.py` (and planc's tests) call; everything else l
 """
 
 from __future__ import annotations
+
+import importlib as _importlib
+import importlib.util as _import_util
+import sys as _sys
+
+if _import_util.find_spec(f"{__name__}.structure") is None:
+    # planc's own tree: the modules emit copies in (SHARED_MODULES) are planc's, imported here
+    # under the runtime's names; an emitted program has the files and never gets here.
+    from planc.backends.train.cache import SHARED_MODULES as _SHARED
+
+    for _name, _module in _SHARED.items():
+        _sys.modules[f"{__name__}.{_name}"] = _importlib.import_module(_module)
 
 from .checkpoint import Checkpointer, full_state_dict, rng_state, save_atomically, set_rng_state
 from .compress import (
