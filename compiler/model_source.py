@@ -9,7 +9,7 @@ A model *spec* is a small JSON-able dict that names a model without holding it:
 
 `spec_of` resolves a plan's `model` block into a spec (paths made absolute, the task decided) and
 `load` rebuilds the model from it. Emit copies this file into the training program's runtime as
-`planc_runtime/model_source.py` (`backends/train/cache.SHARED_MODULES`), so the program and the
+`planc_runtime/model_source.py` (`backends/train/shared_modules.py`), so the program and the
 compiler find the model, pick the task and build the tokenizer the same way.
 
 Standard library only at import time: torch and transformers are imported when a model is built.

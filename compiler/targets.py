@@ -2,7 +2,8 @@
 
 Each backend package that builds an artifact has a `target.py` whose `TARGET` object is the
 whole of that kind: its option model (torch-free, so `planc check` validates it), the
-`--emit` stages it adds, `check` (rules that involve more than its own options) and `build`.
+`--emit` stages it adds, `check` (rules that involve more than its own options), `capture` and
+`transform` (its own graph for `--emit fx`, if it compiles one) and `build`.
 The compiler discovers them (`backends/*/target.py`); adding a target kind touches one file.
 
 `build` gets a `Job`: the driver's services (load the model, capture it, run the pass
@@ -81,6 +82,16 @@ class TargetKind(Protocol):
     order: ClassVar[int]
 
     def check(self, plan: ir.Plan, target: ir.Target) -> list[Diagnostic]: ...
+
+    def capture(self, target: ir.Target, loaded: Any) -> Any | None:
+        """The graph `--emit fx` prints when the target compiles its own graph (a decoder's
+        key/value-cache graph); None: the driver's capture of the model."""
+        ...
+
+    def transform(self, job: Job, target: ir.Target, loaded: Any, stop_after: str) -> Any | None:
+        """The target's own graph after pass `stop_after` (`--emit fx-after:NAME`); None: the
+        driver's pipeline on its capture."""
+        ...
 
     def build(self, job: Job, target: ir.Target) -> Built: ...
 

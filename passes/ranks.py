@@ -1,7 +1,7 @@
 """The rank a low-rank factorization keeps: one rule for the compiler and the training program.
 
 Imports only torch: emit copies this file into the training program's runtime
-(`backends/train/cache.SHARED_MODULES`), so a plan's `lowrank { energy = 90% }` cuts the same
+(`backends/train/shared_modules.py`), so a plan's `lowrank { energy = 90% }` cuts the same
 rank at compile time and in training.
 """
 

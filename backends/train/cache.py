@@ -16,6 +16,8 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from planc.backends.train.shared_modules import SHARED_MODULES, shared_module_file
+
 if TYPE_CHECKING:
     from planc.backends.train.options import TrainTarget
     from planc.compiler.ir import ModelSource
@@ -30,22 +32,6 @@ _TRAINING_CODE = (
 
 #: Bump when the training program changes in a way that changes its results.
 CACHE_VERSION = "1"
-
-
-#: Modules the runtime shares with planc, {name in the runtime: planc's module}: they import only
-#: torch and the standard library, and emit copies planc's own file in (in planc's tree the
-#: runtime imports planc's: `planc_runtime/__init__.py`), so the compiler and the training
-#: program run one analysis of heads and channels, one rank rule, one model source and one
-#: grouped-query rewrite.
-SHARED_MODULES = {"structure": "planc.passes.structure", "ranks": "planc.passes.ranks",
-                  "model_source": "planc.compiler.model_source", "gqa": "planc.passes.share.gqa"}
-#: Where planc's folders are (the repository, or the installed `planc` package).
-_PLANC_ROOT = Path(__file__).resolve().parents[2]
-
-
-def shared_module_file(module: str) -> Path:
-    """The file of one of planc's modules named in `SHARED_MODULES`."""
-    return _PLANC_ROOT.joinpath(*module.split(".")[1:]).with_suffix(".py")
 
 
 def runtime_sources() -> dict[str, Path]:

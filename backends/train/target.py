@@ -49,9 +49,11 @@ class TrainKind:
         return problems + regularize_problems(plan, target) + sweep_problems(target)
 
     def capture(self, target: ir.Target, loaded: object) -> None:
+        """The training program trains the model's own graph: the driver's capture shows it."""
         return None
 
     def transform(self, job: Job, target: ir.Target, loaded: object, stop_after: str) -> None:
+        """Its passes are the driver's pipeline (what `--emit fx-after:NAME` runs)."""
         return None
 
     def build(self, job: Job, target: ir.Target) -> Built:

@@ -26,7 +26,7 @@ without rewriting the attention's code, and an attention that does not repeat he
 would compute wrong shapes.
 
 Torch only: emit copies this file into the training program's runtime (`planc_runtime/gqa.py`;
-`backends/train/cache.SHARED_MODULES`), so the compiler and the trainer build the same grouped model.
+`backends/train/shared_modules.py`), so the compiler and the trainer build the same grouped model.
 """
 
 from __future__ import annotations

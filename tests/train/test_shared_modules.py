@@ -1,5 +1,5 @@
 """The modules the training runtime shares with planc (structure, ranks, model_source, gqa) are
-planc's own files: emit copies them in (`backends/train/cache.SHARED_MODULES`; the emitted
+planc's own files: emit copies them in (`backends/train/shared_modules.py`; the emitted
 copies are checked in `test_emit.py`), and in planc's tree the runtime imports planc's. So there
 is one analysis of heads and channels, one rank rule, one way to find and rebuild the model and
 one grouped-query rewrite, and each must run where planc is not installed."""
@@ -11,7 +11,7 @@ import importlib
 
 import pytest
 
-from planc.backends.train.cache import SHARED_MODULES, shared_module_file
+from planc.backends.train.shared_modules import SHARED_MODULES, shared_module_file
 
 
 @pytest.mark.parametrize("name", SHARED_MODULES)

@@ -27,7 +27,7 @@ module per concern, in the order a run meets them:
    gqa.py             share_kv_heads, grouped-query attention by mean-pooling key/value heads:
                       planc's passes/share/gqa.py
                       (these four are planc's own files, which emit copies in: SHARED_MODULES in
-                      planc's backends/train/cache.py)
+                      planc's backends/train/shared_modules.py)
 6. distill.py         distillation: Distiller, EncoderDistiller, the teacher cache
 7. steps.py           step mechanics: make_optimizer, lr_multiplier, make_grad_scaler,
                       clip_grad_norm, autocast, checkpoint_blocks
@@ -49,7 +49,7 @@ import sys as _sys
 if _import_util.find_spec(f"{__name__}.structure") is None:
     # planc's own tree: the modules emit copies in (SHARED_MODULES) are planc's, imported here
     # under the runtime's names; an emitted program has the files and never gets here.
-    from planc.backends.train.cache import SHARED_MODULES as _SHARED
+    from planc.backends.train.shared_modules import SHARED_MODULES as _SHARED
 
     for _name, _module in _SHARED.items():
         _sys.modules[f"{__name__}.{_name}"] = _importlib.import_module(_module)
