@@ -307,11 +307,9 @@ def streamed_projections(plan: Any) -> str | None:
     onnx = plan.target("onnx")
     if plan.model.kind != "hf" or onnx is None or onnx.options.decode is None or len(plan.targets) != 1:
         return None
-    *prunes, last = plan.pipeline or [None]
-    quantize = last if last is not None and last.name == "quantize" else None
-    if quantize is None and last is not None:
-        prunes.append(last)
-    if not all(step.name == "prune" and step.options.streams for step in prunes):
+    steps = list(plan.pipeline)
+    quantize = steps.pop() if steps and steps[-1].name == "quantize" else None
+    if not all(step.name == "prune" and step.options.streams for step in steps):
         return None
     if quantize is None:
         return "fp32"

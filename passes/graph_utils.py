@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-from planc.compiler.model.deferred import DEFERRED_WEIGHTS, DeferredWeight, ReadBuffers, SpillFile
+from planc.compiler.model.deferred import DEFERRED_WEIGHTS, DeferredWeight, ReadBuffers, SpillFile, sharing_deferred
 
 LINEAR = torch.ops.aten.linear.default
 EMBEDDING = torch.ops.aten.embedding.default
@@ -60,15 +60,8 @@ def quiet_deepcopy(obj):
 
     A graph's deferred weights (`DEFERRED_WEIGHTS`) stay shared: copying their never-written
     storage would cost the memory that deferring them saves."""
-    deferred = getattr(obj, "meta", {}).get(DEFERRED_WEIGHTS, {}) if isinstance(obj, fx.GraphModule) else {}
-    memo = {}
-    for name in deferred:
-        owner, _, attr = name.rpartition(".")
-        try:
-            tensor = getattr(obj.get_submodule(owner) if owner else obj, attr)
-        except AttributeError:
-            continue  # the weight left the graph (quantized)
-        memo[id(tensor)] = tensor
+    deferred = obj.meta.get(DEFERRED_WEIGHTS, {}) if isinstance(obj, fx.GraphModule) else {}
+    memo = sharing_deferred(obj, deferred) if deferred else {}  # a weight that left the graph (quantized) is not there
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
         return copy.deepcopy(obj, memo)

@@ -275,10 +275,11 @@ def has_deferred_weights(model: nn.Module) -> bool:
     return bool(getattr(model, "_planc_deferred", None))
 
 
-def sharing_deferred(model: nn.Module) -> dict[int, Any]:
-    """A `copy.deepcopy` memo under which the copy shares `model`'s deferred parameters: their
-    storage is never written, and copying it would cost the memory that deferring saves."""
-    loaders = getattr(model, "_planc_deferred", {})
+def sharing_deferred(model: nn.Module, names: Any = None) -> dict[int, Any]:
+    """A `copy.deepcopy` memo under which the copy shares `model`'s deferred parameters (`names`:
+    by default its own loaders'; a captured graph passes its `DEFERRED_WEIGHTS`): their storage
+    is never written, and copying it would cost the memory that deferring saves."""
+    loaders = getattr(model, "_planc_deferred", {}) if names is None else names
     return {id(param): param for name, param in model.named_parameters(remove_duplicate=False) if name in loaders}
 
 

@@ -65,7 +65,7 @@ def rtn_by_rows(w: torch.Tensor, fmt: WeightFormat) -> tuple[dict[str, torch.Ten
     """`rtn`'s integer tensors and its max |w - w_hat|, computed block by block over rows (int4
     groups and int8 per-channel scales never cross a row; a per-tensor scale does: one block)."""
     by_rows = fmt.scheme == "int4" or fmt.granularity == "per_channel"
-    rows = max(1, RTN_BLOCK_ELEMENTS // max(1, w[0].numel())) if by_rows else w.shape[0]
+    rows = max(1, RTN_BLOCK_ELEMENTS // max(1, w.shape[1])) if by_rows else w.shape[0]
     parts: list[dict[str, torch.Tensor]] = []
     error = 0.0
     for start in range(0, w.shape[0], rows):
